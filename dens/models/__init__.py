@@ -1,0 +1,50 @@
+"""Equivariant models and their building blocks.
+
+The SO(3) / SO(2) / S2 core is re-exported flatly here; the model files (EquiformerV2, eSCN, Equiformer)
+build on it.
+"""
+
+from .layers import (
+    EquivariantDropout,
+    EquivariantLayerNorm,
+    GaussianSmearing,
+    GraphDropPath,
+    LayerNormSH,
+    RadialMLP,
+    RMSNormSH,
+    get_normalization,
+)
+from .s2 import GateActivation, S2Activation, SeparableS2Activation, SphereGrid
+from .so2 import EdgeRotation, SO2Convolution, degree_rescale
+from .so3 import (
+    CoefficientLayout,
+    SO3Linear,
+    edge_frames,
+    edge_frames_official,
+    spherical_harmonics,
+    wigner_D,
+)
+
+__all__ = [
+    "CoefficientLayout",
+    "EdgeRotation",
+    "EquivariantDropout",
+    "EquivariantLayerNorm",
+    "GateActivation",
+    "GaussianSmearing",
+    "GraphDropPath",
+    "LayerNormSH",
+    "RMSNormSH",
+    "RadialMLP",
+    "S2Activation",
+    "SO2Convolution",
+    "SO3Linear",
+    "SeparableS2Activation",
+    "SphereGrid",
+    "degree_rescale",
+    "edge_frames",
+    "edge_frames_official",
+    "get_normalization",
+    "spherical_harmonics",
+    "wigner_D",
+]
