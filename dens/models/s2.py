@@ -82,7 +82,7 @@ class SphereGrid(nn.Module):
             res_beta = res_alpha = resolution
         else:
             res_beta, res_alpha = resolution
-        self.lmax, self.mmax, self.resolution = lmax, mmax, (res_beta, res_alpha)
+        self.lmax, self.mmax, self.resolution, self.m_major = lmax, mmax, (res_beta, res_alpha), m_major
 
         beta = (torch.arange(res_beta, dtype=torch.float64) + 0.5) / res_beta * math.pi
         alpha = torch.arange(res_alpha, dtype=torch.float64) / res_alpha * 2 * math.pi
@@ -105,6 +105,29 @@ class SphereGrid(nn.Module):
         columns = layout.m_major if m_major else layout.reduced
         self.register_buffer("to_grid_mat", to_grid[:, columns].float().contiguous(), persistent=False)
         self.register_buffer("from_grid_mat", from_grid[:, columns].T.float().contiguous(), persistent=False)
+
+    def load_official(self, to_grid: Tensor, from_grid: Tensor, atol: float = 1e-5) -> None:
+        """Adopt an official checkpoint's grid buffers (``[res_beta, res_alpha, n]``, l-major columns).
+
+        The official models computed their grids in float32 through e3nn; using those exact numbers
+        removes a ~5e-7 relative difference from parity checks. They must agree with this grid to
+        ``atol``, which catches a mismatched ``lmax``, ``mmax`` or resolution.
+        """
+        to_grid = to_grid.reshape(-1, to_grid.shape[-1])
+        from_grid = from_grid.reshape(-1, from_grid.shape[-1]).T
+        if self.m_major:
+            layout = CoefficientLayout(self.lmax, self.mmax)
+            position = {int(i): k for k, i in enumerate(layout.reduced)}
+            perm = torch.tensor([position[int(i)] for i in layout.m_major])
+            to_grid, from_grid = to_grid[:, perm], from_grid[perm]
+        for name, new in (("to_grid_mat", to_grid), ("from_grid_mat", from_grid)):
+            old = getattr(self, name)
+            if new.shape != old.shape or not torch.allclose(new.to(old), old, atol=atol):
+                raise ValueError(
+                    f"official {name} {tuple(new.shape)} does not match this sphere grid "
+                    f"(lmax {self.lmax}, mmax {self.mmax}, resolution {self.resolution})"
+                )
+            setattr(self, name, new.to(old).clone())
 
     @property
     def num_points(self) -> int:

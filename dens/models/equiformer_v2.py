@@ -1,0 +1,500 @@
+"""EquiformerV2 (Liao, Wood, Das, Smidt; ICLR 2024) as the DeNS paper trains it on OC20 and OC22.
+
+Read it top to bottom against the paper: atoms are embedded into the ``l = 0`` channels, an
+edge-degree embedding spreads radial information to all degrees, ``num_layers`` pre-norm Transformer
+blocks alternate SO(2)-equivariant graph attention and a grid-MLP feed-forward network, and after a
+final norm three heads read the node features: energy (an FFN, summed over atoms), direct forces (an
+attention block with one output channel read at ``l = 1``) and, for DeNS, the noise (a second such
+block). The DeNS force encoding enters as an extra initial node embedding (``extra_embedding``).
+
+Parameter names and shapes are the official ones (``atomicarchitects/DeNS``), so official weights
+import exactly (:mod:`dens.models.convert`); buffers (grids, index maps) are computed, not stored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import scatter_sum, segment_softmax
+from .force_encoder import ForceEncoder
+from .heads import assemble_dens_forces, gradient_forces, reduce_energy
+from .layers import EquivariantDropout, GaussianSmearing, GraphDropPath, RadialMLP, get_normalization
+from .s2 import SeparableS2Activation, SphereGrid
+from .so2 import EdgeRotation, SO2Convolution, degree_rescale
+from .so3 import CoefficientLayout, SO3Linear
+from .so3 import edge_frames as default_edge_frames
+
+__all__ = ["PRESETS", "EquiformerV2"]
+
+
+# Paper configurations (Tables 7 and 8; `../shared/OFFICIAL_SETTINGS.md` for what the paper leaves out).
+PRESETS: dict[str, dict[str, Any]] = {
+    # Table 7, left: OC20 S2EF-2M, 83M (89M with DeNS)
+    "oc20_2m": dict(num_layers=12, lmax=6, mmax=2, drop_path_rate=0.05),
+    # Table 7, right: OC20 S2EF-All+MD, 153M (160M with DeNS)
+    "oc20_all_md": dict(num_layers=20, lmax=6, mmax=3, drop_path_rate=0.1),
+    # Table 2: the 31M EquiformerV2 (official all_md/equiformer_v2_N@8_L@4_M@2_31M)
+    "oc20_31m": dict(num_layers=8, lmax=4, mmax=2, drop_path_rate=0.1),
+    # Table 8: OC22, 122M (127M with DeNS)
+    "oc22": dict(num_layers=18, lmax=6, mmax=2, drop_path_rate=0.1),
+}
+
+
+class SmoothLeakyReLU(nn.Module):
+    """``((1+a)/2) x + ((1-a)/2) x (2 sigmoid(x) - 1)``: a smooth leaky ReLU with slope ``a`` at -inf."""
+
+    def __init__(self, negative_slope: float = 0.2) -> None:
+        super().__init__()
+        self.alpha = negative_slope
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.5 * (1 + self.alpha) * x + 0.5 * (1 - self.alpha) * x * (2 * torch.sigmoid(x) - 1)
+
+
+def _atom_edge_embedding(num_elements: int, channels: int) -> nn.Embedding:
+    emb = nn.Embedding(num_elements, channels)
+    nn.init.uniform_(emb.weight, -0.001, 0.001)
+    return emb
+
+
+class EdgeDegreeEmbedding(nn.Module):
+    """Radial MLP -> ``m = 0`` coefficients in each edge frame -> rotated back and summed per target.
+
+    The sum is divided by a fixed average degree (``avg_degree``), as in the official model.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        lmax: int,
+        mmax: int,
+        edge_channels_list: list[int],
+        num_elements: int,
+        avg_degree: float,
+    ) -> None:
+        super().__init__()
+        self.channels, self.lmax, self.avg_degree = channels, lmax, avg_degree
+        self.source_embedding = _atom_edge_embedding(num_elements, edge_channels_list[-1])
+        self.target_embedding = _atom_edge_embedding(num_elements, edge_channels_list[-1])
+        self.rad_func = RadialMLP(
+            [
+                edge_channels_list[0] + 2 * edge_channels_list[-1],
+                *edge_channels_list[1:],
+                (lmax + 1) * channels,
+            ]
+        )
+
+    def forward(
+        self, atomic_numbers: Tensor, rbf: Tensor, edge_index: Tensor, rotation: EdgeRotation, rescale: Tensor
+    ) -> Tensor:
+        src, dst = edge_index
+        x_edge = torch.cat(
+            [rbf, self.source_embedding(atomic_numbers[src]), self.target_embedding(atomic_numbers[dst])],
+            dim=1,
+        )
+        m0 = self.rad_func(x_edge).reshape(-1, self.lmax + 1, self.channels)  # the m = 0 rows (m-major)
+        out = rotation.rotate_back(m0, rescale)
+        return scatter_sum(out, dst, atomic_numbers.shape[0]) / self.avg_degree
+
+
+class SO2GraphAttention(nn.Module):
+    """SO(2)-equivariant graph attention with attention re-normalisation and separable S2 activation.
+
+    For each edge ``j -> i``: the concatenated source and target features are rotated into the edge
+    frame, an SO(2) convolution with radial weights gives the value hidden features plus invariant
+    attention features and gates, a separable S2 activation and a second SO(2) convolution give
+    ``num_heads`` value vectors, weighted by a softmax over the incoming edges of ``i``, rotated back,
+    summed and projected by an SO(3) linear.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int,
+        num_heads: int,
+        alpha_channels: int,
+        value_channels: int,
+        output_channels: int,
+        lmax: int,
+        mmax: int,
+        edge_channels_list: list[int],
+        num_elements: int,
+        grid_resolution: int,
+        alpha_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.alpha_channels, self.value_channels = num_heads, alpha_channels, value_channels
+        self.source_embedding = _atom_edge_embedding(num_elements, edge_channels_list[-1])
+        self.target_embedding = _atom_edge_embedding(num_elements, edge_channels_list[-1])
+        rad_channels = [edge_channels_list[0] + 2 * edge_channels_list[-1], *edge_channels_list[1:]]
+        self.so2_conv_1 = SO2Convolution(
+            2 * channels,
+            hidden_channels,
+            lmax,
+            mmax,
+            edge_channels_list=rad_channels,
+            extra_m0_output_channels=num_heads * alpha_channels + hidden_channels,
+        )
+        self.alpha_norm = nn.LayerNorm(alpha_channels)
+        self.alpha_act = SmoothLeakyReLU(0.2)
+        self.alpha_dot = nn.Parameter(torch.empty(num_heads, alpha_channels))
+        nn.init.uniform_(self.alpha_dot, -1 / math.sqrt(alpha_channels), 1 / math.sqrt(alpha_channels))
+        self.alpha_dropout = nn.Dropout(alpha_drop) if alpha_drop > 0 else nn.Identity()
+        grid = SphereGrid(lmax, mmax, resolution=grid_resolution, rescale=True, m_major=True)
+        self.s2_act = SeparableS2Activation(grid)
+        self.so2_conv_2 = SO2Convolution(hidden_channels, num_heads * value_channels, lmax, mmax)
+        self.proj = SO3Linear(num_heads * value_channels, output_channels, lmax)
+
+    def forward(
+        self,
+        x: Tensor,
+        atomic_numbers: Tensor,
+        rbf: Tensor,
+        edge_index: Tensor,
+        rotation: EdgeRotation,
+        rescale: Tensor,
+    ) -> Tensor:
+        src, dst = edge_index
+        x_edge = torch.cat(
+            [rbf, self.source_embedding(atomic_numbers[src]), self.target_embedding(atomic_numbers[dst])],
+            dim=1,
+        )
+        message = rotation.rotate(torch.cat([x[src], x[dst]], dim=2))
+        message, extra = self.so2_conv_1(message, x_edge)
+        num_alpha = self.num_heads * self.alpha_channels
+        message = self.s2_act(extra[:, num_alpha:], message)
+        message, _ = self.so2_conv_2(message)
+
+        alpha = self.alpha_act(
+            self.alpha_norm(extra[:, :num_alpha].reshape(-1, self.num_heads, self.alpha_channels))
+        )
+        alpha = torch.einsum("eha,ha->eh", alpha, self.alpha_dot)
+        alpha = self.alpha_dropout(segment_softmax(alpha, dst, x.shape[0]))
+        num_edges, num_rows = message.shape[:2]
+        message = (
+            message.reshape(num_edges, num_rows, self.num_heads, self.value_channels)
+            * alpha[:, None, :, None]
+        )
+        message = rotation.rotate_back(message.reshape(num_edges, num_rows, -1), rescale)
+        return self.proj(scatter_sum(message, dst, x.shape[0]))
+
+
+class FeedForward(nn.Module):
+    """Grid-MLP feed-forward network with a separable gate: SO(3) linear -> MLP at every point of the
+    ``lmax x lmax`` sphere grid (``l = 0`` from a scalar MLP instead) -> SO(3) linear."""
+
+    def __init__(
+        self, channels: int, hidden_channels: int, output_channels: int, lmax: int, grid_resolution: int
+    ) -> None:
+        super().__init__()
+        self.so3_linear_1 = SO3Linear(channels, hidden_channels, lmax)
+        self.scalar_mlp = nn.Sequential(nn.Linear(channels, hidden_channels), nn.SiLU())
+        self.grid = SphereGrid(lmax, lmax, resolution=grid_resolution)
+        self.grid_mlp = nn.Sequential(
+            nn.Linear(hidden_channels, hidden_channels, bias=False),
+            nn.SiLU(),
+            nn.Linear(hidden_channels, hidden_channels, bias=False),
+            nn.SiLU(),
+            nn.Linear(hidden_channels, hidden_channels, bias=False),
+        )
+        self.so3_linear_2 = SO3Linear(hidden_channels, output_channels, lmax)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.scalar_mlp(x[:, :1])
+        y = self.grid.from_grid(self.grid_mlp(self.grid.to_grid(self.so3_linear_1(x))))
+        return self.so3_linear_2(torch.cat([gate, y[:, 1:]], dim=1))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x += attention(norm_1(x)); x += ffn(norm_2(x))`` with graph-wise drop path."""
+
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int,
+        num_heads: int,
+        alpha_channels: int,
+        value_channels: int,
+        ffn_hidden_channels: int,
+        lmax: int,
+        mmax: int,
+        edge_channels_list: list[int],
+        num_elements: int,
+        grid_resolution: int,
+        norm_type: str,
+        alpha_drop: float,
+        drop_path_rate: float,
+        proj_drop: float,
+    ) -> None:
+        super().__init__()
+        self.norm_1 = get_normalization(norm_type, lmax, channels)
+        self.ga = SO2GraphAttention(
+            channels,
+            hidden_channels,
+            num_heads,
+            alpha_channels,
+            value_channels,
+            channels,
+            lmax,
+            mmax,
+            edge_channels_list,
+            num_elements,
+            grid_resolution,
+            alpha_drop,
+        )
+        self.norm_2 = get_normalization(norm_type, lmax, channels)
+        self.ffn = FeedForward(channels, ffn_hidden_channels, channels, lmax, grid_resolution)
+        self.drop_path = GraphDropPath(drop_path_rate)
+        self.proj_drop = EquivariantDropout(proj_drop)
+
+    def forward(
+        self,
+        x: Tensor,
+        atomic_numbers: Tensor,
+        rbf: Tensor,
+        edge_index: Tensor,
+        rotation: EdgeRotation,
+        rescale: Tensor,
+        batch: Tensor,
+        num_graphs: int,
+    ) -> Tensor:
+        h = self.ga(self.norm_1(x), atomic_numbers, rbf, edge_index, rotation, rescale)
+        x = x + self.proj_drop(self.drop_path(h, batch, num_graphs))
+        h = self.ffn(self.norm_2(x))
+        return x + self.proj_drop(self.drop_path(h, batch, num_graphs))
+
+
+class EquiformerV2(nn.Module):
+    """EquiformerV2 with energy, direct-force and (optional) DeNS noise heads.
+
+    Parameters
+    ----------
+    num_layers, lmax, mmax : int
+        Transformer blocks, maximum degree, maximum order in edge frames.
+    sphere_channels, attn_hidden_channels, num_heads, attn_alpha_channels, attn_value_channels,
+    ffn_hidden_channels, edge_channels : int
+        Widths (paper: 128, 64, 8, 64, 16, 128, 128).
+    norm_type : str
+        'layer_norm_sh' (every paper configuration), 'layer_norm' or 'rms_norm_sh'.
+    grid_resolution : int
+        Sphere-grid resolution of the activations (18).
+    max_num_elements : int
+        Size of the atom embeddings (90).
+    cutoff, num_distance_basis : float, int
+        Radial cutoff in Å and number of Gaussians (12 Å, 600).
+    alpha_drop, drop_path_rate, proj_drop : float
+        Attention dropout, graph-wise drop path, dropout after each block branch.
+    avg_num_nodes, avg_degree : float
+        Fixed normalisation constants of the energy sum and the edge-degree embedding.
+    use_force_encoding : bool
+        DeNS: build the force encoder (Eq. 5) and the noise head.
+    direct_forces : bool
+        Forces from the force head; if False, forces are ``-dE/dpos`` (``pos`` must require grad).
+
+    Examples
+    --------
+    >>> model = EquiformerV2(num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8,
+    ...                      num_heads=2, attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8,
+    ...                      edge_channels=8, grid_resolution=8)
+    >>> pos = torch.randn(4, 3)
+    >>> edge_index = torch.tensor([[1, 2, 3, 0], [0, 0, 1, 2]])
+    >>> out = model(torch.tensor([1, 6, 8, 1]), pos, torch.zeros(4, dtype=torch.long), edge_index,
+    ...             torch.zeros(4, 3), num_graphs=1)
+    >>> out["energy"].shape, out["forces"].shape
+    (torch.Size([1]), torch.Size([4, 3]))
+    """
+
+    def __init__(
+        self,
+        num_layers: int = 12,
+        lmax: int = 6,
+        mmax: int = 2,
+        sphere_channels: int = 128,
+        attn_hidden_channels: int = 64,
+        num_heads: int = 8,
+        attn_alpha_channels: int = 64,
+        attn_value_channels: int = 16,
+        ffn_hidden_channels: int = 128,
+        edge_channels: int = 128,
+        norm_type: str = "layer_norm_sh",
+        grid_resolution: int = 18,
+        max_num_elements: int = 90,
+        cutoff: float = 12.0,
+        num_distance_basis: int = 600,
+        alpha_drop: float = 0.1,
+        drop_path_rate: float = 0.05,
+        proj_drop: float = 0.0,
+        avg_num_nodes: float = 77.81317,
+        avg_degree: float = 23.395238876342773,
+        use_force_encoding: bool = False,
+        direct_forces: bool = True,
+    ) -> None:
+        super().__init__()
+        self.lmax, self.mmax, self.sphere_channels = lmax, mmax, sphere_channels
+        self.cutoff, self.avg_num_nodes, self.direct_forces = cutoff, avg_num_nodes, direct_forces
+        self.max_num_elements = max_num_elements
+        self.layout = CoefficientLayout(lmax, mmax)
+        self.register_buffer("rescale", degree_rescale(self.layout), persistent=False)
+
+        self.sphere_embedding = nn.Embedding(max_num_elements, sphere_channels)
+        self.distance_expansion = GaussianSmearing(0.0, cutoff, num_distance_basis, 2.0)
+        edge_channels_list = [num_distance_basis, edge_channels, edge_channels]
+        self.edge_degree_embedding = EdgeDegreeEmbedding(
+            sphere_channels, lmax, mmax, edge_channels_list, max_num_elements, avg_degree
+        )
+        block_args = (
+            sphere_channels,
+            attn_hidden_channels,
+            num_heads,
+            attn_alpha_channels,
+            attn_value_channels,
+        )
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                *block_args,
+                ffn_hidden_channels,
+                lmax,
+                mmax,
+                edge_channels_list,
+                max_num_elements,
+                grid_resolution,
+                norm_type,
+                alpha_drop,
+                drop_path_rate,
+                proj_drop,
+            )
+            for _ in range(num_layers)
+        )
+        self.norm = get_normalization(norm_type, lmax, sphere_channels)
+        self.energy_block = FeedForward(sphere_channels, ffn_hidden_channels, 1, lmax, grid_resolution)
+
+        def attention_head() -> SO2GraphAttention:
+            return SO2GraphAttention(
+                *block_args,
+                1,
+                lmax,
+                mmax,
+                edge_channels_list,
+                max_num_elements,
+                grid_resolution,
+                alpha_drop=0.0,
+            )
+
+        self.force_block = attention_head() if direct_forces else None
+        self.force_encoder = ForceEncoder(lmax, sphere_channels) if use_force_encoding else None
+        self.denoising_pos_block = attention_head() if use_force_encoding else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Official 'uniform' initialisation: zero biases, unit LayerNorms, uniform radial weights."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, RadialMLP):
+                for lin in module.modules():
+                    if isinstance(lin, nn.Linear):
+                        bound = 1 / math.sqrt(lin.in_features)
+                        nn.init.uniform_(lin.weight, -bound, bound)
+
+    @classmethod
+    def from_preset(cls, name: str, dens: bool = False, **overrides: Any) -> EquiformerV2:
+        """A paper configuration: 'oc20_2m', 'oc20_all_md', 'oc20_31m' or 'oc22'.
+
+        ``dens=True`` adds the force encoder and the noise head (the DeNS models of Tables 1-3).
+        """
+        if name not in PRESETS:
+            raise KeyError(f"unknown EquiformerV2 preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], "use_force_encoding": dens, **overrides})
+
+    @property
+    def uses_dens(self) -> bool:
+        return self.force_encoder is not None
+
+    def forward(
+        self,
+        atomic_numbers: Tensor,
+        pos: Tensor,
+        batch: Tensor,
+        edge_index: Tensor,
+        edge_shift: Tensor,
+        num_graphs: int,
+        extra_embedding: Tensor | None = None,
+        edge_frames: Tensor | None = None,
+        noise_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Energy, forces and (DeNS models) noise of a batch of structures.
+
+        Parameters
+        ----------
+        atomic_numbers : Tensor
+            ``[N]`` atomic numbers.
+        pos : Tensor
+            ``[N, 3]`` positions (Å).
+        batch : Tensor
+            ``[N]`` structure index of each atom.
+        edge_index : Tensor
+            ``[2, E]``: row 0 the source j (neighbour), row 1 the target i (centre).
+        edge_shift : Tensor
+            ``[E, 3]`` periodic-image shift ``n @ cell`` of the source; the edge vector is
+            ``pos[j] + shift - pos[i]``.
+        num_graphs : int
+            Number of structures in the batch.
+        extra_embedding : Tensor, optional
+            ``[N, (lmax+1)**2, C]`` added to the atom embedding before the edge-degree embedding: the
+            DeNS force encoding (``self.force_encoder(forces, mask)``). A DeNS model given none adds the
+            encoder's bias alone, as the official DeNS model does in S2EF mode.
+        edge_frames : Tensor, optional
+            ``[E, 3, 3]`` rotations taking each edge to ``+y`` (default: the deterministic frames).
+        noise_mask : Tensor, optional
+            ``[N]`` bool: atoms whose output ``forces`` are the noise prediction (DeNS partial
+            corruption). Both heads are always returned as well.
+
+        Returns
+        -------
+        dict
+            ``energy [B]``, ``node_energy [N]``, ``forces [N, 3]``; DeNS models also ``force_head``
+            and ``noise_head [N, 3]``.
+        """
+        num_atoms = atomic_numbers.shape[0]
+        src, dst = edge_index
+        edge_vec = pos[src] + edge_shift.to(pos.dtype) - pos[dst]
+        rbf = self.distance_expansion(edge_vec.norm(dim=-1))
+        frames = default_edge_frames(edge_vec) if edge_frames is None else edge_frames
+        rotation = EdgeRotation(frames, self.layout)
+        rescale = self.rescale.to(pos.dtype)
+
+        x = pos.new_zeros(num_atoms, self.layout.num_coefficients, self.sphere_channels)
+        x[:, 0] = self.sphere_embedding(atomic_numbers)
+        if self.force_encoder is not None and extra_embedding is None:
+            extra_embedding = self.force_encoder.bias_only(num_atoms, pos.dtype, pos.device)
+        if extra_embedding is not None:
+            x = x + extra_embedding
+        x = x + self.edge_degree_embedding(atomic_numbers, rbf, edge_index, rotation, rescale)
+        for block in self.blocks:
+            x = block(x, atomic_numbers, rbf, edge_index, rotation, rescale, batch, num_graphs)
+        x = self.norm(x)
+
+        node_energy = self.energy_block(x)[:, 0, 0]
+        out = {
+            "node_energy": node_energy,
+            "energy": reduce_energy(node_energy, batch, num_graphs, self.avg_num_nodes),
+        }
+        if self.direct_forces:
+            out["forces"] = self.force_block(x, atomic_numbers, rbf, edge_index, rotation, rescale)[:, 1:4, 0]
+        else:
+            out["forces"] = gradient_forces(out["energy"], pos, create_graph=self.training)
+        if self.denoising_pos_block is not None:
+            out["force_head"] = out["forces"]
+            out["noise_head"] = self.denoising_pos_block(
+                x, atomic_numbers, rbf, edge_index, rotation, rescale
+            )[:, 1:4, 0]
+            if noise_mask is not None:
+                out["forces"] = assemble_dens_forces(out["force_head"], out["noise_head"], noise_mask)
+        return out
