@@ -459,8 +459,9 @@ class EquiformerV2(nn.Module):
         Returns
         -------
         dict
-            ``energy [B]``, ``node_energy [N]``, ``forces [N, 3]``; DeNS models also ``force_head``
-            and ``noise_head [N, 3]``.
+            ``energy [B]``, ``node_energy [N]``, ``forces [N, 3]`` (the noise prediction on
+            ``noise_mask`` atoms), ``force_head [N, 3]`` with direct forces, and ``noise_head [N, 3]``
+            for DeNS models.
         """
         num_atoms = atomic_numbers.shape[0]
         src, dst = edge_index
@@ -487,14 +488,15 @@ class EquiformerV2(nn.Module):
             "energy": reduce_energy(node_energy, batch, num_graphs, self.avg_num_nodes),
         }
         if self.direct_forces:
-            out["forces"] = self.force_block(x, atomic_numbers, rbf, edge_index, rotation, rescale)[:, 1:4, 0]
+            out["force_head"] = self.force_block(x, atomic_numbers, rbf, edge_index, rotation, rescale)[
+                :, 1:4, 0
+            ]
+            out["forces"] = out["force_head"]
         else:
             out["forces"] = gradient_forces(out["energy"], pos, create_graph=self.training)
         if self.denoising_pos_block is not None:
-            out["force_head"] = out["forces"]
-            out["noise_head"] = self.denoising_pos_block(
-                x, atomic_numbers, rbf, edge_index, rotation, rescale
-            )[:, 1:4, 0]
+            noise = self.denoising_pos_block(x, atomic_numbers, rbf, edge_index, rotation, rescale)
+            out["noise_head"] = noise[:, 1:4, 0]
             if noise_mask is not None:
-                out["forces"] = assemble_dens_forces(out["force_head"], out["noise_head"], noise_mask)
+                out["forces"] = assemble_dens_forces(out["forces"], out["noise_head"], noise_mask)
         return out

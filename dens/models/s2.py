@@ -103,8 +103,14 @@ class SphereGrid(nn.Module):
             factor = torch.where(degree > mmax, torch.sqrt((2 * degree + 1) / (2 * mmax + 1)), 1.0)
             to_grid, from_grid = to_grid * factor, from_grid * factor
         columns = layout.m_major if m_major else layout.reduced
-        self.register_buffer("to_grid_mat", to_grid[:, columns].float().contiguous(), persistent=False)
-        self.register_buffer("from_grid_mat", from_grid[:, columns].T.float().contiguous(), persistent=False)
+        self.register_buffer(
+            "to_grid_mat", to_grid[:, columns].to(torch.get_default_dtype()).contiguous(), persistent=False
+        )
+        self.register_buffer(
+            "from_grid_mat",
+            from_grid[:, columns].T.to(torch.get_default_dtype()).contiguous(),
+            persistent=False,
+        )
 
     def load_official(self, to_grid: Tensor, from_grid: Tensor, atol: float = 1e-5) -> None:
         """Adopt an official checkpoint's grid buffers (``[res_beta, res_alpha, n]``, l-major columns).

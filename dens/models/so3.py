@@ -276,8 +276,18 @@ def wigner_D(rotations: Tensor, lmax: int, rows: Tensor | None = None) -> Tensor
 # --------------------------------------------------------------------------------------------------
 # Edge frames
 # --------------------------------------------------------------------------------------------------
-# A fixed, generic helper direction for the deterministic frame (no symmetry with the axes).
-_FRAME_HELPER = (0.3826834323650898, 0.6087614290087207, 0.6946583704589973)
+# Two fixed, generic helper directions for the deterministic frame (no symmetry with the axes or with
+# low-index lattice directions); the second is used inside a cone around the first.
+_FRAME_HELPERS = ((0.3826834323650898, 0.6087614290087207, 0.6946583704589973),
+                  (0.8432740427115678, -0.5201947253698013, 0.1351189834563811))  # fmt: skip
+_FRAME_SWITCH = 0.9
+
+
+def _frame_from_helper(x_hat: Tensor, u: Tensor) -> Tensor:
+    """Rows ``(z', x_hat, -y')`` with ``z' = x_hat x u`` and ``y' = x_hat x z'`` (normalised)."""
+    z_hat = torch.nn.functional.normalize(torch.cross(x_hat, u, dim=-1), dim=-1)
+    y_hat = torch.nn.functional.normalize(torch.cross(x_hat, z_hat, dim=-1), dim=-1)
+    return torch.stack([z_hat, x_hat, -y_hat], dim=-2)
 
 
 def edge_frames_official(edge_vec: Tensor, helper: Tensor) -> Tensor:
@@ -309,16 +319,19 @@ def edge_frames_official(edge_vec: Tensor, helper: Tensor) -> Tensor:
     dot = lambda a: (a * x_hat).sum(-1, keepdim=True).abs()  # noqa: E731
     u = torch.where(dot(u) > dot(u_b), u_b, u)
     u = torch.where(dot(u) > dot(u_c), u_c, u)
-    z_hat = torch.nn.functional.normalize(torch.cross(x_hat, u, dim=-1), dim=-1)
-    y_hat = torch.nn.functional.normalize(torch.cross(x_hat, z_hat, dim=-1), dim=-1)
-    return torch.stack([z_hat, x_hat, -y_hat], dim=-2)
+    return _frame_from_helper(x_hat, u)
 
 
 def edge_frames(edge_vec: Tensor) -> Tensor:
     """Deterministic rotation matrices taking each edge direction to the polar axis ``+y``.
 
-    The construction is :func:`edge_frames_official` with one fixed, generic helper vector instead of a
-    random one: no random numbers, and finite gradients for edges along any axis.
+    The frame is built like :func:`edge_frames_official` (rows ``(z', x_hat, -y')``) from a fixed, generic
+    helper vector ``u1``, replaced by a second one, ``u2``, for edges within the cone
+    ``|u1 . x_hat| > 0.9``. No random numbers; ``x_hat x u`` never comes near zero, so gradients are
+    finite for edges along any axis. The frame jumps only on that cone's boundary, which holds no
+    axis or low-index lattice direction, so rounding noise never flips the frame of a crystal's
+    edges. (The official swap rule ties exactly for every edge along z or x: fine with a random ``u``,
+    not with a fixed one.)
 
     Why the roll about the edge does not matter
     -------------------------------------------
@@ -331,8 +344,11 @@ def edge_frames(edge_vec: Tensor) -> Tensor:
     (EquiformerV2's separable S2 activation, eSCN's message activation) commute only with rolls that
     map the grid onto itself, so those outputs depend on the roll within the grid's approximation.
     """
-    helper = torch.tensor(_FRAME_HELPER, dtype=edge_vec.dtype, device=edge_vec.device)
-    return edge_frames_official(edge_vec, helper.expand_as(edge_vec))
+    x_hat = torch.nn.functional.normalize(edge_vec, dim=-1)
+    u1, u2 = (torch.tensor(u, dtype=edge_vec.dtype, device=edge_vec.device) for u in _FRAME_HELPERS)
+    use_second = (x_hat @ u1).abs() > _FRAME_SWITCH
+    u = torch.where(use_second[..., None], u2, u1).expand_as(x_hat)
+    return _frame_from_helper(x_hat, u)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""Data layer of ``dens``: readers, batches, periodic radius graphs, normalisers, samplers, demo data.
+
+Everything public is re-exported here; see the submodules for details.
+"""
+
+from .ase_io import (
+    AseDataset,
+    AseLmdbDataset,
+    atoms_to_structure,
+    read_ase_file,
+    structure_to_atoms,
+    write_aselmdb,
+)
+from .batch import STRUCTURE_KEYS, Batch, collate, make_structure, validate_structure
+from .dataset import (
+    ENERGY_UNITS,
+    LENGTH_UNITS,
+    CorruptEntryError,
+    InMemoryDataset,
+    StructureDataset,
+    Subset,
+    energy_factor,
+    filter_max_force,
+    get_natoms,
+    length_factor,
+    load_split,
+    random_split_indices,
+    save_split,
+)
+from .graph import DEGENERACY_TOLERANCE, MIN_DISTANCE, edge_vectors, num_images, radius_graph_pbc
+from .lmdb import LmdbDataset, close_lmdb_envs, find_lmdb_files, structure_from_record, write_lmdb
+from .md17 import MD17_MOLECULES, MD17Dataset, md17_splits, read_md17_npz, read_md17_xyz
+from .normalize import (
+    OFFICIAL_NORMALIZERS,
+    LinearReference,
+    Normalizer,
+    SystemReference,
+    compute_statistics,
+    fit_linear_reference,
+    load_linear_reference,
+    normalizers,
+)
+from .open import PickleDataset, open_dataset
+from .sampler import BalancedBatchSampler, balanced_partition
+
+__all__ = [
+    "DEGENERACY_TOLERANCE",
+    "ENERGY_UNITS",
+    "LENGTH_UNITS",
+    "MD17_MOLECULES",
+    "MIN_DISTANCE",
+    "OFFICIAL_NORMALIZERS",
+    "STRUCTURE_KEYS",
+    "AseDataset",
+    "AseLmdbDataset",
+    "BalancedBatchSampler",
+    "Batch",
+    "CorruptEntryError",
+    "InMemoryDataset",
+    "LinearReference",
+    "LmdbDataset",
+    "MD17Dataset",
+    "Normalizer",
+    "PickleDataset",
+    "StructureDataset",
+    "Subset",
+    "SystemReference",
+    "atoms_to_structure",
+    "balanced_partition",
+    "close_lmdb_envs",
+    "collate",
+    "compute_statistics",
+    "edge_vectors",
+    "energy_factor",
+    "filter_max_force",
+    "find_lmdb_files",
+    "fit_linear_reference",
+    "get_natoms",
+    "length_factor",
+    "load_linear_reference",
+    "load_split",
+    "make_structure",
+    "md17_splits",
+    "normalizers",
+    "num_images",
+    "open_dataset",
+    "radius_graph_pbc",
+    "random_split_indices",
+    "read_ase_file",
+    "read_md17_npz",
+    "read_md17_xyz",
+    "save_split",
+    "structure_from_record",
+    "structure_to_atoms",
+    "validate_structure",
+    "write_aselmdb",
+    "write_lmdb",
+]

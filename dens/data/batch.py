@@ -1,0 +1,466 @@
+"""Structures and batches of structures.
+
+A dataset item is a plain ``dict`` of tensors describing one structure (eV, Å):
+
+==================  ==============  ===========================================================
+key                 shape / dtype   meaning
+==================  ==============  ===========================================================
+``pos``             [N, 3] float    positions (Å)
+``atomic_numbers``  [N] long        Z
+``cell``            [1, 3, 3] float rows are lattice vectors (zeros where not periodic)
+``pbc``             [1, 3] bool     periodic flags
+``tags``            [N] long        OC20 tags (0 sub-surface, 1 surface, 2 adsorbate); 0 if unknown
+``fixed``           [N] bool        constrained atoms
+``energy``          [] float64      energy label, or absent / ``None``
+``forces``          [N, 3] float    force labels (eV/Å), or absent / ``None``
+``sid``, ``fid``    int or str      system and frame ids
+``natoms``          [] long         N (optional; derived when absent)
+==================  ==============  ===========================================================
+
+Any other tensor entry is carried into :attr:`Batch.extra` (per-atom entries are concatenated, others
+stacked), e.g. ``pos_relaxed`` and ``energy_relaxed`` of IS2RE data.
+
+:func:`collate` concatenates structures into a :class:`Batch`. If every item carries ``edge_index`` and
+``cell_offsets`` (see :mod:`dens.data.graph` for the convention) the graphs are concatenated with
+offset indices; otherwise ``Batch.edge_index`` is ``None`` and the model builds the graph.
+
+Examples
+--------
+>>> import torch
+>>> s = make_structure(pos=torch.zeros(2, 3), atomic_numbers=[1, 1], energy=-1.0)
+>>> b = collate([s, s])
+>>> b.num_graphs, b.natoms.tolist(), b.batch.tolist()
+(2, [2, 2], [0, 0, 1, 1])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "STRUCTURE_KEYS",
+    "Batch",
+    "collate",
+    "make_structure",
+    "validate_structure",
+]
+
+STRUCTURE_KEYS = (
+    "pos",
+    "atomic_numbers",
+    "cell",
+    "pbc",
+    "tags",
+    "fixed",
+    "energy",
+    "forces",
+    "sid",
+    "fid",
+    "natoms",
+    "edge_index",
+    "cell_offsets",
+)
+
+
+def _tensor(x: Any, dtype: torch.dtype | None = None) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.to(dtype) if dtype is not None else x
+    if isinstance(x, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        return t.to(dtype) if dtype is not None else t
+    return torch.as_tensor(x, dtype=dtype)
+
+
+def _id(x: Any) -> int | str | None:
+    if x is None:
+        return None
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"an id must be a scalar, got a tensor of shape {tuple(x.shape)}")
+        return int(x.item())
+    if isinstance(x, np.ndarray):
+        x = x.item()
+    if isinstance(x, (bool, np.bool_)):
+        return int(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)) and float(x).is_integer():
+        return int(x)
+    return str(x)
+
+
+def make_structure(
+    pos: Any,
+    atomic_numbers: Any,
+    cell: Any | None = None,
+    pbc: Any | None = None,
+    tags: Any | None = None,
+    fixed: Any | None = None,
+    energy: float | Any | None = None,
+    forces: Any | None = None,
+    sid: int | str | None = None,
+    fid: int | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Build a structure dict with the standard keys, dtypes and shapes.
+
+    Parameters
+    ----------
+    pos, atomic_numbers : array-like
+        ``[N, 3]`` positions (Å) and ``[N]`` atomic numbers.
+    cell : array-like, optional
+        ``[3, 3]`` or ``[1, 3, 3]`` lattice vectors as rows; zeros when absent.
+    pbc : array-like or bool, optional
+        Periodic flags; default: periodic along the axes with a non-zero lattice vector.
+    tags, fixed : array-like, optional
+        Per-atom tags (default 0) and fixed flags (default False).
+    energy : float, optional
+        Energy (eV), stored as a float64 scalar.
+    forces : array-like, optional
+        ``[N, 3]`` forces (eV/Å).
+    sid, fid : int or str, optional
+        System and frame ids.
+    dtype : torch.dtype
+        Floating dtype of positions, cell and forces.
+    **extra
+        Further entries (converted to tensors when numeric).
+
+    Returns
+    -------
+    dict
+        The structure record.
+
+    Examples
+    --------
+    >>> s = make_structure([[0, 0, 0], [0, 0, 1.1]], [6, 8], energy=-14.0)
+    >>> s["cell"].shape, s["pbc"].tolist(), s["energy"].dtype
+    (torch.Size([1, 3, 3]), [[False, False, False]], torch.float64)
+    """
+    pos_t = _tensor(pos, dtype).reshape(-1, 3)
+    n = pos_t.shape[0]
+    z = _tensor(atomic_numbers).reshape(-1)
+    if z.is_floating_point():
+        z = z.round()
+    z = z.to(torch.long)
+    if cell is None:
+        cell_t = torch.zeros(1, 3, 3, dtype=dtype)
+    else:
+        cell_t = _tensor(cell, dtype).reshape(1, 3, 3)
+    if pbc is None:
+        pbc_t = (cell_t[0].abs().sum(-1) > 0).reshape(1, 3)
+    else:
+        pbc_t = _tensor(pbc).to(torch.bool).reshape(-1)
+        if pbc_t.numel() == 1:
+            pbc_t = pbc_t.expand(3)
+        pbc_t = pbc_t.reshape(1, 3).clone()
+    out: dict[str, Any] = {
+        "pos": pos_t,
+        "atomic_numbers": z,
+        "cell": cell_t,
+        "pbc": pbc_t,
+        "tags": torch.zeros(n, dtype=torch.long)
+        if tags is None
+        else _tensor(tags).reshape(-1).to(torch.long),
+        "fixed": torch.zeros(n, dtype=torch.bool)
+        if fixed is None
+        else _tensor(fixed).reshape(-1).to(torch.bool),
+        "energy": None if energy is None else _tensor(energy, torch.float64).reshape(()),
+        "forces": None if forces is None else _tensor(forces, dtype).reshape(-1, 3),
+        "sid": _id(sid),
+        "fid": _id(fid),
+        "natoms": torch.tensor(n, dtype=torch.long),
+    }
+    for k, v in extra.items():
+        if v is None:
+            continue
+        if isinstance(v, (np.ndarray, list, tuple, float, int, np.number)) and not isinstance(v, str):
+            v = _tensor(v)
+            if v.is_floating_point() and v.dtype != torch.float64:
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def validate_structure(item: Mapping[str, Any], where: str = "structure") -> None:
+    """Raise a ``ValueError`` naming ``where`` if a structure record is unusable.
+
+    Checks: at least one atom; per-atom arrays of matching length; finite positions, energy and forces.
+
+    Parameters
+    ----------
+    item : Mapping
+        A structure record (see the module docstring).
+    where : str
+        Where the record comes from (file and index), used in the message.
+
+    Examples
+    --------
+    >>> validate_structure(make_structure(torch.zeros(0, 3), []), "demo:0")
+    Traceback (most recent call last):
+    ...
+    ValueError: demo:0: structure has zero atoms
+    """
+    pos = item.get("pos")
+    if pos is None:
+        raise ValueError(f"{where}: structure has no positions")
+    n = pos.shape[0]
+    if n == 0:
+        raise ValueError(f"{where}: structure has zero atoms")
+    if pos.ndim != 2 or pos.shape[1] != 3:
+        raise ValueError(f"{where}: positions must be [N, 3], got {tuple(pos.shape)}")
+    for key in ("atomic_numbers", "tags", "fixed", "forces"):
+        v = item.get(key)
+        if v is not None and v.shape[0] != n:
+            raise ValueError(f"{where}: '{key}' has {v.shape[0]} rows but the structure has {n} atoms")
+    if not bool(torch.isfinite(pos).all()):
+        raise ValueError(f"{where}: positions contain NaN or infinite values")
+    e = item.get("energy")
+    if e is not None and not math.isfinite(float(e)):
+        raise ValueError(f"{where}: energy is {float(e)} (NaN or infinite)")
+    f = item.get("forces")
+    if f is not None and not bool(torch.isfinite(f).all()):
+        raise ValueError(f"{where}: forces contain NaN or infinite values")
+    z = item.get("atomic_numbers")
+    if z is not None and (bool((z < 1).any()) or bool((z > 118).any())):
+        raise ValueError(f"{where}: atomic numbers outside 1..118")
+
+
+@dataclasses.dataclass
+class Batch:
+    """A batch of structures (concatenated atoms).
+
+    Attributes
+    ----------
+    pos : Tensor
+        ``[N, 3]`` positions (Å).
+    atomic_numbers : Tensor
+        ``[N]`` long.
+    batch : Tensor
+        ``[N]`` long, structure index of every atom (sorted).
+    natoms : Tensor
+        ``[B]`` long.
+    cell : Tensor
+        ``[B, 3, 3]`` lattice vectors as rows (zeros where not periodic).
+    pbc : Tensor
+        ``[B, 3]`` bool.
+    tags : Tensor
+        ``[N]`` long.
+    fixed : Tensor
+        ``[N]`` bool.
+    energy : Tensor or None
+        ``[B]`` float64 energy labels.
+    forces : Tensor or None
+        ``[N, 3]`` force labels.
+    sid, fid : Tensor or list
+        Ids: a long tensor when all are integers, else a list.
+    edge_index : Tensor or None
+        ``[2, E]`` (row 0 source j, row 1 target i), when the items carried graphs.
+    cell_offsets : Tensor or None
+        ``[E, 3]`` long images of the sources.
+    extra : dict
+        Other per-atom (concatenated) or per-structure (stacked) entries.
+
+    Examples
+    --------
+    >>> s = make_structure(torch.zeros(3, 3), [1, 1, 8])
+    >>> collate([s]).to("cpu").num_graphs
+    1
+    """
+
+    pos: Tensor
+    atomic_numbers: Tensor
+    batch: Tensor
+    natoms: Tensor
+    cell: Tensor
+    pbc: Tensor
+    tags: Tensor
+    fixed: Tensor
+    energy: Tensor | None = None
+    forces: Tensor | None = None
+    sid: Tensor | list[Any] | None = None
+    fid: Tensor | list[Any] | None = None
+    edge_index: Tensor | None = None
+    cell_offsets: Tensor | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_graphs(self) -> int:
+        """Number of structures."""
+        return int(self.natoms.numel())
+
+    @property
+    def num_atoms(self) -> int:
+        """Total number of atoms."""
+        return int(self.pos.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """A copy with every tensor moved to ``device``."""
+
+        def mv(x: Any) -> Any:
+            if isinstance(x, Tensor):
+                return x.to(device, non_blocking=non_blocking)
+            if isinstance(x, dict):
+                return {k: mv(v) for k, v in x.items()}
+            return x
+
+        return dataclasses.replace(
+            self, **{f.name: mv(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        )
+
+    def pin_memory(self) -> Batch:
+        """Pinned-memory copy (used by ``DataLoader(pin_memory=True)``)."""
+
+        def pin(x: Any) -> Any:
+            if isinstance(x, Tensor):
+                return x.pin_memory()
+            if isinstance(x, dict):
+                return {k: pin(v) for k, v in x.items()}
+            return x
+
+        return dataclasses.replace(
+            self, **{f.name: pin(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        )
+
+    def structure(self, index: int) -> dict[str, Any]:
+        """The ``index``-th structure as a structure dict (without graph)."""
+        start = int(self.natoms[:index].sum())
+        stop = start + int(self.natoms[index])
+        out: dict[str, Any] = {
+            "pos": self.pos[start:stop],
+            "atomic_numbers": self.atomic_numbers[start:stop],
+            "cell": self.cell[index : index + 1],
+            "pbc": self.pbc[index : index + 1],
+            "tags": self.tags[start:stop],
+            "fixed": self.fixed[start:stop],
+            "energy": None if self.energy is None else self.energy[index],
+            "forces": None if self.forces is None else self.forces[start:stop],
+            "sid": None if self.sid is None else _pick(self.sid, index),
+            "fid": None if self.fid is None else _pick(self.fid, index),
+            "natoms": self.natoms[index],
+        }
+        return out
+
+
+def _pick(ids: Tensor | list[Any], index: int) -> Any:
+    return int(ids[index]) if isinstance(ids, Tensor) else ids[index]
+
+
+def _collate_ids(values: list[Any]) -> Tensor | list[Any] | None:
+    if all(v is None for v in values):
+        return None
+    vals = [_id(v) for v in values]
+    if all(isinstance(v, int) for v in vals):
+        return torch.tensor(vals, dtype=torch.long)
+    return vals
+
+
+def collate(items: Sequence[Mapping[str, Any]]) -> Batch:
+    """Concatenate structure dicts into a :class:`Batch`.
+
+    Parameters
+    ----------
+    items : sequence of dict
+        Structure records (see the module docstring). Labels are kept only if every item has them.
+        ``None`` entries (skipped by a dataset with ``on_error="skip"``) are dropped.
+
+    Returns
+    -------
+    Batch
+
+    Examples
+    --------
+    >>> a = make_structure(torch.zeros(1, 3), [1], energy=0.5, edge_index=torch.zeros(2, 0, dtype=torch.long),
+    ...                    cell_offsets=torch.zeros(0, 3, dtype=torch.long))
+    >>> collate([a, a]).edge_index.shape
+    torch.Size([2, 0])
+    """
+    if len(items) == 0:
+        raise ValueError("collate: empty list of structures")
+    items = [it for it in items if it is not None]  # entries skipped by a dataset with on_error="skip"
+    if not items:
+        raise ValueError("collate: every structure of this batch was skipped as unreadable")
+    natoms = torch.tensor([int(it["pos"].shape[0]) for it in items], dtype=torch.long)
+    batch = torch.repeat_interleave(torch.arange(len(items)), natoms)
+    pos = torch.cat([it["pos"] for it in items], 0)
+    dtype = pos.dtype
+
+    def per_atom(key: str, default: Any) -> Tensor:
+        vals = []
+        for it, n in zip(items, natoms.tolist(), strict=True):
+            v = it.get(key)
+            vals.append(default(n) if v is None else v)
+        return torch.cat(vals, 0)
+
+    cells = []
+    pbcs = []
+    for it in items:
+        c = it.get("cell")
+        cells.append(torch.zeros(3, 3, dtype=dtype) if c is None else c.reshape(3, 3).to(dtype))
+        p = it.get("pbc")
+        pbcs.append(torch.zeros(3, dtype=torch.bool) if p is None else p.reshape(3).to(torch.bool))
+
+    energy = None
+    if all(it.get("energy") is not None for it in items):
+        energy = torch.stack([torch.as_tensor(it["energy"], dtype=torch.float64).reshape(()) for it in items])
+    forces = None
+    if all(it.get("forces") is not None for it in items):
+        forces = torch.cat([it["forces"] for it in items], 0)
+
+    edge_index = cell_offsets = None
+    if all(it.get("edge_index") is not None for it in items):
+        offsets = torch.cumsum(natoms, 0) - natoms
+        edge_index = torch.cat(
+            [it["edge_index"] + o for it, o in zip(items, offsets.tolist(), strict=True)], 1
+        )
+        cell_offsets = torch.cat(
+            [
+                it["cell_offsets"]
+                if it.get("cell_offsets") is not None
+                else torch.zeros(it["edge_index"].shape[1], 3, dtype=torch.long)
+                for it in items
+            ],
+            0,
+        )
+
+    extra: dict[str, Any] = {}
+    common = set(items[0].keys()).difference(STRUCTURE_KEYS)
+    for it in items[1:]:
+        common &= set(it.keys())
+    for key in sorted(common):
+        vals = [it[key] for it in items]
+        if not all(isinstance(v, Tensor) for v in vals):
+            extra[key] = vals
+            continue
+        if all(v.ndim >= 1 and v.shape[0] == n for v, n in zip(vals, natoms.tolist(), strict=True)):
+            extra[key] = torch.cat(vals, 0)
+        else:
+            try:
+                extra[key] = torch.stack(vals)
+            except RuntimeError:
+                extra[key] = vals
+
+    return Batch(
+        pos=pos,
+        atomic_numbers=per_atom("atomic_numbers", lambda n: torch.zeros(n, dtype=torch.long)).to(torch.long),
+        batch=batch,
+        natoms=natoms,
+        cell=torch.stack(cells),
+        pbc=torch.stack(pbcs),
+        tags=per_atom("tags", lambda n: torch.zeros(n, dtype=torch.long)).to(torch.long),
+        fixed=per_atom("fixed", lambda n: torch.zeros(n, dtype=torch.bool)).to(torch.bool),
+        energy=energy,
+        forces=forces,
+        sid=_collate_ids([it.get("sid") for it in items]),
+        fid=_collate_ids([it.get("fid") for it in items]),
+        edge_index=edge_index,
+        cell_offsets=cell_offsets,
+        extra=extra,
+    )

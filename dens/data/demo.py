@@ -1,0 +1,164 @@
+"""The demo data set shipped inside the package: real OC20 DFT relaxation frames as S2EF LMDBs.
+
+Source: 17 of the 20 OC20 DFT relaxation trajectories (VASP, RPBE) in
+``../shared/data/oc20/oc20_dft_relax_20sys.npz`` (the Open Catalyst 2020 data set, CC BY 4.0,
+https://opencatalystproject.org; Chanussot et al., ACS Catal. 2021). The systems with at most 104 atoms
+are used; about 20 frames per system are taken evenly along each relaxation (always including the last,
+relaxed frame), and frames with an atomic force above 50 eV/Å are dropped, as OC20 does.
+
+Energy target: ``energy = E_DFT(frame) - E_DFT(last frame of the same relaxation)`` in eV, i.e. the total
+energy relative to the system's relaxed structure (0 for the relaxed frame, positive along the
+relaxation). It is *not* the OC20 adsorption energy, and no further reference should be applied.
+Forces are the raw DFT forces (eV/Å, fixed atoms included); ``tags`` and ``fixed`` are the OC20 ones.
+
+Splits are by system, never by frame (neighbouring frames are near-identical): ``val`` and ``test`` hold
+two relaxations each, ``train`` the other 13. Files: ``dens/data/demo_data/{train,val,test}/data.0000.lmdb``
+with ``metadata.npz`` (``natoms``).
+
+Rebuild (from a checkout next to ``../shared``)::
+
+    python -m dens.data.demo --build [--source ../shared/data/oc20/oc20_dft_relax_20sys.npz]
+
+Examples
+--------
+>>> ds = demo_dataset("val")
+>>> len(ds) > 0, ds[0]["pos"].shape[1]
+(True, 3)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .batch import make_structure
+from .lmdb import LmdbDataset, write_lmdb
+
+__all__ = ["DEMO_DIR", "DEMO_SPLITS", "build_demo", "demo_dataset", "demo_path"]
+
+logger = logging.getLogger(__name__)
+
+#: Folder of the packaged demo LMDBs.
+DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
+#: Systems of the validation and test splits (all other selected systems are training data).
+DEMO_SPLITS: dict[str, list[str]] = {
+    "val": ["random1000110", "random1000170"],
+    "test": ["random1000138", "random1000191"],
+}
+MAX_ATOMS = 104
+FRAMES_PER_SYSTEM = 20
+MAX_FORCE = 50.0
+DEFAULT_SOURCE = Path(__file__).resolve().parents[3] / "shared" / "data" / "oc20" / "oc20_dft_relax_20sys.npz"
+
+
+def demo_path(split: str = "train") -> Path:
+    """Folder of one demo split (``train``, ``val`` or ``test``)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown demo split {split!r}; use 'train', 'val' or 'test'")
+    p = DEMO_DIR / split
+    if not (p / "data.0000.lmdb").is_file():
+        raise FileNotFoundError(
+            f"demo data not found at {p}: the package was installed without its data files; rebuild with "
+            f"`python -m dens.data.demo --build` from a checkout next to ../shared"
+        )
+    return p
+
+
+def demo_dataset(split: str = "train", **kwargs: Any) -> LmdbDataset:
+    """The packaged demo split as an :class:`~dens.data.LmdbDataset` (keyword options passed on)."""
+    return LmdbDataset(demo_path(split), **kwargs)
+
+
+def _select_frames(energy: np.ndarray, fmax: np.ndarray, k: int) -> list[int]:
+    n = len(energy)
+    picks = sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist()))
+    return [i for i in picks if fmax[i] <= MAX_FORCE]
+
+
+def build_demo(source: str | Path = DEFAULT_SOURCE, out_dir: str | Path = DEMO_DIR) -> dict[str, int]:
+    """Build the demo LMDBs from the OC20 relaxation ``.npz`` (see the module docstring).
+
+    Returns
+    -------
+    dict
+        Frames written per split.
+    """
+    src = Path(source)
+    if not src.is_file():
+        raise FileNotFoundError(
+            f"demo source not found: {src} (expected ../shared/data/oc20/oc20_dft_relax_20sys.npz)"
+        )
+    with np.load(src) as d:
+        data = {k: d[k] for k in d.files}
+    natoms = data["natoms"].astype(int)
+    atom_off = np.concatenate([[0], np.cumsum(natoms)])
+    frame_sys = data["frame_system"]
+    # row offset of every frame in the concatenated positions / forces
+    frame_rows = np.concatenate([[0], np.cumsum(natoms[frame_sys])])
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
+    for s, sid in enumerate(data["sid"].tolist()):
+        if natoms[s] > MAX_ATOMS:
+            continue
+        frames = np.nonzero(frame_sys == s)[0]
+        frames = frames[np.argsort(data["frame_index"][frames])]
+        energy = data["energy"][frames]
+        e_relaxed = float(energy[-1])
+        fmax = np.array(
+            [np.linalg.norm(data["forces"][frame_rows[f] : frame_rows[f + 1]], axis=1).max() for f in frames]
+        )
+        a0, a1 = atom_off[s], atom_off[s + 1]
+        split = next((k for k, v in DEMO_SPLITS.items() if sid in v), "train")
+        for i in _select_frames(energy, fmax, FRAMES_PER_SYSTEM):
+            f = frames[i]
+            splits[split].append(
+                make_structure(
+                    pos=data["positions"][frame_rows[f] : frame_rows[f + 1]],
+                    atomic_numbers=data["atomic_numbers"][a0:a1].astype(np.int64),
+                    cell=data["cell"][s],
+                    pbc=data["pbc"],
+                    tags=data["tags"][a0:a1].astype(np.int64),
+                    fixed=data["fixed"][a0:a1],
+                    energy=float(data["energy"][f]) - e_relaxed,
+                    forces=data["forces"][frame_rows[f] : frame_rows[f + 1]],
+                    sid=int(sid.removeprefix("random")),
+                    fid=int(data["frame_index"][f]),
+                )
+            )
+    out = Path(out_dir)
+    counts = {}
+    for split, structures in splits.items():
+        folder = out / split
+        if folder.exists():
+            shutil.rmtree(folder)
+        write_lmdb(structures, folder)
+        counts[split] = len(structures)
+    logger.info("demo data written to %s: %s", out, counts)
+    return counts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dens.data.demo --build``: rebuild the packaged demo data."""
+    ap = argparse.ArgumentParser(
+        prog="python -m dens.data.demo", description="Build or describe the demo data"
+    )
+    ap.add_argument("--build", action="store_true", help="rebuild the LMDBs from the OC20 relaxation .npz")
+    ap.add_argument("--source", default=str(DEFAULT_SOURCE), help="oc20_dft_relax_20sys.npz")
+    ap.add_argument("--out", default=str(DEMO_DIR), help="output folder")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.build:
+        build_demo(args.source, args.out)
+    for split in ("train", "val", "test"):
+        ds = demo_dataset(split) if Path(args.out) == DEMO_DIR else LmdbDataset(Path(args.out) / split)
+        logger.info("%s: %d frames, %d atoms", split, len(ds), int(ds.natoms.sum()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

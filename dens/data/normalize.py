@@ -1,0 +1,321 @@
+"""Energy / force normalisers, statistics streamed from data, and energy references.
+
+* :class:`Normalizer`: ``(x - mean) / std`` and back; :data:`OFFICIAL_NORMALIZERS` holds the official
+  OC20 and OC22 values as named settings (``normalizers("oc20")``).
+* :func:`compute_statistics`: energy and force statistics from a dataset, streamed (one structure at a
+  time, Welford updates), never loading everything.
+* :func:`fit_linear_reference`: per-element energies ``E ≈ Σ_Z c_Z n_Z`` by least squares, accumulated
+  as normal equations over a stream; :class:`LinearReference` subtracts them (OC22 ``lin_ref``).
+* :class:`SystemReference`: subtracts a per-system reference energy (OC20's ``oc20_ref`` pickle,
+  ``{"random<sid>": E_ref}``), which turns total energies into adsorption-referenced ones.
+
+Energy references are dataset transforms: they state explicitly which target is trained on.
+
+Examples
+--------
+>>> n = normalizers("oc20")
+>>> round(n["energy"].std, 4), n["forces"].mean
+(2.8873, 0.0)
+>>> float(n["energy"].denorm(n["energy"].norm(torch.tensor(1.0))))
+1.0
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "OFFICIAL_NORMALIZERS",
+    "LinearReference",
+    "Normalizer",
+    "SystemReference",
+    "compute_statistics",
+    "fit_linear_reference",
+    "load_linear_reference",
+    "normalizers",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Official normaliser settings (mean, std) of the DeNS / EquiformerV2 configs.
+OFFICIAL_NORMALIZERS: dict[str, dict[str, tuple[float, float]]] = {
+    # OC20 S2EF (all DeNS configs): forces use the energy std, as the legacy target_std/grad_target_std
+    "oc20": {"energy": (-0.7554450631141663, 2.887317180633545), "forces": (0.0, 2.887317180633545)},
+    # OC22 (after the linear reference)
+    "oc22": {"energy": (0.0, 25.119809935106424), "forces": (0.0, 0.14759646356105804)},
+}
+
+
+@dataclass
+class Normalizer:
+    """``norm(x) = (x - mean) / std``; ``denorm`` is its inverse.
+
+    Examples
+    --------
+    >>> Normalizer(1.0, 2.0).norm(torch.tensor([3.0])).tolist()
+    [1.0]
+    """
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.std) and self.std > 0):
+            raise ValueError(f"Normalizer std must be positive and finite, got {self.std}")
+
+    def norm(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+    def denorm(self, x: Tensor) -> Tensor:
+        return x * self.std + self.mean
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": float(self.mean), "std": float(self.std)}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, float]) -> Normalizer:
+        return cls(float(state["mean"]), float(state.get("std", state.get("stdev", 1.0))))
+
+
+def normalizers(name: str) -> dict[str, Normalizer]:
+    """Named official settings: ``"oc20"`` or ``"oc22"``."""
+    try:
+        cfg = OFFICIAL_NORMALIZERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown normaliser setting {name!r}; known: {sorted(OFFICIAL_NORMALIZERS)}"
+        ) from None
+    return {k: Normalizer(*v) for k, v in cfg.items()}
+
+
+class _Welford:
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        if x.size == 0:
+            return
+        n_b = x.size
+        mean_b = float(x.mean())
+        m2_b = float(((x - mean_b) ** 2).sum())
+        delta = mean_b - self.mean
+        tot = self.n + n_b
+        self.mean += delta * n_b / tot
+        self.m2 += m2_b + delta * delta * self.n * n_b / tot
+        self.n = tot
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.n) if self.n else float("nan")
+
+
+def compute_statistics(
+    structures: Iterable[Mapping[str, Any] | None], free_atoms_only: bool = False
+) -> dict[str, float]:
+    """Energy and force statistics of a stream of structures.
+
+    Parameters
+    ----------
+    structures : iterable of dict
+        A dataset or any iterable of structure dicts (``None`` entries are ignored).
+    free_atoms_only : bool
+        Only count forces of atoms that are not fixed (OC20 trains on free atoms).
+
+    Returns
+    -------
+    dict
+        ``energy_mean``, ``energy_std``, ``energy_per_atom_mean``, ``energy_per_atom_std``,
+        ``forces_mean`` (per component), ``forces_std``, ``forces_rms``, ``num_structures``,
+        ``num_atoms``.
+
+    Examples
+    --------
+    >>> from dens.data.batch import make_structure
+    >>> s = [make_structure(torch.zeros(1, 3), [1], energy=e, forces=[[1.0, -1.0, 0.0]]) for e in (1., 3.)]
+    >>> st = compute_statistics(s)
+    >>> st["energy_mean"], st["energy_std"], round(st["forces_rms"], 4)
+    (2.0, 1.0, 0.8165)
+    """
+    e, epa, f = _Welford(), _Welford(), _Welford()
+    f_sq = 0.0
+    num_atoms = 0
+    num = 0
+    for s in structures:
+        if s is None:
+            continue
+        num += 1
+        n = int(s["pos"].shape[0])
+        num_atoms += n
+        if s.get("energy") is not None:
+            val = float(s["energy"])
+            e.update(np.array([val]))
+            epa.update(np.array([val / n]))
+        forces = s.get("forces")
+        if forces is not None:
+            fr = forces
+            if free_atoms_only and s.get("fixed") is not None:
+                fr = forces[~s["fixed"].to(torch.bool)]
+            arr = fr.detach().to(torch.float64).numpy()
+            f.update(arr)
+            f_sq += float((arr**2).sum())
+    return {
+        "energy_mean": e.mean if e.n else float("nan"),
+        "energy_std": e.std,
+        "energy_per_atom_mean": epa.mean if epa.n else float("nan"),
+        "energy_per_atom_std": epa.std,
+        "forces_mean": f.mean if f.n else float("nan"),
+        "forces_std": f.std,
+        "forces_rms": math.sqrt(f_sq / f.n) if f.n else float("nan"),
+        "num_structures": num,
+        "num_atoms": num_atoms,
+    }
+
+
+def fit_linear_reference(
+    structures: Iterable[Mapping[str, Any] | None], max_z: int = 100, bias: bool = False
+) -> np.ndarray:
+    """Per-element reference energies by least squares, streamed.
+
+    Minimises ``Σ_s (E_s - Σ_Z c_Z n_{s,Z} [- b])²`` by accumulating the normal equations. Elements that
+    never occur get 0.
+
+    Parameters
+    ----------
+    structures : iterable of dict
+        Structures with energies.
+    max_z : int
+        Largest atomic number; the result has ``max_z + 1`` entries indexed by Z.
+    bias : bool
+        Fit a constant too (returned in entry 0, which no element uses).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``coeff`` [max_z + 1], as OC22's ``oc22_linfit_coeffs.npz``.
+
+    Examples
+    --------
+    >>> from dens.data.batch import make_structure
+    >>> s = [make_structure(torch.zeros(2, 3), [1, 8], energy=-5.0), make_structure(torch.zeros(3, 3), [1, 1, 8], energy=-6.0)]
+    >>> c = fit_linear_reference(s, max_z=10)
+    >>> round(float(c[1]), 6), round(float(c[8]), 6)
+    (-1.0, -4.0)
+    """
+    k = max_z + 1
+    ata = np.zeros((k, k))
+    atb = np.zeros(k)
+    seen = np.zeros(k, dtype=bool)
+    for s in structures:
+        if s is None or s.get("energy") is None:
+            continue
+        z = s["atomic_numbers"].numpy()
+        if z.max() > max_z:
+            raise ValueError(f"atomic number {int(z.max())} exceeds max_z = {max_z}")
+        row = np.bincount(z, minlength=k).astype(np.float64)
+        if bias:
+            row[0] = 1.0
+        seen |= row > 0
+        ata += np.outer(row, row)
+        atb += row * float(s["energy"])
+    idx = np.nonzero(seen)[0]
+    coeff = np.zeros(k)
+    if idx.size:
+        sol, *_ = np.linalg.lstsq(ata[np.ix_(idx, idx)], atb[idx], rcond=None)
+        coeff[idx] = sol
+    return coeff
+
+
+def load_linear_reference(path: str | Path) -> np.ndarray:
+    """Read ``coeff`` from an ``.npz`` (e.g. fairchem's ``oc22_linfit_coeffs.npz``)."""
+    with np.load(Path(path)) as f:
+        if "coeff" not in f.files:
+            raise ValueError(f"{path}: no 'coeff' array (found {f.files})")
+        return np.asarray(f["coeff"], dtype=np.float64)
+
+
+class LinearReference:
+    """Transform: ``energy -= Σ_atoms coeff[Z]`` (OC22 ``lin_ref``).
+
+    Parameters
+    ----------
+    coeff : array-like or str or Path
+        Per-element energies indexed by Z, or an ``.npz`` with ``coeff``.
+
+    Examples
+    --------
+    >>> from dens.data.batch import make_structure
+    >>> ref = LinearReference(np.array([0.0, -1.0]))
+    >>> float(ref(make_structure(torch.zeros(2, 3), [1, 1], energy=-3.0))["energy"])
+    -1.0
+    """
+
+    def __init__(self, coeff: Any) -> None:
+        if isinstance(coeff, (str, Path)):
+            coeff = load_linear_reference(coeff)
+        self.coeff = torch.as_tensor(np.asarray(coeff, dtype=np.float64))
+
+    def reference(self, atomic_numbers: Tensor, batch: Tensor | None = None, num_graphs: int = 1) -> Tensor:
+        """Reference energy per structure (``[num_graphs]``) for a batch of atoms."""
+        per_atom = self.coeff.to(atomic_numbers.device)[atomic_numbers]
+        if batch is None:
+            return per_atom.sum().reshape(1)
+        return torch.zeros(num_graphs, dtype=per_atom.dtype, device=per_atom.device).index_add_(
+            0, batch, per_atom
+        )
+
+    def __call__(self, s: dict[str, Any]) -> dict[str, Any]:
+        if s.get("energy") is None:
+            return s
+        z = s["atomic_numbers"]
+        if int(z.max()) >= self.coeff.numel():
+            raise ValueError(f"LinearReference: no coefficient for Z = {int(z.max())}")
+        s = dict(s)
+        s["energy"] = s["energy"] - self.coeff[z].sum()
+        return s
+
+
+class SystemReference:
+    """Transform: ``energy -= reference[sid]`` (OC20 per-system gas-phase + slab references).
+
+    Parameters
+    ----------
+    references : mapping or str or Path
+        ``{sid: E_ref}``; keys may be ints or the official ``"random<sid>"`` strings; a path to the
+        official pickle is read.
+    sign : float
+        ``-1`` subtracts (total → adsorption energy); ``+1`` adds the reference back.
+    """
+
+    def __init__(self, references: Mapping[Any, float] | str | Path, sign: float = -1.0) -> None:
+        if isinstance(references, (str, Path)):
+            with open(references, "rb") as fh:
+                references = pickle.load(fh)
+        self.refs: dict[str, float] = {}
+        for k, v in references.items():
+            key = str(k)
+            key = key.removeprefix("random")
+            self.refs[key] = float(v)
+        self.sign = sign
+
+    def __call__(self, s: dict[str, Any]) -> dict[str, Any]:
+        if s.get("energy") is None:
+            return s
+        sid = str(s.get("sid")).removeprefix("random")
+        if sid not in self.refs:
+            raise ValueError(f"SystemReference: no reference energy for system {s.get('sid')!r}")
+        s = dict(s)
+        s["energy"] = s["energy"] + self.sign * self.refs[sid]
+        return s
