@@ -143,7 +143,10 @@ def run(model, s, pos=None, shift=None, **kw):
 
 
 def y_rotation(angle):
-    c, s_ = torch.cos(torch.tensor(angle, dtype=torch.float64)), torch.sin(torch.tensor(angle, dtype=torch.float64))
+    c, s_ = (
+        torch.cos(torch.tensor(angle, dtype=torch.float64)),
+        torch.sin(torch.tensor(angle, dtype=torch.float64)),
+    )
     return torch.tensor([[c, 0, s_], [0, 1, 0], [-s_, 0, c]], dtype=torch.float64)
 
 
