@@ -15,7 +15,14 @@ from dens.models import (
 )
 from dens.testing import assert_equivariant, random_rotation
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """These tests build float64 tensors by default; restore the default dtype afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def randomise(module):

@@ -4,6 +4,9 @@ The SO(3) / SO(2) / S2 core is re-exported flatly here; the model files (Equifor
 build on it.
 """
 
+from .equiformer_v2 import EquiformerV2
+from .escn import ESCN
+from .force_encoder import ForceEncoder
 from .layers import (
     EquivariantDropout,
     EquivariantLayerNorm,
@@ -14,6 +17,7 @@ from .layers import (
     RMSNormSH,
     get_normalization,
 )
+from .potential import ForceField
 from .s2 import GateActivation, S2Activation, SeparableS2Activation, SphereGrid
 from .so2 import EdgeRotation, SO2Convolution, degree_rescale
 from .so3 import (
@@ -26,10 +30,14 @@ from .so3 import (
 )
 
 __all__ = [
+    "ESCN",
     "CoefficientLayout",
     "EdgeRotation",
+    "EquiformerV2",
     "EquivariantDropout",
     "EquivariantLayerNorm",
+    "ForceEncoder",
+    "ForceField",
     "GateActivation",
     "GaussianSmearing",
     "GraphDropPath",

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._official_escn import config_to_kwargs, export_official_escn, import_official_escn, run_escn_fixture
 from .equiformer_v2 import EquiformerV2
+from .escn import ESCN
 from .s2 import SphereGrid
 from .so3 import edge_frames_official
 
@@ -136,10 +138,8 @@ def import_official_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor
     ValueError
         Naming every official key with no dens counterpart and every dens parameter left unset.
     """
-    if not isinstance(model, EquiformerV2):
-        from ._official_escn import load_official_escn_state_dict
-
-        load_official_escn_state_dict(model, state_dict)
+    if isinstance(model, ESCN):
+        import_official_escn(model, state_dict)
         return
     official = _strip_prefix(state_dict)
     buffers = {k: v for k, v in official.items() if _EQV2_BUFFER.search(k)}
@@ -171,10 +171,8 @@ def export_official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     The official constant buffers are not written; load the result there with ``strict=False``
     (OCP: ``task.strict_load: False``).
     """
-    if not isinstance(model, EquiformerV2):
-        from ._official_escn import export_official_escn_state_dict
-
-        return export_official_escn_state_dict(model)
+    if isinstance(model, ESCN):
+        return export_official_escn(model)
     return {
         k.replace("force_encoder.linear.", "force_embedding.", 1): v.detach().clone()
         for k, v in model.state_dict().items()
@@ -227,9 +225,9 @@ def build_official_model(model_name: str, config: Mapping[str, Any]) -> nn.Modul
     if model_name in EQV2_CLASSES:
         return equiformer_v2_from_official_config(config, EQV2_CLASSES[model_name])
     if model_name in ESCN_CLASSES:
-        from ._official_escn import escn_from_official_config
-
-        return escn_from_official_config(config, ESCN_CLASSES[model_name])
+        kwargs = config_to_kwargs(config)
+        kwargs["use_force_encoding"] = ESCN_CLASSES[model_name] and kwargs.get("use_force_encoding", True)
+        return ESCN(**kwargs)
     raise ValueError(
         f"unknown official model {model_name!r}; known: {sorted(EQV2_CLASSES) + sorted(ESCN_CLASSES)}"
     )
@@ -294,6 +292,4 @@ def run_fixture(
     model = model.to(dtype).eval()
     if isinstance(model, EquiformerV2):
         return _run_equiformer_v2(model, fixture, dtype)
-    from ._official_escn import run_escn_fixture
-
     return run_escn_fixture(fixture, dtype=dtype, model=model)

@@ -1,0 +1,142 @@
+"""``ForceField``: a backbone with its graph rule and label normalisation, applied to a ``Batch``.
+
+The backbone (EquiformerV2, eSCN, Equiformer) sees atoms, positions and a graph, and works in normalised
+units; this wrapper builds the graph when the batch has none (after DeNS corruption, on the device),
+encodes forces for DeNS, and converts predictions back to eV and eV/Å.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data.batch import Batch
+from ..data.graph import radius_graph_pbc
+
+__all__ = ["ForceField"]
+
+
+class ForceField(nn.Module):
+    """A backbone plus the graph rule and the normalisation of its labels.
+
+    Parameters
+    ----------
+    backbone : nn.Module
+        A model with the dens backbone interface: ``backbone(atomic_numbers, pos, batch, edge_index,
+        edge_shift, num_graphs, extra_embedding=None, noise_mask=None) -> dict`` with ``energy`` and
+        ``forces`` (and ``noise_head`` for DeNS models, which have a ``force_encoder``).
+    cutoff : float
+        Graph cutoff (Å).
+    max_neighbors : int, optional
+        Neighbour cap per atom (OC20: 20); None for no cap (MD17).
+    strict_max_neighbors : bool
+        Exactly ``max_neighbors`` (OC20) or keep ties at the boundary (OC22).
+    energy_mean, energy_std, force_std : float
+        Label normalisation: the backbone predicts ``(E - mean) / energy_std`` and ``F / force_std``.
+
+    Examples
+    --------
+    >>> from dens.models import EquiformerV2
+    >>> backbone = EquiformerV2(num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8,
+    ...                         num_heads=2, attn_alpha_channels=4, attn_value_channels=4,
+    ...                         ffn_hidden_channels=8, edge_channels=8, grid_resolution=8)
+    >>> model = ForceField(backbone, cutoff=5.0, max_neighbors=20)
+    >>> from dens.data import collate, make_structure
+    >>> batch = collate([make_structure(torch.randn(4, 3), [1, 6, 8, 1])])
+    >>> out = model.predict(batch)
+    >>> out["energy"].shape, out["forces"].shape
+    (torch.Size([1]), torch.Size([4, 3]))
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        cutoff: float,
+        max_neighbors: int | None = None,
+        strict_max_neighbors: bool = True,
+        energy_mean: float = 0.0,
+        energy_std: float = 1.0,
+        force_std: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.cutoff, self.max_neighbors, self.strict_max_neighbors = (
+            cutoff,
+            max_neighbors,
+            strict_max_neighbors,
+        )
+        self.register_buffer("energy_mean", torch.tensor(float(energy_mean), dtype=torch.float64))
+        self.register_buffer("energy_std", torch.tensor(float(energy_std), dtype=torch.float64))
+        self.register_buffer("force_std", torch.tensor(float(force_std), dtype=torch.float64))
+
+    @property
+    def uses_dens(self) -> bool:
+        """Whether the backbone has a force encoder and a noise head."""
+        return getattr(self.backbone, "force_encoder", None) is not None
+
+    @property
+    def direct_forces(self) -> bool:
+        return getattr(self.backbone, "direct_forces", True)
+
+    def graph(self, batch: Batch, pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``edge_index`` and the image shifts ``n @ cell`` of the sources (built if the batch has none)."""
+        pos = batch.pos if pos is None else pos
+        if batch.edge_index is not None:
+            edge_index, offsets = batch.edge_index, batch.cell_offsets
+        else:
+            with torch.no_grad():
+                edge_index, offsets = radius_graph_pbc(
+                    pos.detach(), batch.cell, batch.pbc, batch.batch, self.cutoff, self.max_neighbors,
+                    self.strict_max_neighbors, natoms=batch.natoms,
+                )  # fmt: skip
+        if offsets is None:
+            return edge_index, pos.new_zeros(edge_index.shape[1], 3)
+        cell = batch.cell.to(pos.dtype)[batch.batch[edge_index[0]]]
+        return edge_index, torch.einsum("ei,eij->ej", offsets.to(pos.dtype), cell)
+
+    def forward(
+        self,
+        batch: Batch,
+        pos: Tensor | None = None,
+        encoded_forces: Tensor | None = None,
+        encode_mask: Tensor | None = None,
+        noise_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Tensor]:
+        """Outputs in normalised units.
+
+        Parameters
+        ----------
+        batch : Batch
+            The structures (a graph is built when ``batch.edge_index`` is None).
+        pos : Tensor, optional
+            Positions to use instead of ``batch.pos`` (corrupted positions; positions that require
+            grad for gradient forces).
+        encoded_forces, encode_mask : Tensor, optional
+            DeNS force encoding: forces ``[N, 3]`` (eV/Å) of the atoms selected by ``encode_mask``.
+        noise_mask : Tensor, optional
+            Atoms whose ``forces`` output is the noise prediction.
+        """
+        pos = batch.pos if pos is None else pos
+        if not self.direct_forces and not pos.requires_grad:
+            pos = pos.detach().requires_grad_(True)
+        edge_index, shift = self.graph(batch, pos)
+        extra = None
+        if encoded_forces is not None:
+            if not self.uses_dens:
+                raise ValueError("force encoding needs a DeNS model (use_force_encoding=True)")
+            extra = self.backbone.force_encoder(encoded_forces.to(pos.dtype), encode_mask)
+        return self.backbone(
+            batch.atomic_numbers, pos, batch.batch, edge_index, shift, batch.num_graphs,
+            extra_embedding=extra, noise_mask=noise_mask, **kwargs,
+        )  # fmt: skip
+
+    def predict(self, batch: Batch) -> dict[str, Tensor]:
+        """Energy (eV) and forces (eV/Å) of a batch, in the batch's float dtype."""
+        with torch.set_grad_enabled(not self.direct_forces):
+            out = self(batch)
+        energy = out["energy"].to(torch.float64) * self.energy_std + self.energy_mean
+        forces = out["forces"].detach() * self.force_std.to(out["forces"].dtype)
+        return {"energy": energy.detach(), "forces": forces}
