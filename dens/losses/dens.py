@@ -1,0 +1,226 @@
+"""DeNS: corruption of structures and the training objective (paper §3.2, Eq. 6, Algorithm 2).
+
+For each structure, with probability ``p_DeNS`` the DeNS task is optimised, else the original one. In a
+DeNS structure a random subset (ratio ``r_DeNS``) of the *free* atoms is displaced by ``N(0, sigma^2)``
+noise (fixed atoms never move and are never denoised). The model reads the corrupted structure and the
+(raw, eV/Å) forces of the corrupted atoms (force encoding), and predicts the energy of the original
+structure, the noise divided by sigma on corrupted atoms and the forces on the others.
+
+Every design choice of Tables 1(b) and 6 is a setting of :class:`DeNSSettings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..data.batch import Batch
+from .s2ef import global_mean, l2mae_sum, mae_sum
+
+__all__ = ["Corruption", "DeNSSettings", "LossSettings", "corrupt", "dens_coefficient", "training_loss"]
+
+
+@dataclass
+class DeNSSettings:
+    """The DeNS objective's settings (the Hydra ``dens`` group).
+
+    Parameters
+    ----------
+    enabled : bool
+        Optimise DeNS at all (False: the original task only, Eq. 1).
+    prob : float
+        ``p_DeNS``, the probability of optimising DeNS for a structure (or a batch).
+    sigma : float
+        Standard deviation of the Gaussian noise (Å).
+    corrupt_ratio : float or None
+        ``r_DeNS``, the fraction of free atoms corrupted; None corrupts every free atom (DeNS without
+        partially corrupted structures).
+    coefficient : float
+        ``lambda_DeNS``.
+    coefficient_schedule : {'constant', 'linear_decay'}
+        'linear_decay' takes ``lambda_DeNS`` linearly to 0 over training (MD17, §D.2).
+    energy_on_corrupted : bool
+        Keep the energy term for DeNS structures (``lambda_E`` in Eq. 6).
+    force_encoding : bool
+        Encode the forces of the corrupted atoms (Eq. 5).
+    selection : {'structure', 'batch'}
+        'structure': one draw per structure (Algorithm 2); 'batch': one draw per batch (the official
+        OC20 trainer).
+    noise_loss : {'l2mae', 'mse'}
+        Per-atom norm of the noise error (official) or its square (Eq. 4 as written).
+    exclude_key : str or None
+        A per-structure boolean entry of ``batch.extra``; flagged structures are never corrupted (the MD
+        split of OC20 All+MD, §B.1).
+    """
+
+    enabled: bool = True
+    prob: float = 0.5
+    sigma: float = 0.1
+    corrupt_ratio: float | None = 0.5
+    coefficient: float = 10.0
+    coefficient_schedule: str = "constant"
+    energy_on_corrupted: bool = True
+    force_encoding: bool = True
+    selection: str = "structure"
+    noise_loss: str = "l2mae"
+    exclude_key: str | None = "md_split"
+
+    def __post_init__(self) -> None:
+        if self.selection not in ("structure", "batch"):
+            raise ValueError(f"dens.selection must be 'structure' or 'batch', got {self.selection!r}")
+        if self.coefficient_schedule not in ("constant", "linear_decay"):
+            raise ValueError(
+                f"dens.coefficient_schedule must be 'constant' or 'linear_decay', got {self.coefficient_schedule!r}"
+            )
+        if self.noise_loss not in ("l2mae", "mse"):
+            raise ValueError(f"dens.noise_loss must be 'l2mae' or 'mse', got {self.noise_loss!r}")
+        if self.corrupt_ratio is not None and not 0.0 < self.corrupt_ratio <= 1.0:
+            raise ValueError(f"dens.corrupt_ratio must be in (0, 1] or null, got {self.corrupt_ratio}")
+        if not 0.0 <= self.prob <= 1.0 or self.sigma <= 0:
+            raise ValueError(f"need 0 <= dens.prob <= 1 and dens.sigma > 0, got {self.prob}, {self.sigma}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DeNSSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown dens settings {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+
+@dataclass
+class LossSettings:
+    """Coefficients of Eq. 1 and whether only free atoms count for forces (OC20: yes)."""
+
+    energy_coefficient: float = 2.0
+    force_coefficient: float = 100.0
+    train_on_free_atoms: bool = True
+
+
+@dataclass
+class Corruption:
+    """One draw of Algorithm 2 for a batch.
+
+    Attributes
+    ----------
+    pos : Tensor
+        ``[N, 3]`` positions after corruption.
+    noise : Tensor
+        ``[N, 3]`` the displacement (zero outside ``noise_mask``).
+    noise_mask : Tensor
+        ``[N]`` bool, corrupted (and denoised) atoms.
+    dens_structures : Tensor
+        ``[B]`` bool, structures selected for DeNS.
+    """
+
+    pos: Tensor
+    noise: Tensor
+    noise_mask: Tensor
+    dens_structures: Tensor
+
+
+def corrupt(batch: Batch, settings: DeNSSettings, generator: torch.Generator | None = None) -> Corruption:
+    """Draw the DeNS corruption of a batch (lines 5-20 of Algorithm 2).
+
+    Examples
+    --------
+    >>> from dens.data import collate, make_structure
+    >>> b = collate([make_structure(torch.zeros(4, 3), [1, 1, 8, 8], fixed=[1, 0, 0, 0])])
+    >>> c = corrupt(b, DeNSSettings(prob=1.0, corrupt_ratio=None))
+    >>> c.noise_mask.tolist()  # every free atom, never the fixed one
+    [False, True, True, True]
+    """
+    device, num_graphs, num_atoms = batch.pos.device, batch.num_graphs, batch.num_atoms
+
+    def uniform(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=generator, device=device)
+
+    if not settings.enabled:
+        selected = torch.zeros(num_graphs, dtype=torch.bool, device=device)
+    elif settings.selection == "structure":
+        selected = uniform(num_graphs) < settings.prob
+    else:
+        selected = (uniform(1) < settings.prob).expand(num_graphs).clone()
+    if settings.exclude_key and settings.exclude_key in batch.extra:
+        selected &= ~batch.extra[settings.exclude_key].to(device=device, dtype=torch.bool).reshape(-1)
+    mask = selected[batch.batch] & ~batch.fixed
+    if settings.corrupt_ratio is not None and settings.corrupt_ratio < 1.0:
+        mask &= uniform(num_atoms) < settings.corrupt_ratio
+    noise = torch.randn(num_atoms, 3, generator=generator, device=device, dtype=batch.pos.dtype)
+    noise = noise * settings.sigma * mask[:, None]
+    return Corruption(batch.pos + noise, noise, mask, selected)
+
+
+def dens_coefficient(settings: DeNSSettings, progress: float) -> float:
+    """``lambda_DeNS`` at a fraction ``progress`` in [0, 1] of training."""
+    if settings.coefficient_schedule == "linear_decay":
+        return settings.coefficient * max(0.0, 1.0 - progress)
+    return settings.coefficient
+
+
+def training_loss(
+    out: dict[str, Tensor],
+    batch: Batch,
+    corruption: Corruption | None,
+    losses: LossSettings,
+    dens: DeNSSettings,
+    energy_mean: float,
+    energy_std: float,
+    force_std: float,
+    progress: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss of Eq. 1 for ordinary structures and Eq. 6 for DeNS structures (Algorithm 2, 22-27).
+
+    ``out`` holds the model's normalised ``energy``, its force prediction (``force_head`` for direct
+    models, else ``forces``) and, for DeNS, ``noise_head``. Terms are means over the global batch:
+    energy over the structures that carry an energy term, forces over the (free) uncorrupted atoms,
+    noise over the corrupted atoms.
+
+    Returns
+    -------
+    (Tensor, dict)
+        The total loss and its parts (``energy``, ``forces``, ``noise``; detached).
+    """
+    num_atoms = batch.num_atoms
+    device = batch.pos.device
+    noise_mask = (
+        corruption.noise_mask
+        if corruption is not None
+        else torch.zeros(num_atoms, dtype=torch.bool, device=device)
+    )
+    selected = (
+        corruption.dens_structures
+        if corruption is not None
+        else torch.zeros(batch.num_graphs, dtype=torch.bool, device=device)
+    )
+
+    energy_target = (batch.energy.to(out["energy"].dtype) - energy_mean) / energy_std
+    energy_rows = torch.ones_like(selected) if dens.energy_on_corrupted else ~selected
+    e_sum, e_count = mae_sum(out["energy"], energy_target, energy_rows)
+    energy_term = global_mean(e_sum, e_count)
+
+    force_pred = out.get("force_head", out["forces"])
+    force_rows = ~noise_mask
+    if losses.train_on_free_atoms:
+        force_rows = force_rows & ~batch.fixed
+    f_sum, f_count = l2mae_sum(force_pred, batch.forces / force_std, force_rows)
+    force_term = global_mean(f_sum, f_count)
+
+    total = losses.energy_coefficient * energy_term + losses.force_coefficient * force_term
+    parts = {"energy": energy_term.detach(), "forces": force_term.detach()}
+    if corruption is not None and "noise_head" in out:
+        target = corruption.noise / dens.sigma
+        if dens.noise_loss == "mse":
+            n_sum = (
+                (out["noise_head"] - target.to(out["noise_head"].dtype)).pow(2).sum(-1) * noise_mask
+            ).sum()
+            n_count = noise_mask.sum()
+        else:
+            n_sum, n_count = l2mae_sum(out["noise_head"], target, noise_mask)
+        noise_term = global_mean(n_sum, n_count)
+        total = total + dens_coefficient(dens, progress) * noise_term
+        parts["noise"] = noise_term.detach()
+    return total, parts

@@ -1,0 +1,107 @@
+"""``python -m dens.train [+experiment=NAME] [overrides]``: the Hydra entry point.
+
+With no arguments it trains a small EquiformerV2 + DeNS on the embedded demo data (OC20 relaxation
+frames) on the CPU. ``+experiment=oc20_2m`` (and the other files of ``dens/conf/experiment``) select a
+paper setting; any value can be overridden on the command line (``trainer.max_steps=100``). For many
+GPUs: ``torchrun --nproc_per_node=8 -m dens.train +experiment=oc20_2m``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .data import compute_statistics, md17_splits, open_dataset
+from .data.demo import demo_path
+from .losses import DeNSSettings
+from .trainer import OptimSettings, Trainer, TrainerSettings
+
+logger = logging.getLogger("dens.train")
+
+if not OmegaConf.has_resolver("demo_path"):
+    OmegaConf.register_new_resolver("demo_path", lambda split: str(demo_path(split)))
+
+
+def _dataset(spec: DictConfig | None, common: dict[str, Any]) -> Any:
+    if spec is None or spec.get("path") is None:
+        return None
+    options = {**common, **{k: v for k, v in spec.items() if k != "path"}}
+    return open_dataset(spec.path, **options)
+
+
+def _normalizer(cfg: DictConfig, train_set: Any) -> dict[str, float]:
+    """Explicit constants, or statistics of the training set (``data.normalizer: auto``)."""
+    norm = cfg.data.normalizer
+    if norm == "auto":
+        stats = compute_statistics(train_set, free_atoms_only=cfg.optim.train_on_free_atoms)
+        return {
+            "energy_mean": stats["energy_mean"],
+            "energy_std": stats["energy_std"],
+            "force_std": stats["forces_rms"],
+        }
+    return {k: float(norm[k]) for k in ("energy_mean", "energy_std", "force_std")}
+
+
+def datasets(cfg: DictConfig) -> tuple[Any, Any]:
+    """Training and validation sets: separate paths, or one file split (``data.split``, MD17)."""
+    common = OmegaConf.to_container(cfg.data.get("options", {}), resolve=True) or {}
+    split = cfg.data.get("split")
+    if split is not None:
+        whole = open_dataset(cfg.data.path, **common)
+        record = Path(cfg.trainer.run_dir) / "split.npz"
+        record.parent.mkdir(parents=True, exist_ok=True)
+        parts = md17_splits(whole, split.train, split.val, split.get("test"), split.seed, record=record)
+        return parts["train"], parts["val"]
+    train_set = _dataset(cfg.data.train, common)
+    if train_set is None:
+        raise ValueError("data.train.path is not set: pick a data config or set data.train.path=...")
+    return train_set, _dataset(cfg.data.get("val"), common)
+
+
+def build(cfg: DictConfig) -> Trainer:
+    """Datasets, model and trainer of a composed configuration."""
+    train_set, val_set = datasets(cfg)
+    normalizer = _normalizer(cfg, train_set)
+    torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank and every run
+    model = instantiate(cfg.model, **normalizer)
+    settings = TrainerSettings(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    optim = OptimSettings(**OmegaConf.to_container(cfg.optim, resolve=True))
+    dens = DeNSSettings.from_dict(OmegaConf.to_container(cfg.dens, resolve=True))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["resolved_normalizer"] = normalizer
+    return Trainer(model, train_set, val_set, optim, dens, settings, config=config)
+
+
+@hydra.main(config_path="conf", config_name="train", version_base=None)
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    trainer = build(cfg)
+    if trainer.is_main:
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        logger.info("%s: %s parameters, %d train steps, run dir %s", cfg.get("name", "run"), f"{n_params:,}",
+                    trainer.total_steps, trainer.run_dir)  # fmt: skip
+    history = trainer.fit()
+    if trainer.is_main and history:
+        first, last = history[0], history[-1]
+        print(
+            f"validation (EMA) energy MAE {first['val/energy_mae_meV']:.1f} -> {last['val/energy_mae_meV']:.1f} meV, "
+            f"force MAE {first['val/forces_mae_meV_A']:.1f} -> {last['val/forces_mae_meV_A']:.1f} meV/Å "
+            f"(step {first['step']} -> {last['step']})"
+        )
+
+
+def cli() -> None:
+    """Accept ``+experiment=NAME`` as well as ``experiment=NAME`` (the defaults list has ``experiment: null``)."""
+    sys.argv = [a[1:] if a.startswith("+experiment=") else a for a in sys.argv]
+    main()
+
+
+if __name__ == "__main__":
+    cli()

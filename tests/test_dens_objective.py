@@ -1,0 +1,157 @@
+"""DeNS corruption (Algorithm 2) statistics and the loss of Eq. 1 / Eq. 6 against hand computations."""
+
+import math
+
+import pytest
+import torch
+
+from dens.data import collate, make_structure
+from dens.losses import DeNSSettings, LossSettings, corrupt, dens_coefficient, training_loss
+
+
+def make_batch(num_structures=40, atoms=30, fixed_fraction=0.3, seed=0, md_split=None):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for s in range(num_structures):
+        n = atoms + s % 5
+        fixed = torch.rand(n, generator=g) < fixed_fraction
+        extra = {} if md_split is None else {"md_split": torch.tensor(bool(md_split[s]))}
+        items.append(
+            make_structure(
+                torch.randn(n, 3, generator=g) * 3, torch.randint(1, 50, (n,), generator=g), fixed=fixed,
+                energy=float(torch.randn(1, generator=g)), forces=torch.randn(n, 3, generator=g), sid=s, fid=0,
+                dtype=torch.float64, **extra,
+            )
+        )  # fmt: skip
+    return collate(items)
+
+
+def test_corruption_statistics():
+    batch = make_batch(num_structures=60, atoms=50)
+    settings = DeNSSettings(prob=0.5, sigma=0.1, corrupt_ratio=0.25)
+    gen = torch.Generator().manual_seed(1)
+    selected, ratios, noise = [], [], []
+    for _ in range(60):
+        c = corrupt(batch, settings, gen)
+        assert torch.equal(c.pos[batch.fixed], batch.pos[batch.fixed])  # fixed atoms never move
+        assert not c.noise_mask[batch.fixed].any()  # ... and are never denoised
+        assert torch.equal(c.pos[~c.noise_mask], batch.pos[~c.noise_mask])
+        assert not c.noise_mask[~c.dens_structures[batch.batch]].any()  # only in DeNS structures
+        free_in_dens = (~batch.fixed) & c.dens_structures[batch.batch]
+        ratios.append((c.noise_mask.sum() / free_in_dens.sum()).item())
+        noise.append(c.noise[c.noise_mask])
+        selected.append(c.dens_structures.float().mean().item())
+    noise = torch.cat(noise)
+    n = noise.numel()
+    # sigma: sample std within 4 standard errors (std of a sample std ~ sigma / sqrt(2n))
+    assert abs(noise.std().item() - 0.1) < 4 * 0.1 / math.sqrt(2 * n)
+    assert abs(noise.mean().item()) < 4 * 0.1 / math.sqrt(n)
+    # r_DeNS over free atoms of DeNS structures; p_DeNS over structures (binomial standard errors)
+    mean_ratio = sum(ratios) / len(ratios)
+    assert abs(mean_ratio - 0.25) < 0.02
+    assert abs(sum(selected) / len(selected) - 0.5) < 4 * math.sqrt(0.25 / (60 * 60))
+
+
+def test_batch_selection_flips_one_coin():
+    batch = make_batch(num_structures=10)
+    gen = torch.Generator().manual_seed(0)
+    draws = [
+        corrupt(batch, DeNSSettings(prob=0.3, selection="batch"), gen).dens_structures for _ in range(400)
+    ]
+    assert all(bool(d.all()) or not bool(d.any()) for d in draws)
+    freq = sum(bool(d.all()) for d in draws) / 400
+    assert abs(freq - 0.3) < 4 * math.sqrt(0.21 / 400)
+
+
+def test_md_split_structures_never_corrupted_and_full_corruption():
+    flags = [s % 2 == 0 for s in range(20)]
+    batch = make_batch(num_structures=20, md_split=flags)
+    c = corrupt(batch, DeNSSettings(prob=1.0, corrupt_ratio=None), torch.Generator().manual_seed(0))
+    assert not c.dens_structures[torch.tensor(flags)].any()
+    assert c.dens_structures[~torch.tensor(flags)].all()
+    expected = (~batch.fixed) & c.dens_structures[batch.batch]
+    assert torch.equal(c.noise_mask, expected)  # no partial corruption: every free atom of DeNS structures
+
+
+def test_disabled_dens_corrupts_nothing():
+    batch = make_batch(num_structures=5)
+    c = corrupt(batch, DeNSSettings(enabled=False), torch.Generator().manual_seed(0))
+    assert not c.noise_mask.any() and torch.equal(c.pos, batch.pos)
+
+
+def hand_loss(out, batch, c, losses, dens, mean, e_std, f_std, progress):
+    """Algorithm 2, lines 22-27, written out atom by atom."""
+    e_terms, f_terms, n_terms = [], [], []
+    for s in range(batch.num_graphs):
+        is_dens = c is not None and bool(c.dens_structures[s])
+        if not is_dens or dens.energy_on_corrupted:
+            e_terms.append(abs(out["energy"][s].item() - (batch.energy[s].item() - mean) / e_std))
+    for i in range(batch.num_atoms):
+        corrupted = c is not None and bool(c.noise_mask[i])
+        if corrupted:
+            target = c.noise[i] / dens.sigma
+            err = out["noise_head"][i] - target
+            n_terms.append(err.pow(2).sum().item() if dens.noise_loss == "mse" else err.norm().item())
+        elif not (losses.train_on_free_atoms and batch.fixed[i]):
+            f_terms.append((out["force_head"][i] - batch.forces[i] / f_std).norm().item())
+    mean_of = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    total = losses.energy_coefficient * mean_of(e_terms) + losses.force_coefficient * mean_of(f_terms)
+    if c is not None:
+        total += dens_coefficient(dens, progress) * mean_of(n_terms)
+    return total
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {},
+        {"energy_on_corrupted": False},
+        {"corrupt_ratio": None},
+        {"force_encoding": False},
+        {"noise_loss": "mse"},
+        {"coefficient_schedule": "linear_decay"},
+        {"selection": "batch"},
+    ],
+)
+def test_loss_equals_hand_computation(switches):
+    batch = make_batch(num_structures=6, atoms=8)
+    dens = DeNSSettings(**{"prob": 0.5, "sigma": 0.1, "corrupt_ratio": 0.5, "coefficient": 10.0, **switches})
+    losses = LossSettings(energy_coefficient=2.0, force_coefficient=100.0)
+    c = corrupt(batch, dens, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    out = {
+        "energy": torch.randn(batch.num_graphs, generator=g, dtype=torch.float64),
+        "force_head": torch.randn(batch.num_atoms, 3, generator=g, dtype=torch.float64),
+        "noise_head": torch.randn(batch.num_atoms, 3, generator=g, dtype=torch.float64),
+    }
+    out["forces"] = out["force_head"]
+    total, parts = training_loss(out, batch, c, losses, dens, 0.3, 2.0, 1.5, progress=0.4)
+    expected = hand_loss(out, batch, c, losses, dens, 0.3, 2.0, 1.5, 0.4)
+    assert total.item() == pytest.approx(expected, rel=1e-12)
+    assert set(parts) == {"energy", "forces", "noise"}
+
+
+def test_loss_without_dens_is_eq1():
+    batch = make_batch(num_structures=4, atoms=6)
+    out = {
+        "energy": torch.zeros(4, dtype=torch.float64),
+        "forces": torch.zeros(batch.num_atoms, 3, dtype=torch.float64),
+    }
+    total, parts = training_loss(out, batch, None, LossSettings(), DeNSSettings(enabled=False), 0.0, 1.0, 1.0)
+    e = batch.energy.abs().mean()
+    f = batch.forces[~batch.fixed].norm(dim=-1).mean()
+    assert total.item() == pytest.approx((2 * e + 100 * f).item(), rel=1e-12)
+    assert "noise" not in parts
+
+
+def test_linear_decay_and_validation():
+    s = DeNSSettings(coefficient=5.0, coefficient_schedule="linear_decay")
+    assert (
+        dens_coefficient(s, 0.0) == 5.0
+        and dens_coefficient(s, 0.5) == 2.5
+        and dens_coefficient(s, 1.2) == 0.0
+    )
+    with pytest.raises(ValueError, match="selection"):
+        DeNSSettings(selection="atom")
+    with pytest.raises(ValueError, match="unknown dens settings"):
+        DeNSSettings.from_dict({"sigmaa": 0.1})
