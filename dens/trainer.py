@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .data import BalancedBatchSampler, Batch, collate, get_natoms
-from .losses import DeNSSettings, LossSettings, corrupt, training_loss
+from .losses import DeNSSettings, LossSettings, corrupt, step_counts, training_loss
 from .models.potential import ForceField
 
 __all__ = ["EMA", "OptimSettings", "Trainer", "TrainerSettings", "cosine_lambda", "evaluate_s2ef"]
@@ -432,10 +432,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         progress = self.step / max(self.total_steps, 1)
         totals: dict[str, float] = {}
-        for i, batch in enumerate(micro_batches):
+        use_dens = self.dens.enabled and self.model.uses_dens
+        items = []
+        for batch in micro_batches:
             batch = batch.to(self.device)
-            corruption = corrupt(batch, self.dens) if self.dens.enabled and self.model.uses_dens else None
-            sync = i == len(micro_batches) - 1 or self.world_size == 1
+            items.append((batch, corrupt(batch, self.dens) if use_dens else None))
+        counts = step_counts(items, self.losses, self.dens)  # exact global means under accumulation
+        for i, (batch, corruption) in enumerate(items):
+            sync = i == len(items) - 1 or self.world_size == 1
             ctx = contextlib.nullcontext() if sync else self.ddp_model.no_sync()
             with ctx, self._autocast():
                 kwargs: dict[str, Any] = {}
@@ -447,9 +451,8 @@ class Trainer:
                 out = self.ddp_model(batch, **kwargs)
                 loss, parts = training_loss(
                     out, batch, corruption, self.losses, self.dens, float(self.model.energy_mean),
-                    float(self.model.energy_std), float(self.model.force_std), progress,
+                    float(self.model.energy_std), float(self.model.force_std), progress, counts=counts,
                 )  # fmt: skip
-                loss = loss / len(micro_batches)
             if not torch.isfinite(loss):
                 ids = list(zip(_as_list(batch.sid), _as_list(batch.fid), strict=False))
                 message = f"non-finite loss {loss.item()} at step {self.step} for structures (sid, fid) {ids}"
@@ -461,7 +464,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
             totals["loss"] = totals.get("loss", 0.0) + loss.item()
             for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + value.item() / len(micro_batches)
+                totals[key] = totals.get(key, 0.0) + value.item()
         if self.optim.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
             totals["grad_norm"] = float(

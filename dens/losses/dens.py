@@ -15,12 +15,22 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..data.batch import Batch
 from .s2ef import global_mean, l2mae_sum, mae_sum
 
-__all__ = ["Corruption", "DeNSSettings", "LossSettings", "corrupt", "dens_coefficient", "training_loss"]
+__all__ = [
+    "Corruption",
+    "DeNSSettings",
+    "LossSettings",
+    "corrupt",
+    "dens_coefficient",
+    "loss_rows",
+    "step_counts",
+    "training_loss",
+]
 
 
 @dataclass
@@ -161,6 +171,46 @@ def dens_coefficient(settings: DeNSSettings, progress: float) -> float:
     return settings.coefficient
 
 
+def loss_rows(
+    batch: Batch, corruption: Corruption | None, losses: LossSettings, dens: DeNSSettings
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Which structures carry an energy term, which atoms a force term, which a noise term."""
+    device = batch.pos.device
+    if corruption is None:
+        noise_mask = torch.zeros(batch.num_atoms, dtype=torch.bool, device=device)
+        selected = torch.zeros(batch.num_graphs, dtype=torch.bool, device=device)
+    else:
+        noise_mask, selected = corruption.noise_mask, corruption.dens_structures
+    energy_rows = torch.ones_like(selected) if dens.energy_on_corrupted else ~selected
+    force_rows = ~noise_mask & ~batch.fixed if losses.train_on_free_atoms else ~noise_mask
+    return energy_rows, force_rows, noise_mask
+
+
+def step_counts(
+    items: list[tuple[Batch, Corruption | None]], losses: LossSettings, dens: DeNSSettings
+) -> dict[str, Tensor]:
+    """Counts of each loss term over all micro-batches of an optimiser step and all DDP ranks.
+
+    Dividing every micro-batch's sums by these makes gradient accumulation compute the gradient of the
+    mean over the whole global batch, exactly.
+    """
+    totals = None
+    for batch, corruption in items:
+        rows = loss_rows(batch, corruption, losses, dens)
+        counts = torch.stack([r.sum() for r in rows]).to(torch.float64)
+        totals = counts if totals is None else totals + counts
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return dict(zip(("energy", "forces", "noise"), totals, strict=True))
+
+
+def _mean(total: Tensor, count: Tensor, counts: dict[str, Tensor] | None, key: str) -> Tensor:
+    if counts is None:
+        return global_mean(total, count)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return total * world / counts[key].to(total.dtype).clamp(min=1)
+
+
 def training_loss(
     out: dict[str, Tensor],
     batch: Batch,
@@ -171,56 +221,38 @@ def training_loss(
     energy_std: float,
     force_std: float,
     progress: float = 0.0,
+    counts: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss of Eq. 1 for ordinary structures and Eq. 6 for DeNS structures (Algorithm 2, 22-27).
 
     ``out`` holds the model's normalised ``energy``, its force prediction (``force_head`` for direct
     models, else ``forces``) and, for DeNS, ``noise_head``. Terms are means over the global batch:
     energy over the structures that carry an energy term, forces over the (free) uncorrupted atoms,
-    noise over the corrupted atoms.
+    noise over the corrupted atoms. ``counts`` (:func:`step_counts`) gives the denominators when the
+    global batch is split into several micro-batches; otherwise this batch is the global batch (on
+    every DDP rank).
 
     Returns
     -------
     (Tensor, dict)
         The total loss and its parts (``energy``, ``forces``, ``noise``; detached).
     """
-    num_atoms = batch.num_atoms
-    device = batch.pos.device
-    noise_mask = (
-        corruption.noise_mask
-        if corruption is not None
-        else torch.zeros(num_atoms, dtype=torch.bool, device=device)
-    )
-    selected = (
-        corruption.dens_structures
-        if corruption is not None
-        else torch.zeros(batch.num_graphs, dtype=torch.bool, device=device)
-    )
-
+    energy_rows, force_rows, noise_mask = loss_rows(batch, corruption, losses, dens)
     energy_target = (batch.energy.to(out["energy"].dtype) - energy_mean) / energy_std
-    energy_rows = torch.ones_like(selected) if dens.energy_on_corrupted else ~selected
-    e_sum, e_count = mae_sum(out["energy"], energy_target, energy_rows)
-    energy_term = global_mean(e_sum, e_count)
-
+    energy_term = _mean(*mae_sum(out["energy"], energy_target, energy_rows), counts, "energy")
     force_pred = out.get("force_head", out["forces"])
-    force_rows = ~noise_mask
-    if losses.train_on_free_atoms:
-        force_rows = force_rows & ~batch.fixed
-    f_sum, f_count = l2mae_sum(force_pred, batch.forces / force_std, force_rows)
-    force_term = global_mean(f_sum, f_count)
+    force_term = _mean(*l2mae_sum(force_pred, batch.forces / force_std, force_rows), counts, "forces")
 
     total = losses.energy_coefficient * energy_term + losses.force_coefficient * force_term
     parts = {"energy": energy_term.detach(), "forces": force_term.detach()}
     if corruption is not None and "noise_head" in out:
         target = corruption.noise / dens.sigma
         if dens.noise_loss == "mse":
-            n_sum = (
-                (out["noise_head"] - target.to(out["noise_head"].dtype)).pow(2).sum(-1) * noise_mask
-            ).sum()
-            n_count = noise_mask.sum()
+            error = (out["noise_head"] - target.to(out["noise_head"].dtype)).pow(2).sum(-1)
+            n_sum, n_count = (error * noise_mask).sum(), noise_mask.sum()
         else:
             n_sum, n_count = l2mae_sum(out["noise_head"], target, noise_mask)
-        noise_term = global_mean(n_sum, n_count)
+        noise_term = _mean(n_sum, n_count, counts, "noise")
         total = total + dens_coefficient(dens, progress) * noise_term
         parts["noise"] = noise_term.detach()
     return total, parts
