@@ -16,9 +16,9 @@ from typing import Any
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .data import compute_statistics, md17_splits, open_dataset
+from .data import ConcatDataset, SetFields, compute_statistics, md17_splits, open_dataset
 from .data.demo import demo_path
 from .losses import DeNSSettings
 from .trainer import OptimSettings, Trainer, TrainerSettings
@@ -29,10 +29,28 @@ if not OmegaConf.has_resolver("demo_path"):
     OmegaConf.register_new_resolver("demo_path", lambda split: str(demo_path(split)))
 
 
-def _dataset(spec: DictConfig | None, common: dict[str, Any]) -> Any:
-    if spec is None or spec.get("path") is None:
+def _dataset(spec: Any, common: dict[str, Any]) -> Any:
+    """A dataset from ``{path, extra?, **options}``, or the concatenation of a list of such parts.
+
+    ``extra`` adds constant per-structure entries, e.g. ``{md_split: true}`` for the MD split of OC20
+    All+MD, which DeNS never corrupts (``dens.exclude_key``).
+    """
+    if spec is None:
         return None
-    options = {**common, **{k: v for k, v in spec.items() if k != "path"}}
+    if isinstance(spec, ListConfig):
+        # every part carries every tag (false where a part does not set it), so that batches mix parts
+        keys = {key for part in spec for key in (part.get("extra") or {})}
+        parts = []
+        for part in spec:
+            extra = {key: False for key in keys} | dict(part.get("extra") or {})
+            parts.append(_dataset(OmegaConf.merge(part, {"extra": extra}) if extra else part, common))
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    if spec.get("path") is None:
+        return None
+    options = {**common, **{k: v for k, v in spec.items() if k not in ("path", "extra")}}
+    if spec.get("extra"):
+        transforms = list(options.pop("transforms", None) or [])
+        options["transforms"] = [*transforms, SetFields(OmegaConf.to_container(spec.extra, resolve=True))]
     return open_dataset(spec.path, **options)
 
 
@@ -60,7 +78,7 @@ def datasets(cfg: DictConfig) -> tuple[Any, Any]:
         parts = md17_splits(whole, split.train, split.val, split.get("test"), split.seed, record=record)
         return parts["train"], parts["val"]
     train_set = _dataset(cfg.data.train, common)
-    if train_set is None:
+    if train_set is None or (isinstance(cfg.data.train, DictConfig) and cfg.data.train.get("path") is None):
         raise ValueError("data.train.path is not set: pick a data config or set data.train.path=...")
     return train_set, _dataset(cfg.data.get("val"), common)
 

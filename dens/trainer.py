@@ -445,9 +445,13 @@ class Trainer:
                 kwargs: dict[str, Any] = {}
                 if corruption is not None:
                     kwargs["pos"] = corruption.pos
-                    if self.dens.force_encoding:
-                        kwargs["encoded_forces"] = batch.forces
-                        kwargs["encode_mask"] = corruption.noise_mask
+                if self.model.uses_dens:
+                    # Without force encoding (or DeNS this step) the encoder still runs, on masked-out zero
+                    # forces: the same embedding as none (its l = 0 bias), but every parameter takes part,
+                    # which DDP requires.
+                    encode = corruption is not None and self.dens.force_encoding
+                    kwargs["encoded_forces"] = batch.forces if encode else torch.zeros_like(batch.forces)
+                    kwargs["encode_mask"] = corruption.noise_mask if encode else torch.zeros_like(batch.fixed)
                 out = self.ddp_model(batch, **kwargs)
                 loss, parts = training_loss(
                     out, batch, corruption, self.losses, self.dens, float(self.model.energy_mean),

@@ -196,3 +196,31 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     trainer.fit()
     after = flat_params(trainer.model)
     assert torch.isfinite(after).all() and not torch.equal(before, after)
+
+
+def test_force_encoder_without_input_equals_bias_only():
+    # the trainer feeds masked-out zero forces when force encoding is off: the encoder's parameters take
+    # part (DDP needs every parameter used) and the embedding equals the bias-only one
+    model = tiny_model(dens=True)
+    enc = model.backbone.force_encoder
+    zeros = enc(torch.zeros(5, 3), torch.zeros(5, dtype=torch.bool))
+    torch.testing.assert_close(zeros, enc.bias_only(5, torch.float32, torch.device("cpu")))
+    zeros.sum().backward()
+    assert enc.linear.weight.grad is not None
+
+
+def test_training_set_of_tagged_parts(tmp_path):
+    from omegaconf import OmegaConf
+
+    from dens.data import collate
+    from dens.data.demo import demo_path
+    from dens.train import _dataset
+
+    spec = OmegaConf.create(
+        [{"path": str(demo_path("val"))}, {"path": str(demo_path("test")), "extra": {"md_split": True}}]
+    )
+    data = _dataset(spec, {})
+    n_val = 20
+    assert len(data) == 40 and len(data.natoms) == 40
+    batch = collate([data[0], data[n_val]])
+    assert batch.extra["md_split"].tolist() == [False, True]

@@ -24,6 +24,7 @@ from typing import Any
 
 import ase.units
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from .batch import validate_structure
@@ -226,6 +227,61 @@ class Subset(StructureDataset):
     def describe(self, index: int) -> str:
         describe = getattr(self.dataset, "describe", None)
         return describe(int(self.indices[index])) if describe else f"item {self.indices[index]}"
+
+
+class ConcatDataset(StructureDataset):
+    """Several datasets one after the other (keeps ``natoms`` metadata when every part has it).
+
+    Parameters
+    ----------
+    datasets : sequence of Dataset
+        The parts, in order.
+    """
+
+    def __init__(self, datasets: Sequence[Dataset]) -> None:
+        super().__init__(validate=False)
+        self.datasets = list(datasets)
+        self.offsets = np.cumsum([0] + [len(d) for d in self.datasets])
+        parts = [getattr(d, "natoms", None) for d in self.datasets]
+        self.natoms = (
+            None if any(p is None for p in parts) else np.concatenate([np.asarray(p) for p in parts])
+        )
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, index: int) -> tuple[Dataset, int]:
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.datasets[part], index - int(self.offsets[part])
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"ConcatDataset: index {index} out of range for {len(self)} structures")
+        dataset, local = self._locate(index)
+        return dataset[local]
+
+    def describe(self, index: int) -> str:
+        dataset, local = self._locate(index)
+        describe = getattr(dataset, "describe", None)
+        return describe(local) if describe else f"item {local}"
+
+
+class SetFields:
+    """A transform that adds constant per-structure entries, e.g. ``SetFields({"md_split": True})``.
+
+    Examples
+    --------
+    >>> SetFields({"md_split": True})({"pos": torch.zeros(1, 3)})["md_split"]
+    tensor(True)
+    """
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = {k: torch.as_tensor(v) for k, v in values.items()}
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        return {**item, **self.values}
 
 
 def get_natoms(dataset: Dataset) -> np.ndarray:
