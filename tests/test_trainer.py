@@ -224,3 +224,23 @@ def test_training_set_of_tagged_parts(tmp_path):
     assert len(data) == 40 and len(data.natoms) == 40
     batch = collate([data[0], data[n_val]])
     assert batch.extra["md_split"].tolist() == [False, True]
+
+
+def test_checkpoint_loads_as_a_model(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dens.train", "trainer.max_steps=2", "trainer.eval_every=1", f"trainer.run_dir={tmp_path}",
+         "trainer.progress_bar=false"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    from dens.data import collate
+    from dens.data.demo import demo_dataset
+
+    best = ForceField.from_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    last = ForceField.from_checkpoint(tmp_path / "checkpoints" / "last.pt")  # EMA weights applied
+    batch = collate([demo_dataset("val")[i] for i in range(2)])
+    a, b = best.predict(batch), last.predict(batch)
+    torch.testing.assert_close(a["forces"], b["forces"])
+    assert a["energy"].dtype == torch.float64
+    with pytest.raises(FileNotFoundError, match=r"best\.pt"):
+        ForceField.from_checkpoint(tmp_path / "missing.pt")

@@ -7,6 +7,7 @@ encodes forces for DeNS, and converts predictions back to eV and eV/Å.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,6 +71,37 @@ class ForceField(nn.Module):
         self.register_buffer("energy_mean", torch.tensor(float(energy_mean), dtype=torch.float64))
         self.register_buffer("energy_std", torch.tensor(float(energy_std), dtype=torch.float64))
         self.register_buffer("force_std", torch.tensor(float(force_std), dtype=torch.float64))
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
+    ) -> ForceField:
+        """A trained model from a dens checkpoint (``best.pt``: EMA weights; ``last.pt``: the EMA
+        weights when ``use_ema`` and the run used an EMA, else the raw weights), in eval mode.
+
+        Examples
+        --------
+        >>> model = ForceField.from_checkpoint("runs/demo/checkpoints/best.pt")  # doctest: +SKIP
+        """
+        from hydra.utils import instantiate
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path} (a run writes runs/<name>/checkpoints/best.pt)")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        config = state.get("config") or {}
+        if "model" not in config or "resolved_normalizer" not in config:
+            raise ValueError(f"{path} is not a dens training checkpoint (no config.model / normaliser)")
+        model = instantiate(config["model"], **config["resolved_normalizer"])
+        if not isinstance(model, cls):
+            raise ValueError(f"{path}: config.model builds a {type(model).__name__}, not a {cls.__name__}")
+        model.load_state_dict(state["model"])
+        ema = state.get("ema")
+        if use_ema and ema:
+            with torch.no_grad():
+                for p, shadow in zip(model.parameters(), ema["shadow"], strict=True):
+                    p.copy_(shadow)
+        return model.to(device).eval()
 
     @property
     def uses_dens(self) -> bool:
