@@ -88,7 +88,11 @@ def build(cfg: DictConfig) -> Trainer:
     train_set, val_set = datasets(cfg)
     normalizer = _normalizer(cfg, train_set)
     torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank and every run
-    model = instantiate(cfg.model, **normalizer)
+    backbone = instantiate(cfg.model.backbone)
+    if not getattr(backbone, "direct_forces", True):
+        # gradient forces: the force labels are scaled by the energy std (as the official MD17 code)
+        normalizer["force_std"] = normalizer["energy_std"]
+    model = instantiate(cfg.model, backbone=backbone, **normalizer)
     settings = TrainerSettings(**OmegaConf.to_container(cfg.trainer, resolve=True))
     optim = OptimSettings(**OmegaConf.to_container(cfg.optim, resolve=True))
     dens = DeNSSettings.from_dict(OmegaConf.to_container(cfg.dens, resolve=True))

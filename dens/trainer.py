@@ -81,6 +81,7 @@ class TrainerSettings:
     seed: int = 0
     num_workers: int = 0
     nonfinite: str = "stop"  # stop | skip
+    primary_metric: str = "forces_mae_meV_A"  # selects best.pt (OC22: energy_mae_meV)
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "dens"
@@ -164,7 +165,10 @@ def _atomic_save(obj: Any, path: Path) -> None:
     """Write to a temporary file in the same folder, then rename: a killed write leaves the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())  # on disk before the rename
     os.replace(tmp, path)
 
 
@@ -177,11 +181,11 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])  # noqa: NPY002
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 @torch.no_grad()
@@ -283,12 +287,13 @@ class Trainer:
         )  # fmt: skip
         self.val_loader = None
         if val_set is not None:
-            val_sampler = BalancedBatchSampler(
-                get_natoms(val_set), self.device_batch_size, num_replicas=self.world_size, rank=self.rank,
-                shuffle=False, drop_last=False,
-            )  # fmt: skip
+            # each structure exactly once over all ranks (a padded sampler would count some twice)
+            shard = list(range(self.rank, len(val_set), self.world_size))
+            val_batches = [
+                shard[i : i + self.device_batch_size] for i in range(0, len(shard), self.device_batch_size)
+            ]
             self.val_loader = DataLoader(
-                val_set, batch_sampler=val_sampler, collate_fn=collate, num_workers=settings.num_workers,
+                val_set, batch_sampler=val_batches, collate_fn=collate, num_workers=settings.num_workers,
                 generator=torch.Generator().manual_seed(settings.seed),
             )  # fmt: skip
         self.steps_per_epoch = len(self.train_sampler) // settings.grad_accumulation
@@ -300,6 +305,7 @@ class Trainer:
         if settings.max_steps is not None:
             self.total_steps = min(self.total_steps, settings.max_steps)
         schedule_steps = max(1, int(optim.max_epochs * self.steps_per_epoch))
+        self.schedule_steps = schedule_steps
         warmup = int(optim.warmup_epochs * self.steps_per_epoch)
         if optim.scheduler == "cosine":
             lam = lambda s: cosine_lambda(s, warmup, schedule_steps, optim.warmup_factor, optim.lr_min_factor)  # noqa: E731
@@ -349,6 +355,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "best_metric": self.best_metric,
             "rng": _rng_state(),
+            "world_size": self.world_size,
             "config": self.config,
             "history": self.history,
         }
@@ -357,10 +364,15 @@ class Trainer:
         path = self.run_dir / "checkpoints" / name
         if self.is_main:
             _atomic_save(self.state_dict(), path)
+        else:  # every rank keeps its own DeNS-noise and dropout streams
+            _atomic_save({"step": self.step, "rng": _rng_state()}, self._rank_rng_path(path))
         return path
 
+    def _rank_rng_path(self, path: Path) -> Path:
+        return path.with_name(f"{path.stem}.rng{self.rank}.pt")
+
     def load(self, path: str | Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
         self.model.load_state_dict(state["model"])
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
@@ -369,7 +381,20 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_metric, self.history = state["best_metric"], state.get("history", [])
-        _set_rng_state(state["rng"])
+        rng = state["rng"]
+        if self.rank > 0:
+            rank_file = self._rank_rng_path(Path(path))
+            own = (
+                torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.exists() else None
+            )
+            if own is not None and own["step"] == self.step and state.get("world_size") == self.world_size:
+                rng = own["rng"]
+            else:  # another world size, or a kill between the writes: fresh but reproducible streams
+                logger.warning("rank %d: no RNG state for step %d; reseeding", self.rank, self.step)
+                torch.manual_seed(self.settings.seed * 1_000_003 + self.rank * 7919 + self.step)
+                rng = None
+        if rng is not None:
+            _set_rng_state(rng)
         logger.info("resumed from %s at step %d", path, self.step)
 
     def _maybe_resume(self) -> None:
@@ -430,13 +455,15 @@ class Trainer:
         """One optimiser step over ``grad_accumulation`` micro-batches (forward, loss, backward, step, EMA)."""
         self.ddp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        progress = self.step / max(self.total_steps, 1)
+        progress = self.step / self.schedule_steps
         totals: dict[str, float] = {}
         use_dens = self.dens.enabled and self.model.uses_dens
         items = []
         for batch in micro_batches:
             batch = batch.to(self.device)
-            items.append((batch, corrupt(batch, self.dens) if use_dens else None))
+            # selection='batch': one coin per global batch, from the same generator state on every rank
+            coin = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + self.step)
+            items.append((batch, corrupt(batch, self.dens, batch_coin=coin) if use_dens else None))
         counts = step_counts(items, self.losses, self.dens)  # exact global means under accumulation
         for i, (batch, corruption) in enumerate(items):
             sync = i == len(items) - 1 or self.world_size == 1
@@ -450,36 +477,53 @@ class Trainer:
                     # forces: the same embedding as none (its l = 0 bias), but every parameter takes part,
                     # which DDP requires.
                     encode = corruption is not None and self.dens.force_encoding
-                    kwargs["encoded_forces"] = batch.forces if encode else torch.zeros_like(batch.forces)
+                    kwargs["encoded_forces"] = (
+                        batch.forces * self.dens.force_encoding_scale
+                        if encode
+                        else torch.zeros_like(batch.forces)
+                    )
                     kwargs["encode_mask"] = corruption.noise_mask if encode else torch.zeros_like(batch.fixed)
                 out = self.ddp_model(batch, **kwargs)
                 loss, parts = training_loss(
                     out, batch, corruption, self.losses, self.dens, float(self.model.energy_mean),
                     float(self.model.energy_std), float(self.model.force_std), progress, counts=counts,
                 )  # fmt: skip
-            if not torch.isfinite(loss):
+            if not self._all_finite(loss):
                 ids = list(zip(_as_list(batch.sid), _as_list(batch.fid), strict=False))
-                message = f"non-finite loss {loss.item()} at step {self.step} for structures (sid, fid) {ids}"
-                if self.settings.nonfinite == "skip":
-                    logger.warning("%s: skipping the step", message)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    return {"skipped": 1.0}
-                raise FloatingPointError(message)
+                return self._skip_or_stop(
+                    f"non-finite loss {loss.item()} at step {self.step} (this rank's structures (sid, fid): {ids})"
+                )
             self.scaler.scale(loss).backward()
             totals["loss"] = totals.get("loss", 0.0) + loss.item()
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value.item()
-        if self.optim.clip_grad_norm:
-            self.scaler.unscale_(self.optimizer)
-            totals["grad_norm"] = float(
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.clip_grad_norm)
-            )
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.optim.clip_grad_norm or math.inf
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # after DDP's all-reduce
+        totals["grad_norm"] = float(grad_norm)
+        if not torch.isfinite(grad_norm) and self.settings.amp != "fp16":  # fp16: the scaler skips the step
+            return self._skip_or_stop(f"non-finite gradient norm {float(grad_norm)} at step {self.step}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         if self.ema:
             self.ema.update(self.model)
         return totals
+
+    def _all_finite(self, loss: Tensor) -> bool:
+        """Whether the loss is finite on every rank (all ranks must take the same branch)."""
+        flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _skip_or_stop(self, message: str) -> dict[str, float]:
+        if self.settings.nonfinite != "skip":
+            raise FloatingPointError(message)
+        logger.warning("%s: skipping the step", message)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # the schedule follows the data, skipped steps included
+        return {"skipped": 1.0}
 
     def validate(self) -> dict[str, float]:
         if self.val_loader is None:
@@ -525,8 +569,8 @@ class Trainer:
                 metrics = self.validate()
                 if metrics:
                     self._log({"step": self.step, **self._prefixed("val", metrics)})
-                    if metrics["forces_mae_meV_A"] < self.best_metric:
-                        self.best_metric = metrics["forces_mae_meV_A"]
+                    if metrics[self.settings.primary_metric] < self.best_metric:
+                        self.best_metric = metrics[self.settings.primary_metric]
                         self._save_best()
             if self.step % self.settings.checkpoint_every == 0 or self.step == self.total_steps:
                 self.save()

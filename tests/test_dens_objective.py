@@ -80,25 +80,42 @@ def test_disabled_dens_corrupts_nothing():
 
 
 def hand_loss(out, batch, c, losses, dens, mean, e_std, f_std, progress):
-    """Algorithm 2, lines 22-27, written out atom by atom."""
-    e_terms, f_terms, n_terms = [], [], []
+    """Algorithm 2, lines 22-35 (normalization 'structure'), and the official alternatives, written out
+    structure by structure and atom by atom."""
+    lam = dens_coefficient(dens, progress) if c is not None else 0.0
+    e_terms, f_terms, n_terms, per_structure = [], [], [], []
     for s in range(batch.num_graphs):
         is_dens = c is not None and bool(c.dens_structures[s])
+        e = abs(out["energy"][s].item() - (batch.energy[s].item() - mean) / e_std)
         if not is_dens or dens.energy_on_corrupted:
-            e_terms.append(abs(out["energy"][s].item() - (batch.energy[s].item() - mean) / e_std))
-    for i in range(batch.num_atoms):
-        corrupted = c is not None and bool(c.noise_mask[i])
-        if corrupted:
-            target = c.noise[i] / dens.sigma
-            err = out["noise_head"][i] - target
-            n_terms.append(err.pow(2).sum().item() if dens.noise_loss == "mse" else err.norm().item())
-        elif not (losses.train_on_free_atoms and batch.fixed[i]):
-            f_terms.append((out["force_head"][i] - batch.forces[i] / f_std).norm().item())
+            e_terms.append(e)
+        atoms = [i for i in range(batch.num_atoms) if batch.batch[i] == s]
+        counted = [i for i in atoms if not (losses.train_on_free_atoms and batch.fixed[i])]
+        f_sum = n_sum = 0.0
+        for i in counted:
+            if c is not None and bool(c.noise_mask[i]):
+                err = out["noise_head"][i] - c.noise[i] / dens.sigma
+                value = err.pow(2).sum().item() if dens.noise_loss == "mse" else err.norm().item()
+                n_terms.append(value)
+                n_sum += value
+            else:
+                value = (out["force_head"][i] - batch.forces[i] / f_std).norm().item()
+                f_terms.append(value)
+                f_sum += value
+        energy_part = losses.energy_coefficient * e if (not is_dens or dens.energy_on_corrupted) else 0.0
+        per_structure.append(energy_part + (losses.force_coefficient * f_sum + lam * n_sum) / len(counted))
     mean_of = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    total = losses.energy_coefficient * mean_of(e_terms) + losses.force_coefficient * mean_of(f_terms)
-    if c is not None:
-        total += dens_coefficient(dens, progress) * mean_of(n_terms)
-    return total
+    if dens.normalization == "structure":
+        return sum(per_structure) / batch.num_graphs
+    num_counted = len(f_terms) + len(n_terms)
+    if dens.normalization == "atoms":
+        return (losses.energy_coefficient * mean_of(e_terms) + losses.force_coefficient * sum(f_terms) / num_counted
+                + lam * sum(n_terms) / num_counted)  # fmt: skip
+    return (
+        losses.energy_coefficient * mean_of(e_terms)
+        + losses.force_coefficient * mean_of(f_terms)
+        + lam * mean_of(n_terms)
+    )
 
 
 @pytest.mark.parametrize(
@@ -113,9 +130,19 @@ def hand_loss(out, batch, c, losses, dens, mean, e_std, f_std, progress):
         {"selection": "batch"},
     ],
 )
-def test_loss_equals_hand_computation(switches):
+@pytest.mark.parametrize("normalization", ["structure", "atoms", "separate"])
+def test_loss_equals_hand_computation(switches, normalization):
     batch = make_batch(num_structures=6, atoms=8)
-    dens = DeNSSettings(**{"prob": 0.5, "sigma": 0.1, "corrupt_ratio": 0.5, "coefficient": 10.0, **switches})
+    dens = DeNSSettings(
+        **{
+            "prob": 0.5,
+            "sigma": 0.1,
+            "corrupt_ratio": 0.5,
+            "coefficient": 10.0,
+            "normalization": normalization,
+            **switches,
+        }
+    )
     losses = LossSettings(energy_coefficient=2.0, force_coefficient=100.0)
     c = corrupt(batch, dens, torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(4)
@@ -139,7 +166,10 @@ def test_loss_without_dens_is_eq1():
     }
     total, parts = training_loss(out, batch, None, LossSettings(), DeNSSettings(enabled=False), 0.0, 1.0, 1.0)
     e = batch.energy.abs().mean()
-    f = batch.forces[~batch.fixed].norm(dim=-1).mean()
+    # Eq. 1 per structure (mean over its free atoms), then the mean over structures
+    f = torch.stack(
+        [batch.forces[(batch.batch == s) & ~batch.fixed].norm(dim=-1).mean() for s in range(4)]
+    ).mean()
     assert total.item() == pytest.approx((2 * e + 100 * f).item(), rel=1e-12)
     assert "noise" not in parts
 

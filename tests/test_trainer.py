@@ -103,7 +103,7 @@ def test_atomic_checkpoint_keeps_the_old_file_when_a_write_fails(tmp_path, monke
     _atomic_save({"step": 1}, path)
 
     def broken_save(obj, f):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
@@ -213,15 +213,15 @@ def test_training_set_of_tagged_parts(tmp_path):
     from omegaconf import OmegaConf
 
     from dens.data import collate
-    from dens.data.demo import demo_path
+    from dens.data.demo import demo_dataset, demo_path
     from dens.train import _dataset
 
     spec = OmegaConf.create(
         [{"path": str(demo_path("val"))}, {"path": str(demo_path("test")), "extra": {"md_split": True}}]
     )
     data = _dataset(spec, {})
-    n_val = 20
-    assert len(data) == 40 and len(data.natoms) == 40
+    n_val, n_test = len(demo_dataset("val")), len(demo_dataset("test"))
+    assert len(data) == n_val + n_test and len(data.natoms) == n_val + n_test
     batch = collate([data[0], data[n_val]])
     assert batch.extra["md_split"].tolist() == [False, True]
 

@@ -10,7 +10,7 @@ from .dens import (
     step_counts,
     training_loss,
 )
-from .s2ef import global_mean, l2mae_sum, mae_sum
+from .s2ef import energy_errors, force_errors, loss_dtype
 
 __all__ = [
     "Corruption",
@@ -18,10 +18,10 @@ __all__ = [
     "LossSettings",
     "corrupt",
     "dens_coefficient",
-    "global_mean",
-    "l2mae_sum",
+    "energy_errors",
+    "force_errors",
+    "loss_dtype",
     "loss_rows",
-    "mae_sum",
     "step_counts",
     "training_loss",
 ]

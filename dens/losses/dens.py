@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..data.batch import Batch
-from .s2ef import global_mean, l2mae_sum, mae_sum
+from .s2ef import energy_errors, force_errors, loss_dtype
 
 __all__ = [
     "Corruption",
@@ -60,7 +60,16 @@ class DeNSSettings:
         'structure': one draw per structure (Algorithm 2); 'batch': one draw per batch (the official
         OC20 trainer).
     noise_loss : {'l2mae', 'mse'}
-        Per-atom norm of the noise error (official) or its square (Eq. 4 as written).
+        Per-atom norm of the noise error (Algorithm 2, official) or its square.
+    normalization : {'structure', 'atoms', 'separate'}
+        How atom terms are averaged. 'structure' (Algorithm 2): the force and noise sums of a structure
+        are divided by its number of (free) atoms ``|S_j|``, and everything by the number of structures
+        ``B``. 'atoms' (the official OC20/OC22 trainer): force and noise sums divided by the number of
+        free atoms of the batch, energy by ``B``. 'separate' (the official MD17 trainer): each term is
+        its own mean (forces over uncorrupted atoms, noise over corrupted atoms).
+    force_encoding_scale : float
+        Factor applied to the (eV/Å) forces before encoding; the official MD17 models encoded forces in
+        kcal/mol/Å (23.0605), the OC20/OC22 ones in eV/Å (1).
     exclude_key : str or None
         A per-structure boolean entry of ``batch.extra``; flagged structures are never corrupted (the MD
         split of OC20 All+MD, §B.1).
@@ -77,6 +86,8 @@ class DeNSSettings:
     selection: str = "structure"
     noise_loss: str = "l2mae"
     exclude_key: str | None = "md_split"
+    normalization: str = "structure"
+    force_encoding_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.selection not in ("structure", "batch"):
@@ -84,6 +95,10 @@ class DeNSSettings:
         if self.coefficient_schedule not in ("constant", "linear_decay"):
             raise ValueError(
                 f"dens.coefficient_schedule must be 'constant' or 'linear_decay', got {self.coefficient_schedule!r}"
+            )
+        if self.normalization not in ("structure", "atoms", "separate"):
+            raise ValueError(
+                f"dens.normalization must be 'structure', 'atoms' or 'separate', got {self.normalization!r}"
             )
         if self.noise_loss not in ("l2mae", "mse"):
             raise ValueError(f"dens.noise_loss must be 'l2mae' or 'mse', got {self.noise_loss!r}")
@@ -132,8 +147,16 @@ class Corruption:
     dens_structures: Tensor
 
 
-def corrupt(batch: Batch, settings: DeNSSettings, generator: torch.Generator | None = None) -> Corruption:
+def corrupt(
+    batch: Batch,
+    settings: DeNSSettings,
+    generator: torch.Generator | None = None,
+    batch_coin: torch.Generator | None = None,
+) -> Corruption:
     """Draw the DeNS corruption of a batch (lines 5-20 of Algorithm 2).
+
+    ``batch_coin`` draws the one coin of ``selection='batch'``; give every DDP rank the same generator
+    state so that the coin is one per global batch, as in the official trainer.
 
     Examples
     --------
@@ -153,7 +176,8 @@ def corrupt(batch: Batch, settings: DeNSSettings, generator: torch.Generator | N
     elif settings.selection == "structure":
         selected = uniform(num_graphs) < settings.prob
     else:
-        selected = (uniform(1) < settings.prob).expand(num_graphs).clone()
+        coin = torch.rand(1, generator=batch_coin if batch_coin is not None else generator)
+        selected = (coin.to(device) < settings.prob).expand(num_graphs).clone()
     if settings.exclude_key and settings.exclude_key in batch.extra:
         selected &= ~batch.extra[settings.exclude_key].to(device=device, dtype=torch.bool).reshape(-1)
     mask = selected[batch.batch] & ~batch.fixed
@@ -173,42 +197,43 @@ def dens_coefficient(settings: DeNSSettings, progress: float) -> float:
 
 def loss_rows(
     batch: Batch, corruption: Corruption | None, losses: LossSettings, dens: DeNSSettings
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Which structures carry an energy term, which atoms a force term, which a noise term."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Structures with an energy term, atoms with a force term, atoms with a noise term, and the atoms
+    that count in ``|S_j|`` (free atoms when training on free atoms)."""
     device = batch.pos.device
     if corruption is None:
         noise_mask = torch.zeros(batch.num_atoms, dtype=torch.bool, device=device)
         selected = torch.zeros(batch.num_graphs, dtype=torch.bool, device=device)
     else:
         noise_mask, selected = corruption.noise_mask, corruption.dens_structures
+    counted = ~batch.fixed if losses.train_on_free_atoms else torch.ones_like(batch.fixed)
     energy_rows = torch.ones_like(selected) if dens.energy_on_corrupted else ~selected
-    force_rows = ~noise_mask & ~batch.fixed if losses.train_on_free_atoms else ~noise_mask
-    return energy_rows, force_rows, noise_mask
+    return energy_rows, counted & ~noise_mask, noise_mask, counted
 
 
 def step_counts(
     items: list[tuple[Batch, Corruption | None]], losses: LossSettings, dens: DeNSSettings
 ) -> dict[str, Tensor]:
-    """Counts of each loss term over all micro-batches of an optimiser step and all DDP ranks.
+    """Denominators of the loss terms over all micro-batches of an optimiser step and all DDP ranks.
 
-    Dividing every micro-batch's sums by these makes gradient accumulation compute the gradient of the
-    mean over the whole global batch, exactly.
+    Dividing every micro-batch's sums by these makes gradient accumulation and DDP compute the gradient
+    of the loss of the whole global batch, exactly.
     """
     totals = None
     for batch, corruption in items:
-        rows = loss_rows(batch, corruption, losses, dens)
-        counts = torch.stack([r.sum() for r in rows]).to(torch.float64)
+        energy_rows, force_rows, noise_rows, counted = loss_rows(batch, corruption, losses, dens)
+        values = [
+            energy_rows.sum(),
+            force_rows.sum(),
+            noise_rows.sum(),
+            counted.sum(),
+            torch.tensor(batch.num_graphs),
+        ]
+        counts = torch.stack([v.to(device=batch.pos.device, dtype=torch.float64) for v in values])
         totals = counts if totals is None else totals + counts
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
-    return dict(zip(("energy", "forces", "noise"), totals, strict=True))
-
-
-def _mean(total: Tensor, count: Tensor, counts: dict[str, Tensor] | None, key: str) -> Tensor:
-    if counts is None:
-        return global_mean(total, count)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return total * world / counts[key].to(total.dtype).clamp(min=1)
+    return dict(zip(("energy", "forces", "noise", "atoms", "structures"), totals, strict=True))
 
 
 def training_loss(
@@ -223,36 +248,58 @@ def training_loss(
     progress: float = 0.0,
     counts: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The loss of Eq. 1 for ordinary structures and Eq. 6 for DeNS structures (Algorithm 2, 22-27).
+    """The loss of Eq. 1 for ordinary structures and Eq. 6 for DeNS structures (Algorithm 2, 22-35).
 
     ``out`` holds the model's normalised ``energy``, its force prediction (``force_head`` for direct
-    models, else ``forces``) and, for DeNS, ``noise_head``. Terms are means over the global batch:
-    energy over the structures that carry an energy term, forces over the (free) uncorrupted atoms,
-    noise over the corrupted atoms. ``counts`` (:func:`step_counts`) gives the denominators when the
-    global batch is split into several micro-batches; otherwise this batch is the global batch (on
-    every DDP rank).
+    models, else ``forces``) and, for DeNS, ``noise_head``. The averaging follows
+    ``dens.normalization``; denominators are those of the whole global batch (``counts`` from
+    :func:`step_counts` when it is split into micro-batches or DDP ranks; otherwise this batch).
+    Predictions are compared in at least float32 with targets normalised in float64.
 
     Returns
     -------
     (Tensor, dict)
-        The total loss and its parts (``energy``, ``forces``, ``noise``; detached).
+        The total loss and its parts (``energy``, ``forces``, ``noise``; detached, already averaged).
     """
-    energy_rows, force_rows, noise_mask = loss_rows(batch, corruption, losses, dens)
-    energy_target = (batch.energy.to(out["energy"].dtype) - energy_mean) / energy_std
-    energy_term = _mean(*mae_sum(out["energy"], energy_target, energy_rows), counts, "energy")
-    force_pred = out.get("force_head", out["forces"])
-    force_term = _mean(*l2mae_sum(force_pred, batch.forces / force_std, force_rows), counts, "forces")
+    if counts is None:
+        counts = step_counts([(batch, corruption)], losses, dens)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    energy_rows, force_rows, noise_rows, counted = loss_rows(batch, corruption, losses, dens)
+
+    energy_err = energy_errors(out["energy"], batch.energy, energy_mean, energy_std)
+    force_err = force_errors(out.get("force_head", out["forces"]), batch.forces, force_std)
+    noise_err = None
+    if corruption is not None and "noise_head" in out:
+        noise = out["noise_head"]
+        if dens.noise_loss == "mse":
+            target = (corruption.noise.to(torch.float64) / dens.sigma).to(loss_dtype(noise))
+            noise_err = (noise.to(target.dtype) - target).pow(2).sum(-1)
+        else:
+            noise_err = force_errors(noise, corruption.noise, dens.sigma)
+
+    def denominator(key: str) -> Tensor:
+        return counts[key].to(energy_err.dtype).clamp(min=1) / world
+
+    e_sum = (energy_err * energy_rows).sum()
+    if dens.normalization == "structure":
+        # w_i = 1 / |S_j| for the atoms of structure j, then a mean over the global batch's structures
+        per_structure = torch.zeros(batch.num_graphs, dtype=force_err.dtype, device=force_err.device)
+        per_structure.index_add_(0, batch.batch, counted.to(force_err.dtype))
+        weight = 1.0 / per_structure.clamp(min=1)[batch.batch]
+        energy_term = e_sum / denominator("structures")
+        force_term = (force_err * weight * force_rows).sum() / denominator("structures")
+        noise_term = (
+            None if noise_err is None else (noise_err * weight * noise_rows).sum() / denominator("structures")
+        )
+    else:
+        energy_term = e_sum / denominator("energy")
+        force_key, noise_key = ("atoms", "atoms") if dens.normalization == "atoms" else ("forces", "noise")
+        force_term = (force_err * force_rows).sum() / denominator(force_key)
+        noise_term = None if noise_err is None else (noise_err * noise_rows).sum() / denominator(noise_key)
 
     total = losses.energy_coefficient * energy_term + losses.force_coefficient * force_term
     parts = {"energy": energy_term.detach(), "forces": force_term.detach()}
-    if corruption is not None and "noise_head" in out:
-        target = corruption.noise / dens.sigma
-        if dens.noise_loss == "mse":
-            error = (out["noise_head"] - target.to(out["noise_head"].dtype)).pow(2).sum(-1)
-            n_sum, n_count = (error * noise_mask).sum(), noise_mask.sum()
-        else:
-            n_sum, n_count = l2mae_sum(out["noise_head"], target, noise_mask)
-        noise_term = _mean(n_sum, n_count, counts, "noise")
+    if noise_term is not None:
         total = total + dens_coefficient(dens, progress) * noise_term
         parts["noise"] = noise_term.detach()
     return total, parts

@@ -1,42 +1,34 @@
-"""Energy and force losses (Eq. 1) and their averaging across DDP ranks.
+"""Energy and force errors of Eq. 1, computed in at least float32 against float64-normalised targets.
 
-Every loss term is a mean over a set of items (structures or atoms) of the whole global batch: each rank
-computes the sum over its items and divides by the global count (an all-reduce of the counts), times the
-world size, so that DDP's gradient averaging yields exactly the gradient of the global mean. On one
-process this is the plain mean.
+The averaging of these errors over a (distributed, accumulated) global batch is in
+:func:`dens.losses.dens.training_loss`: every term is a sum divided by a denominator of the whole global
+batch (all-reduced over DDP ranks and summed over micro-batches), times the world size because DDP
+averages gradients, so one process and many give the same gradient.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["global_mean", "l2mae_sum", "mae_sum"]
+__all__ = ["energy_errors", "force_errors", "loss_dtype"]
 
 
-def global_mean(total: Tensor, count: Tensor) -> Tensor:
-    """``total / count`` over all DDP ranks (see the module docstring); 0 when nothing is counted."""
-    count = count.detach().to(total.dtype)
-    world = 1
-    if dist.is_available() and dist.is_initialized():
-        world = dist.get_world_size()
-        count = count.clone()
-        dist.all_reduce(count)
-    return total * world / count.clamp(min=1)
+def loss_dtype(pred: Tensor) -> torch.dtype:
+    """float32 for half-precision predictions (AMP), else the prediction's own dtype."""
+    return torch.promote_types(pred.dtype, torch.float32)
 
 
-def mae_sum(pred: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum of ``|pred - target|`` over the masked rows, and their count."""
-    diff = (pred - target.to(pred.dtype)).abs()
-    diff = diff.reshape(diff.shape[0], -1).sum(-1)
-    return (diff * mask).sum(), mask.sum()
+def energy_errors(pred: Tensor, energy: Tensor, mean: float, std: float) -> Tensor:
+    """``|pred - (E - mean) / std|`` per structure; the target is normalised in float64 first, so large
+    total energies (MD17: ~-17,600 eV) lose no precision."""
+    dtype = loss_dtype(pred)
+    target = (energy.to(torch.float64) - mean) / std
+    return (pred.to(dtype) - target.to(dtype)).abs()
 
 
-def l2mae_sum(pred: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum of the per-row Euclidean norms ``||pred - target||`` over the masked rows, and their count.
-
-    This is OCP's ``l2mae`` force loss: the mean over atoms of the norm of the force error.
-    """
-    norm = torch.linalg.vector_norm(pred - target.to(pred.dtype), dim=-1)
-    return (norm * mask).sum(), mask.sum()
+def force_errors(pred: Tensor, forces: Tensor, std: float) -> Tensor:
+    """``||pred - F / std||`` per atom (OCP's ``l2mae`` before averaging)."""
+    dtype = loss_dtype(pred)
+    target = (forces.to(torch.float64) / std).to(dtype)
+    return torch.linalg.vector_norm(pred.to(dtype) - target, dim=-1)

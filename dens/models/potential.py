@@ -62,6 +62,11 @@ class ForceField(nn.Module):
         force_std: float = 1.0,
     ) -> None:
         super().__init__()
+        if not getattr(backbone, "direct_forces", True) and force_std != energy_std:
+            # forces are -dE/dx: normalised forces must be -d(E_normalised)/dx, i.e. F / energy_std
+            raise ValueError(
+                f"a gradient-force model needs force_std == energy_std (got {force_std} and {energy_std})"
+            )
         self.backbone = backbone
         self.cutoff, self.max_neighbors, self.strict_max_neighbors = (
             cutoff,
@@ -125,8 +130,11 @@ class ForceField(nn.Module):
                 )  # fmt: skip
         if offsets is None:
             return edge_index, pos.new_zeros(edge_index.shape[1], 3)
-        cell = batch.cell.to(pos.dtype)[batch.batch[edge_index[0]]]
-        return edge_index, torch.einsum("ei,eij->ej", offsets.to(pos.dtype), cell)
+        # in float64 outside autocast: in bf16 the image shifts would be off by up to ~0.05 Å
+        with torch.autocast(pos.device.type, enabled=False):
+            cell = batch.cell.to(torch.float64)[batch.batch[edge_index[0]]]
+            shift = (offsets.to(torch.float64)[:, :, None] * cell).sum(1)
+        return edge_index, shift.to(pos.dtype)
 
     def forward(
         self,
