@@ -264,3 +264,22 @@ def test_axis_aligned_edges_give_finite_gradients():
         1,
     )
     assert torch.isfinite(out["forces"]).all()
+
+
+@pytest.mark.parametrize("dens", [False, True])
+def test_structures_without_edges(dens):
+    # isolated atoms (nothing within the cutoff): every model handles an empty graph
+    from dens.models import ESCN
+
+    args = (torch.tensor([1, 8]), torch.tensor([[0.0, 0, 0], [20.0, 0, 0]]), torch.zeros(2, dtype=torch.long),
+            torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, 3), 1)  # fmt: skip
+    for model in (
+        EquiformerV2(num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8, num_heads=2,
+                     attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
+                     grid_resolution=8, use_force_encoding=dens),
+        ESCN(num_layers=1, lmax=2, mmax=1, sphere_channels=8, hidden_channels=8, edge_channels=8,
+             num_sphere_samples=16, use_force_encoding=dens),
+    ):  # fmt: skip
+        out = model(*args)
+        assert out["energy"].shape == (1,) and torch.isfinite(out["energy"]).all()
+        assert out["forces"].shape == (2, 3) and torch.isfinite(out["forces"]).all()

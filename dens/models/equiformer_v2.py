@@ -179,7 +179,9 @@ class SO2GraphAttention(nn.Module):
             message.reshape(num_edges, num_rows, self.num_heads, self.value_channels)
             * alpha[:, None, :, None]
         )
-        message = rotation.rotate_back(message.reshape(num_edges, num_rows, -1), rescale)
+        message = rotation.rotate_back(
+            message.reshape(num_edges, num_rows, self.num_heads * self.value_channels), rescale
+        )
         return self.proj(scatter_sum(message, dst, x.shape[0]))
 
 

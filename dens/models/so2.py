@@ -147,7 +147,7 @@ class SO2Convolution(nn.Module):
         m_size = self.layout.m_size
         radial = self.rad_func(x_edge) if self.rad_func is not None else None
 
-        x0 = x[:, : m_size[0]].reshape(num_edges, -1)
+        x0 = x[:, : m_size[0]].reshape(num_edges, m_size[0] * self.in_channels)
         if radial is not None:
             x0 = x0 * radial[:, : x0.shape[1]]
         y0 = self.fc_m0(x0)

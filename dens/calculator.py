@@ -1,0 +1,215 @@
+"""An ASE calculator for dens force fields: ``DeNSCalculator``.
+
+Energy and forces of any :class:`~dens.models.ForceField` (EquiformerV2, eSCN, Equiformer; DeNS-trained or
+not) from ASE, so that ``ase.optimize`` and ``ase.md`` can drive it:
+
+* the radius graph (periodic images, the model's cutoff and neighbour cap) is rebuilt on every call;
+* the forces are those of every atom; ASE's own constraints (``FixAtoms``) zero the forces of fixed atoms
+  and hold them in optimisers and integrators, as with any ASE calculator;
+* elements outside the model's embedding table and periodic cells that are degenerate or too thin raise
+  a ``ValueError`` that says what is wrong; atoms without neighbours inside the cutoff are allowed (their
+  energy is the model's isolated-atom energy), and are reported once in the log.
+
+Examples
+--------
+>>> from ase.build import molecule
+>>> from dens.models import EquiformerV2, ForceField
+>>> backbone = EquiformerV2(num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8,
+...                         num_heads=2, attn_alpha_channels=4, attn_value_channels=4,
+...                         ffn_hidden_channels=8, edge_channels=8, grid_resolution=8)
+>>> atoms = molecule("H2O")
+>>> atoms.calc = DeNSCalculator(ForceField(backbone, cutoff=5.0, max_neighbors=20))
+>>> atoms.get_forces().shape
+(3, 3)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+import ase
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+from ase.data import chemical_symbols
+from torch import nn
+
+from .data.batch import collate, make_structure
+from .data.graph import radius_graph_pbc
+from .evaluate import load_model, model_device, model_dtype
+
+__all__ = ["DeNSCalculator", "element_limit"]
+
+logger = logging.getLogger(__name__)
+
+
+def element_limit(model: nn.Module) -> int | None:
+    """The number of atomic numbers a model embeds (``Z < limit``), or None when it states none.
+
+    Read from the backbone's ``max_num_elements`` (EquiformerV2, eSCN) or ``max_atom_type`` (Equiformer).
+
+    Examples
+    --------
+    >>> from dens.models import EquiformerV2, ForceField
+    >>> element_limit(ForceField(EquiformerV2(num_layers=1, lmax=1, mmax=1, sphere_channels=4,
+    ...     attn_hidden_channels=4, num_heads=1, attn_alpha_channels=2, attn_value_channels=2,
+    ...     ffn_hidden_channels=4, edge_channels=4, grid_resolution=4), cutoff=4.0))
+    90
+    """
+    for module in (getattr(model, "backbone", None), model):
+        if module is None:
+            continue
+        for attr in ("max_num_elements", "max_atom_type"):
+            value = getattr(module, attr, None)
+            if isinstance(value, int):
+                return value
+    return None
+
+
+class DeNSCalculator(Calculator):
+    """ASE calculator around a dens force field (see the module docstring).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A :class:`~dens.models.ForceField` (or anything with its ``predict`` interface and, for the
+        graph, ``cutoff`` / ``max_neighbors`` / ``strict_max_neighbors``).
+    device : str or torch.device, optional
+        Where to run (default: where the model is; the model is moved there).
+    min_cell_height : float
+        Smallest allowed distance (Å) between the lattice planes of a periodic axis; thinner cells (and
+        degenerate ones) raise ``ValueError``. Such cells put a periodic image of every atom closer than
+        a chemical bond, which no training structure has.
+    warn_isolated : bool
+        Log (once per calculator) when an atom has no neighbour within the cutoff.
+    **kwargs
+        Passed to :class:`ase.calculators.calculator.Calculator`.
+
+    Examples
+    --------
+    >>> calc = DeNSCalculator.from_checkpoint("runs/demo/checkpoints/best.pt", device="cuda")  # doctest: +SKIP
+    """
+
+    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces"]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: str | torch.device | None = None,
+        min_cell_height: float = 0.5,
+        warn_isolated: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.model = model.to(self.device).eval() if isinstance(model, nn.Module) else model
+        self.dtype = model_dtype(model) if isinstance(model, nn.Module) else torch.float64
+        self.min_cell_height = min_cell_height
+        self.warn_isolated = warn_isolated
+        self._warned_isolated = False
+        self.num_edges: int | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True, **kwargs: Any
+    ) -> DeNSCalculator:
+        """A calculator for a dens (or imported official) checkpoint, with EMA weights by default.
+
+        Examples
+        --------
+        >>> calc = DeNSCalculator.from_checkpoint("best.pt", device="cpu")  # doctest: +SKIP
+        """
+        return cls(load_model(path, device=device, use_ema=use_ema), device=device, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------
+    def check_atoms(self, atoms: ase.Atoms) -> None:
+        """Raise ``ValueError`` for structures the model cannot evaluate (see the class docstring)."""
+        if len(atoms) == 0:
+            raise ValueError("DeNSCalculator: the structure has no atoms")
+        numbers = np.asarray(atoms.numbers)
+        limit = element_limit(self.model)
+        if limit is not None:
+            bad = sorted({int(z) for z in numbers if z < 1 or z >= limit})
+            if bad:
+                names = ", ".join(
+                    f"{chemical_symbols[z] if 0 < z < len(chemical_symbols) else '?'} (Z={z})" for z in bad
+                )
+                raise ValueError(
+                    f"DeNSCalculator: element(s) {names} outside the model's embedding range: it embeds "
+                    f"atomic numbers 1..{limit - 1} (max_num_elements={limit})"
+                )
+        if not np.isfinite(atoms.positions).all():
+            raise ValueError("DeNSCalculator: positions contain NaN or infinite values")
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        if pbc.any():
+            cell = np.asarray(atoms.cell.array, dtype=np.float64)
+            lengths = np.linalg.norm(cell, axis=1)
+            for k in np.nonzero(pbc)[0]:
+                if lengths[k] < 1e-8:
+                    raise ValueError(
+                        f"DeNSCalculator: periodic along axis {k} but lattice vector {k} is zero; set a cell "
+                        f"or pbc=False for that axis"
+                    )
+            short = [int(k) for k in np.nonzero(pbc)[0] if lengths[k] < self.min_cell_height]
+            if short:
+                raise ValueError(
+                    f"DeNSCalculator: the periodic cell is too small: lattice vector(s) {short} shorter than "
+                    f"min_cell_height={self.min_cell_height} Å (periodic images would overlap the atoms)"
+                )
+            volume = abs(np.linalg.det(cell)) if pbc.all() else None
+            if volume is not None and volume < 1e-8:
+                raise ValueError("DeNSCalculator: the periodic cell is degenerate (zero volume)")
+            if pbc.all():
+                heights = volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+                thin = [int(k) for k in range(3) if heights[k] < self.min_cell_height]
+                if thin:
+                    raise ValueError(
+                        f"DeNSCalculator: the periodic cell is too small: its width along axis/axes {thin} is "
+                        f"{', '.join(f'{heights[k]:.3f}' for k in thin)} Å, below min_cell_height="
+                        f"{self.min_cell_height} Å (periodic images would overlap the atoms)"
+                    )
+
+    def calculate(
+        self,
+        atoms: ase.Atoms | None = None,
+        properties: list[str] | tuple[str, ...] = ("energy",),
+        system_changes: list[str] = all_changes,
+    ) -> None:
+        """Energy (eV) and forces (eV/Å) of ``atoms`` (the graph is rebuilt for the current positions)."""
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        self.check_atoms(atoms)
+        structure = make_structure(
+            pos=np.asarray(atoms.positions, dtype=np.float64),
+            atomic_numbers=atoms.numbers,
+            cell=np.asarray(atoms.cell.array, dtype=np.float64),
+            pbc=np.asarray(atoms.pbc, dtype=bool),
+            tags=atoms.get_tags(),
+            dtype=self.dtype,
+        )
+        batch = collate([structure]).to(self.device)
+        cutoff = getattr(self.model, "cutoff", None)
+        if cutoff is not None:
+            edge_index, offsets = radius_graph_pbc(
+                batch.pos, batch.cell, batch.pbc, batch.batch, float(cutoff),
+                getattr(self.model, "max_neighbors", None), getattr(self.model, "strict_max_neighbors", True),
+                natoms=batch.natoms,
+            )  # fmt: skip
+            batch.edge_index, batch.cell_offsets = edge_index, offsets
+            self.num_edges = int(edge_index.shape[1])
+            degree = torch.bincount(edge_index[1], minlength=batch.num_atoms)
+            if self.warn_isolated and not self._warned_isolated and bool((degree == 0).any()):
+                lonely = torch.nonzero(degree == 0).flatten().tolist()
+                logger.warning(
+                    "DeNSCalculator: atom(s) %s have no neighbour within the %.2f Å cutoff; they contribute "
+                    "the model's isolated-atom energy and zero force",
+                    lonely[:10],
+                    float(cutoff),
+                )
+                self._warned_isolated = True
+        out = self.model.predict(batch)
+        energy = float(out["energy"].detach().reshape(-1)[0])
+        forces = out["forces"].detach().to(torch.float64).cpu().numpy()
+        self.results = {"energy": energy, "free_energy": energy, "forces": forces}
