@@ -140,7 +140,7 @@ OFFICIAL_MD17_FEATURE = {
 OFFICIAL_MD17_FORCE_ENCODING = {
     "l2": "1x0e+1x1e+1x2e",
     "l3": "1x0e+1x1e+1x2e+1x3e",
-}  # irreps_equivariant_inputs
+}  # official irreps_equivariant_inputs = dens irreps_force_encoding
 OFFICIAL_EVAL_EVERY = {"oc20_2m": 5000, "oc20_all_md": 25000, "oc22": 5000}
 
 # Where each quantity lives in a composed config.
@@ -167,7 +167,7 @@ KEYS = dict(
     md17_feature="model.backbone.irreps_feature", md17_sh="model.backbone.irreps_sh",
     md17_radius="model.backbone.max_radius", md17_layers="model.backbone.num_layers",
     attention="model.backbone.attention", layer_norm="model.backbone.layer_norm",
-    md17_force_irreps="model.backbone.irreps_equivariant_inputs",
+    md17_force_irreps="model.backbone.irreps_force_encoding",
 )  # fmt: skip
 
 
@@ -432,7 +432,7 @@ def test_md17_variants_use_uniform_init(composed):
         for suffix in ("_baseline", ""):
             cfg = composed[f"md17_table5_{mol}_no_attention_no_layer_norm{suffix}"]
             assert cfg.model.backbone.weight_init == "uniform"
-            assert cfg.model.backbone.norm_layer is None
+            assert cfg.model.backbone.layer_norm is False
 
 
 def test_all_md_never_corrupts_the_md_split(composed):

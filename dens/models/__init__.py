@@ -4,6 +4,7 @@ The SO(3) / SO(2) / S2 core is re-exported flatly here; the model files (Equifor
 build on it.
 """
 
+from .equiformer import Equiformer
 from .equiformer_v2 import EquiformerV2
 from .escn import ESCN
 from .force_encoder import ForceEncoder
@@ -33,6 +34,7 @@ __all__ = [
     "ESCN",
     "CoefficientLayout",
     "EdgeRotation",
+    "Equiformer",
     "EquiformerV2",
     "EquivariantDropout",
     "EquivariantLayerNorm",

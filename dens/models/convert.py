@@ -21,7 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._official_equiformer import (
+    EQUIFORMER_CLASSES,
+    equiformer_from_official_config,
+    export_official_equiformer,
+    load_official_equiformer,
+    run_equiformer_fixture,
+)
 from ._official_escn import config_to_kwargs, export_official_escn, import_official_escn, run_escn_fixture
+from .equiformer import Equiformer
 from .equiformer_v2 import EquiformerV2
 from .escn import ESCN
 from .s2 import SphereGrid
@@ -141,6 +149,9 @@ def import_official_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor
     if isinstance(model, ESCN):
         import_official_escn(model, state_dict)
         return
+    if isinstance(model, Equiformer):
+        load_official_equiformer(model, state_dict)
+        return
     official = _strip_prefix(state_dict)
     buffers = {k: v for k, v in official.items() if _EQV2_BUFFER.search(k)}
     _adopt_official_grids(model, buffers)
@@ -173,6 +184,8 @@ def export_official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """
     if isinstance(model, ESCN):
         return export_official_escn(model)
+    if isinstance(model, Equiformer):
+        return export_official_equiformer(model)
     return {
         k.replace("force_encoder.linear.", "force_embedding.", 1): v.detach().clone()
         for k, v in model.state_dict().items()
@@ -228,9 +241,10 @@ def build_official_model(model_name: str, config: Mapping[str, Any]) -> nn.Modul
         kwargs = config_to_kwargs(config)
         kwargs["use_force_encoding"] = ESCN_CLASSES[model_name] and kwargs.get("use_force_encoding", True)
         return ESCN(**kwargs)
-    raise ValueError(
-        f"unknown official model {model_name!r}; known: {sorted(EQV2_CLASSES) + sorted(ESCN_CLASSES)}"
-    )
+    if model_name in EQUIFORMER_CLASSES:
+        return equiformer_from_official_config(config, EQUIFORMER_CLASSES[model_name])
+    known = sorted(EQV2_CLASSES) + sorted(ESCN_CLASSES) + sorted(EQUIFORMER_CLASSES)
+    raise ValueError(f"unknown official model {model_name!r}; known: {known}")
 
 
 def _edge_shift(inputs: Mapping[str, Tensor], dtype: torch.dtype) -> Tensor:
@@ -287,6 +301,8 @@ def run_fixture(
     in float32 with ``outputs`` to the official float32 error (see the fixtures' README).
     """
     model_name = fixture["model"]
+    if model_name in EQUIFORMER_CLASSES:
+        return run_equiformer_fixture(fixture, dtype=dtype)
     model = build_official_model(model_name, fixture["config"])
     import_official_state_dict(model, fixture["state_dict"])
     model = model.to(dtype).eval()

@@ -1,0 +1,1084 @@
+"""Equiformer (Liao & Smidt, ICLR 2023) for MD17, with gradient forces and the DeNS additions.
+
+Read it top to bottom against the Equiformer paper and §D of the DeNS paper:
+
+1. **Embeddings.** A linear map of the one-hot atom type gives the ``l = 0`` channels of the node
+   features; an *edge-degree embedding* adds, for every atom, a sum over its edges of a depth-wise tensor
+   product of a constant vector with the edge's spherical harmonics, weighted by a radial MLP of the
+   ExpNormal radial basis. DeNS models add the *force encoding* (Eq. 5) of the corrupted atoms.
+2. **Blocks.** ``num_layers`` pre-norm Transformer blocks: ``x += attention(norm_1(x))``, then
+   ``x += ffn(norm_2(x))``. The last block widens the features to ``irreps_feature`` (its residual goes
+   through a linear shortcut).
+3. **Equivariant graph attention** (MLP attention, non-linear messages). The source and target features
+   are merged linearly; a depth-wise tensor product with the edge spherical harmonics, weighted per edge
+   by a radial MLP, gives the message. Its scalars give the attention logits (SmoothLeakyReLU and a dot
+   product per head, softmax over the edges of each target atom); a gate activation and a second
+   depth-wise tensor product give the values. The weighted values are summed per target and projected.
+4. **Heads.** After a final layer norm, a two-layer MLP on the scalars gives per-atom energies; their sum
+   divided by ``sqrt(avg_num_nodes)`` is the energy and the forces are ``-dE/dpos``. DeNS models add a
+   noise head: one more equivariant graph-attention block with a single ``1x1e`` output per atom.
+
+Table 5 variants: ``attention=False`` replaces attention by linear messages (one depth-wise tensor product)
+summed over neighbours, ``layer_norm=False`` removes every layer norm; with both off the network is
+SEGNN-like. ``weight_init='uniform'`` draws the tensor-product weights from a uniform instead of a normal
+distribution (§D.2: the variant without attention and layer norm diverges otherwise).
+
+Features use e3nn's flat irreps layout ``[N, irreps.dim]`` (each ``mul x l`` block stored as
+``[mul, 2l+1]``, e3nn's real spherical-harmonics basis), because the multiplicities differ per degree.
+Every tensor-product weight is stored flat in the official order, so official weights import by renaming
+(:mod:`dens.models._official_equiformer`). The Clebsch-Gordan coefficients are e3nn's ``wigner_3j``.
+
+Symmetry: the edge spherical harmonics are all labelled parity "e" (as in the official MD17 models), so
+the network is equivariant under rotations and translations (SE(3)) but not under reflections: a
+molecule and its mirror image get different energies in general (the model is chirality-aware).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from e3nn import o3
+from e3nn.math import normalize2mom
+from torch import Tensor, nn
+
+from ..ops import scatter_sum, segment_softmax
+from .heads import assemble_dens_forces, gradient_forces, reduce_energy
+from .layers import GraphDropPath
+
+__all__ = [
+    "AVG_DEGREE",
+    "AVG_NUM_NODES",
+    "PRESETS",
+    "DepthwiseTensorProduct",
+    "Equiformer",
+    "EquivariantGraphAttention",
+    "IrrepsForceEncoder",
+    "IrrepsLayerNorm",
+    "IrrepsLinear",
+]
+
+# Fixed normalisation constants of the official MD17 models (QM9 statistics at a 5 Å cutoff).
+AVG_NUM_NODES = 18.03065905448718
+AVG_DEGREE = 15.57930850982666
+
+_L2 = dict(
+    irreps_node_embedding="128x0e+64x1e+32x2e",
+    irreps_sh="1x0e+1x1e+1x2e",
+    irreps_head="32x0e+16x1e+8x2e",
+    irreps_mlp_mid="384x0e+192x1e+96x2e",
+)
+_L3 = dict(
+    irreps_node_embedding="128x0e+64x1e+64x2e+32x3e",
+    irreps_sh="1x0e+1x1e+1x2e+1x3e",
+    irreps_head="32x0e+16x1e+16x2e+8x3e",
+    irreps_mlp_mid="384x0e+192x1e+192x2e+96x3e",
+)
+# Table 4 of the DeNS paper: the official `graph_attention_transformer_nonlinear_exp_l{2,3}_md17` models
+# (3.50M / 5.50M parameters) and, with DeNS, `equiformer_dens_N@6_L@{2,3}_...yml` (4.00M / 6.35M).
+PRESETS: dict[str, dict[str, Any]] = {
+    "md17_l2": dict(_L2, irreps_feature="512x0e"),
+    "md17_l3": dict(_L3, irreps_feature="512x0e"),
+}
+# DeNS configurations: wider final features (x4 in every degree), explicit pre-attention irreps and a
+# force encoding of the same degrees as the edge spherical harmonics.
+DENS_PRESETS: dict[str, dict[str, Any]] = {
+    "md17_l2": dict(
+        irreps_feature="512x0e+256x1e+128x2e",
+        irreps_pre_attn=_L2["irreps_node_embedding"],
+        irreps_force_encoding="1x0e+1x1e+1x2e",
+    ),
+    "md17_l3": dict(
+        irreps_feature="512x0e+256x1e+256x2e+128x3e",
+        irreps_pre_attn=_L3["irreps_node_embedding"],
+        irreps_force_encoding="1x0e+1x1e+1x2e+1x3e",
+    ),
+}
+
+
+def _smooth_leaky_relu(x: Tensor, negative_slope: float = 0.2) -> Tensor:
+    a = negative_slope
+    return 0.5 * (1 + a) * x + 0.5 * (1 - a) * x * (2 * torch.sigmoid(x) - 1)
+
+
+@functools.cache
+def _second_moment_constant(name: str) -> float:
+    """e3nn's ``normalize2mom`` constant: ``c`` with ``E[(c f(z))^2] = 1`` for ``z ~ N(0, 1)``.
+
+    The official model wraps every activation (SiLU, sigmoid gates, SmoothLeakyReLU) this way.
+    """
+    fn = {
+        "silu": torch.nn.functional.silu,
+        "sigmoid": torch.sigmoid,
+        "smooth_leaky_relu": _smooth_leaky_relu,
+    }[name]
+    return float(normalize2mom(fn).cst)
+
+
+def _is_scalar(ir: o3.Irrep) -> bool:
+    return ir.l == 0 and ir.p == 1
+
+
+def _sort_even_first(irreps: o3.Irreps) -> tuple[o3.Irreps, list[int]]:
+    """Sort irreps by degree, even parity first, keeping the original order otherwise.
+
+    Returns the sorted irreps and, for each original entry, its position after sorting.
+    """
+    order = sorted(range(len(irreps)), key=lambda i: (irreps[i].ir.l, -irreps[i].ir.p, i))
+    position = [0] * len(irreps)
+    for new, old in enumerate(order):
+        position[old] = new
+    return o3.Irreps([irreps[i] for i in order]), position
+
+
+def _draw_(weight: Tensor, fan_in: int, weight_init: str) -> None:
+    """Official normal init ``N(0, 1/fan_in)``, or ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    with torch.no_grad():
+        if weight_init == "normal":
+            weight.normal_(0.0, bound)
+        elif weight_init == "uniform":
+            weight.uniform_(-bound, bound)
+        else:
+            raise ValueError(f"weight_init must be 'normal' or 'uniform', got {weight_init!r}")
+
+
+class IrrepsLinear(nn.Module):
+    """Equivariant linear map between irreps (official ``LinearRS``): one matrix per pair of equal irreps.
+
+    Parameters
+    ----------
+    irreps_in, irreps_out : str or e3nn Irreps
+    bias : bool
+        Learnable bias on the even scalar outputs.
+
+    Notes
+    -----
+    ``weight`` is flat: for each input block (outer) and each output block of the same irrep (inner) a
+    ``[mul_in, mul_out]`` matrix, row-major; this is e3nn's weight order for the official
+    ``TensorProduct(irreps_in, '1x0e', irreps_out, 'uvw')`` with a constant second input, whose path
+    coefficients are exactly one. Output blocks no input reaches are zero.
+
+    Examples
+    --------
+    >>> lin = IrrepsLinear("4x0e+2x1e", "3x0e+1x1e+1x2e")
+    >>> lin.weight.numel(), lin(torch.randn(5, 10)).shape
+    (14, torch.Size([5, 11]))
+    """
+
+    def __init__(self, irreps_in: str | o3.Irreps, irreps_out: str | o3.Irreps, bias: bool = True) -> None:
+        super().__init__()
+        self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+        self.paths: list[tuple[int, int, slice]] = []
+        offset = 0
+        for i, (mul_in, ir_in) in enumerate(self.irreps_in):
+            for o, (mul_out, ir_out) in enumerate(self.irreps_out):
+                if ir_in == ir_out:
+                    self.paths.append((i, o, slice(offset, offset + mul_in * mul_out)))
+                    offset += mul_in * mul_out
+        self.weight = nn.Parameter(torch.empty(offset))
+        # biases on the even-scalar outputs, in order (official: one per block of the merged irreps)
+        simplified = self.irreps_out.simplify()
+        bias_index = [
+            c
+            for (_, ir), sl in zip(simplified, simplified.slices(), strict=True)
+            if _is_scalar(ir)
+            for c in range(sl.start, sl.stop)
+        ]
+        self.register_buffer("bias_index", torch.tensor(bias_index, dtype=torch.long), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(len(bias_index))) if bias and bias_index else None
+        self.reset_parameters()
+
+    def fan_in(self, out_block: int) -> int:
+        return sum(self.irreps_in[i].mul for i, o, _ in self.paths if o == out_block)
+
+    def reset_parameters(self, weight_init: str = "normal") -> None:
+        for _, o, sl in self.paths:
+            _draw_(self.weight[sl], self.fan_in(o), weight_init)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _input_blocks(self, x: Tensor | list[Tensor]) -> list[tuple[int, int, Tensor]]:
+        """``(input block, first channel, [n, mul, 2l+1] tensor)`` pieces of the input.
+
+        A list input holds consecutive pieces (e.g. the unmerged output blocks of a tensor product); several
+        pieces may make up one block of ``irreps_in``. Passing pieces instead of one concatenated tensor saves
+        a concatenation, whose double backward (gradient forces) costs a full-size buffer per piece.
+        """
+        if isinstance(x, Tensor):
+            xs = x.split([mul * ir.dim for mul, ir in self.irreps_in], dim=1)
+            return [
+                (i, 0, xi.reshape(x.shape[0], mul, ir.dim))
+                for i, (xi, (mul, ir)) in enumerate(zip(xs, self.irreps_in, strict=True))
+            ]
+        pieces, block, used = [], 0, 0
+        for piece in x:
+            if block >= len(self.irreps_in) or piece.shape[2] != self.irreps_in[block].ir.dim:
+                raise ValueError(f"input pieces do not match {self.irreps_in}")
+            pieces.append((block, used, piece))
+            used += piece.shape[1]
+            if used == self.irreps_in[block].mul:
+                block, used = block + 1, 0
+        if block != len(self.irreps_in):
+            raise ValueError(f"input pieces do not cover {self.irreps_in}")
+        return pieces
+
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor:
+        """``x``: ``[n, irreps_in.dim]``, or a list of consecutive ``[n, mul, 2l+1]`` pieces of it."""
+        pieces = self._input_blocks(x)
+        n = pieces[0][2].shape[0]
+        # split the weight once: a slice per path would cost a full-size zero gradient each in backward
+        ws = self.weight.split([sl.stop - sl.start for _, _, sl in self.paths])
+        blocks: list[Tensor | None] = [None] * len(self.irreps_out)
+        for (i, o, _), w in zip(self.paths, ws, strict=True):
+            w = w.view(self.irreps_in[i].mul, self.irreps_out[o].mul)
+            for block, first, piece in pieces:
+                if block == i:
+                    y = torch.einsum("nui,uw->nwi", piece, w[first : first + piece.shape[1]])
+                    blocks[o] = y if blocks[o] is None else blocks[o] + y
+        parts = [
+            (b.reshape(n, -1) if b is not None else self.weight.new_zeros(n, mul * ir.dim))
+            for b, (mul, ir) in zip(blocks, self.irreps_out, strict=True)
+        ]
+        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        if self.bias is not None:
+            out = out + self.bias.new_zeros(out.shape[1]).index_copy(0, self.bias_index, self.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.irreps_in} -> {self.irreps_out}, bias={self.bias is not None}"
+
+
+class DepthwiseTensorProduct(nn.Module):
+    """Channel-wise tensor product of node (or edge) features with edge spherical harmonics ('uvu').
+
+    Every input block ``mul x l1`` is combined with every harmonic ``l2`` into each ``l3`` that
+    ``irreps_filter`` contains (plus odd scalars, as in the official code); every channel keeps its own
+    weight, shared over edges (``internal_weights``) or given per edge (from a radial MLP). The output
+    blocks are sorted by degree, even parity first, and not merged (official ``DepthwiseTensorProduct``).
+
+    The path coefficient is ``sqrt(2 l3 + 1) * wigner_3j(l1, l2, l3)`` (e3nn 'component' normalisation, no
+    path normalisation), with e3nn's ``wigner_3j`` in double precision (buffers ``cg_{l1}_{l2}_{l3}``,
+    not saved; :meth:`set_coupling` replaces one, e.g. by an official checkpoint's own tensor).
+
+    Parameters
+    ----------
+    irreps_in, irreps_sh, irreps_filter : str or e3nn Irreps
+    internal_weights : bool
+        Learn one weight per path and channel, shared by all edges; otherwise ``forward`` takes
+        ``weight [E, weight_numel]``.
+
+    Examples
+    --------
+    >>> tp = DepthwiseTensorProduct("4x0e+2x1e", "1x0e+1x1e", "1x0e+1x1e", internal_weights=True)
+    >>> tp.irreps_out, tp.weight_numel
+    (4x0e+2x0e+4x1e+2x1e+2x1e, 14)
+    """
+
+    def __init__(
+        self,
+        irreps_in: str | o3.Irreps,
+        irreps_sh: str | o3.Irreps,
+        irreps_filter: str | o3.Irreps,
+        internal_weights: bool = False,
+    ) -> None:
+        super().__init__()
+        self.irreps_in, self.irreps_sh = o3.Irreps(irreps_in), o3.Irreps(irreps_sh)
+        irreps_filter = o3.Irreps(irreps_filter)
+        raw: list[tuple[int, int, int, o3.Irrep]] = []
+        for i, (mul, ir_in) in enumerate(self.irreps_in):
+            for j, (_, ir_sh) in enumerate(self.irreps_sh):
+                for ir_out in ir_in * ir_sh:
+                    if ir_out in irreps_filter or ir_out == o3.Irrep(0, -1):
+                        raw.append((i, j, mul, ir_out))
+        self.irreps_out, position = _sort_even_first(o3.Irreps([(mul, ir) for _, _, mul, ir in raw]))
+        # paths in weight order: (input block, harmonic block, output position, (l1, l2, l3), weight slice)
+        self.paths: list[tuple[int, int, int, tuple[int, int, int], slice]] = []
+        offset = 0
+        for k, (i, j, mul, ir_out) in enumerate(raw):
+            ls = (self.irreps_in[i].ir.l, self.irreps_sh[j].ir.l, ir_out.l)
+            self.paths.append((i, j, position[k], ls, slice(offset, offset + mul)))
+            offset += mul
+        self.weight_numel = offset
+        for ls in sorted({p[3] for p in self.paths}):
+            self.register_buffer(self._cg_name(ls), o3.wigner_3j(*ls, dtype=torch.float64), persistent=False)
+        # Per input block, all its paths at once: y = x_i @ (sum_s Y_s(r) C_i[s]) -> [E, mul, K_i], with the
+        # paths' output components side by side (K_i); `column_path` names each column's path.
+        self.block_paths = [
+            [k for k, p in enumerate(self.paths) if p[0] == i] for i in range(len(self.irreps_in))
+        ]
+        for i, paths in enumerate(self.block_paths):
+            column_path = [n for n, k in enumerate(paths) for _ in range(2 * self.paths[k][3][2] + 1)]
+            self.register_buffer(
+                f"column_path_{i}", torch.tensor(column_path, dtype=torch.long), persistent=False
+            )
+        self._stack_couplings()
+        self.weight = nn.Parameter(torch.empty(offset)) if internal_weights else None
+        self.reset_parameters()
+
+    def _stack_couplings(self) -> None:
+        """``stack_{i} [irreps_sh.dim, 2l1+1, K_i]``: the path coefficients of input block ``i``."""
+        sh_start = [sl.start for sl in self.irreps_sh.slices()]
+        for i, paths in enumerate(self.block_paths):
+            d1 = self.irreps_in[i].ir.dim
+            dims = [2 * self.paths[k][3][2] + 1 for k in paths]
+            stack = torch.zeros(self.irreps_sh.dim, d1, sum(dims), dtype=torch.float64)
+            column = 0
+            for k, d3 in zip(paths, dims, strict=True):
+                _, j, _, ls, _ = self.paths[k]
+                cg = self.coupling(ls).to(torch.float64).transpose(0, 1) * math.sqrt(
+                    d3
+                )  # [2l2+1, 2l1+1, 2l3+1]
+                stack[sh_start[j] : sh_start[j] + cg.shape[0], :, column : column + d3] = cg
+                column += d3
+            old = getattr(self, f"stack_{i}", None)
+            self.register_buffer(f"stack_{i}", stack if old is None else stack.to(old), persistent=False)
+
+    @staticmethod
+    def _cg_name(ls: tuple[int, int, int]) -> str:
+        return "cg_{}_{}_{}".format(*ls)
+
+    def coupling(self, ls: tuple[int, int, int]) -> Tensor:
+        """The ``wigner_3j(l1, l2, l3)`` tensor this module uses."""
+        return getattr(self, self._cg_name(ls))
+
+    def set_coupling(self, ls: tuple[int, int, int], w3j: Tensor) -> None:
+        """Use ``w3j`` for the paths ``(l1, l2, l3)``; it must equal e3nn's ``wigner_3j`` to 1e-5."""
+        current = self.coupling(ls)
+        if w3j.shape != current.shape or not torch.allclose(w3j.to(current), current, atol=1e-5, rtol=0):
+            raise ValueError(f"coupling {ls} differs from e3nn's wigner_3j{ls} by more than 1e-5")
+        setattr(self, self._cg_name(ls), w3j.to(current))
+        self._stack_couplings()
+
+    def reset_parameters(self, weight_init: str = "normal") -> None:
+        if self.weight is not None:
+            _draw_(self.weight, 1, weight_init)  # every output block has a single path of fan-in 1
+
+    def forward(
+        self, x: Tensor, sh: Tensor, weight: Tensor | None = None, as_blocks: bool = False
+    ) -> Tensor | list[Tensor]:
+        """``x [E, irreps_in.dim]``, ``sh [E, irreps_sh.dim]``, ``weight [E, weight_numel]`` (external).
+
+        Returns ``[E, irreps_out.dim]``, or with ``as_blocks`` the list of ``[E, mul, 2l+1]`` output blocks
+        (for :class:`IrrepsLinear`, saving a concatenation).
+        """
+        if weight is None:
+            if self.weight is None:
+                raise ValueError("this tensor product takes per-edge weights: pass `weight`")
+            weight = self.weight.unsqueeze(0)
+        n = x.shape[0]
+        # split once (per-path slices would each cost a full-size zero gradient in backward)
+        xs = x.split([mul * ir.dim for mul, ir in self.irreps_in], dim=1)
+        ws = weight.split(
+            [len(paths) * mul for paths, (mul, _) in zip(self.block_paths, self.irreps_in, strict=True)],
+            dim=1,
+        )
+        out: list[Tensor | None] = [None] * len(self.paths)
+        for i, paths in enumerate(self.block_paths):
+            if not paths:
+                continue
+            mul, ir = self.irreps_in[i]
+            stack = getattr(self, f"stack_{i}").to(x.dtype)  # [S, 2l1+1, K]
+            coupling = (sh @ stack.reshape(stack.shape[0], -1)).view(
+                n if sh.shape[0] == n else -1, ir.dim, -1
+            )
+            y = torch.bmm(xs[i].reshape(n, mul, ir.dim), coupling.expand(n, -1, -1))  # [E, mul, K]
+            w = ws[i].reshape(ws[i].shape[0], len(paths), mul).transpose(1, 2)  # [E, mul, paths]
+            y = y * w.index_select(2, getattr(self, f"column_path_{i}"))
+            pieces = y.split([2 * self.paths[k][3][2] + 1 for k in paths], dim=2)
+            for k, piece in zip(paths, pieces, strict=True):
+                out[self.paths[k][2]] = piece
+        if as_blocks:
+            return out  # type: ignore[return-value]
+        return torch.cat([y.reshape(n, -1) for y in out], dim=1)  # type: ignore[union-attr]
+
+    def extra_repr(self) -> str:
+        kind = "internal" if self.weight is not None else "external"
+        return f"{self.irreps_in} x {self.irreps_sh} -> {self.irreps_out}, {kind} weights"
+
+
+class RadialProfile(nn.Module):
+    """Radial MLP: (Linear, LayerNorm, SiLU) per hidden layer, then a bias-free Linear plus ``offset``.
+
+    ``net`` indices match the official ``RadialProfile`` (``net.0, net.1, net.3, net.4, net.6``).
+    """
+
+    def __init__(self, channels: list[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for k in range(1, len(channels)):
+            last = k == len(channels) - 1
+            layers.append(nn.Linear(channels[k - 1], channels[k], bias=not last))
+            if not last:
+                layers += [nn.LayerNorm(channels[k]), nn.SiLU()]
+        self.net = nn.Sequential(*layers)
+        self.offset = nn.Parameter(torch.zeros(channels[-1]))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.net:
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        bound = 1.0 / math.sqrt(self.net[-1].in_features)
+        nn.init.uniform_(self.offset, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) + self.offset
+
+
+class ExpNormalSmearing(nn.Module):
+    """ExpNormal radial basis (PhysNet / TorchMD-Net) with a cosine cutoff, on ``[0, cutoff]``.
+
+    ``phi_k(d) = c(d) exp(-beta (exp(-alpha d) - mu_k)^2)`` with ``alpha = 5 / cutoff``, ``mu_k`` evenly
+    spaced in ``[exp(-5), 1]``, ``beta = (2 (1 - exp(-5)) / K)^-2`` and
+    ``c(d) = (cos(pi d / cutoff) + 1) / 2`` for ``d < cutoff`` (0 beyond).
+    """
+
+    def __init__(self, cutoff: float = 5.0, num_basis: int = 32) -> None:
+        super().__init__()
+        self.cutoff, self.alpha = cutoff, 5.0 / cutoff
+        start = torch.exp(torch.tensor(-cutoff, dtype=torch.float32))
+        self.register_buffer("means", torch.linspace(float(start), 1.0, num_basis))
+        self.register_buffer("betas", torch.full((num_basis,), float((2 / num_basis * (1 - start)) ** -2)))
+
+    def forward(self, dist: Tensor) -> Tensor:
+        d = dist.unsqueeze(-1)
+        envelope = 0.5 * (torch.cos(d * math.pi / self.cutoff) + 1.0) * (d < self.cutoff).to(d.dtype)
+        return envelope * torch.exp(-self.betas * (torch.exp(-self.alpha * d) - self.means) ** 2)
+
+
+class IrrepsLayerNorm(nn.Module):
+    """Equivariant layer norm (official ``EquivariantLayerNormV2``), per ``mul x l`` block.
+
+    Even scalars are centred over their channels; every block is divided by the root of the mean over
+    channels and components of its squares (plus ``eps``), scaled by one weight per channel, and even
+    scalars get a bias.
+    """
+
+    def __init__(self, irreps: str | o3.Irreps, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.irreps, self.eps = o3.Irreps(irreps), eps
+        self.affine_weight = nn.Parameter(torch.ones(self.irreps.num_irreps))
+        self.affine_bias = nn.Parameter(torch.zeros(sum(m for m, ir in self.irreps if _is_scalar(ir))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        fields, iw, ib = [], 0, 0
+        blocks = x.split([mul * ir.dim for mul, ir in self.irreps], dim=1)
+        for (mul, ir), block in zip(self.irreps, blocks, strict=True):
+            field = block.reshape(-1, mul, ir.dim)
+            if _is_scalar(ir):
+                field = field - field.mean(dim=1, keepdim=True)
+            norm = field.pow(2).mean(dim=-1).mean(dim=1, keepdim=True)
+            scale = (norm + self.eps).pow(-0.5) * self.affine_weight[iw : iw + mul]
+            iw += mul
+            field = field * scale.unsqueeze(-1)
+            if _is_scalar(ir):
+                field = field + self.affine_bias[ib : ib + mul].unsqueeze(-1)
+                ib += mul
+            fields.append(field.reshape(-1, mul * ir.dim))
+        return torch.cat(fields, dim=-1)
+
+
+class Gate(nn.Module):
+    """Gate activation: SiLU on the scalars, and each non-scalar copy times the sigmoid of one gate scalar.
+
+    Both activations are normalised to unit second moment (e3nn ``normalize2mom``). The input irreps are
+    ``scalars + gates + gated`` (``irreps_in``); the output irreps are ``irreps`` (``scalars + gated``).
+    """
+
+    def __init__(self, irreps: str | o3.Irreps) -> None:
+        super().__init__()
+        irreps = o3.Irreps(irreps)
+        scalars = o3.Irreps([(m, ir) for m, ir in irreps if _is_scalar(ir)]).simplify()
+        gated = o3.Irreps([(m, ir) for m, ir in irreps if not _is_scalar(ir)]).simplify()
+        self.irreps_out = scalars + gated
+        self.num_scalars, self.num_gates = scalars.dim, gated.num_irreps
+        self.irreps_in = (scalars + o3.Irreps(f"{self.num_gates}x0e") + gated).simplify()
+        if self.num_gates == 0:
+            self.irreps_in = scalars
+            if scalars.dim != irreps.dim:
+                raise ValueError(f"cannot gate {irreps}: odd scalars are not supported")
+        # copy k of the gated irreps is multiplied by gate k: the gate of every gated component
+        index = [
+            k for k, dim in enumerate(ir.dim for mul, ir in gated for _ in range(mul)) for _ in range(dim)
+        ]
+        self.register_buffer("gate_index", torch.tensor(index, dtype=torch.long), persistent=False)
+        self.silu_cst = _second_moment_constant("silu")
+        self.sigmoid_cst = _second_moment_constant("sigmoid")
+
+    def forward(self, x: Tensor) -> Tensor:
+        ns, ng = self.num_scalars, self.num_gates
+        if ng == 0:
+            return torch.nn.functional.silu(x) * self.silu_cst
+        scalars, gates, gated = x.split([ns, ng, x.shape[1] - ns - ng], dim=1)
+        scalars = torch.nn.functional.silu(scalars) * self.silu_cst
+        gated = gated * (torch.sigmoid(gates) * self.sigmoid_cst)[:, self.gate_index]
+        return torch.cat([scalars, gated], dim=1)
+
+
+class IrrepsDropout(nn.Module):
+    """Equivariant dropout: each irrep copy (all its components) is dropped as a whole."""
+
+    def __init__(self, irreps: str | o3.Irreps, p: float) -> None:
+        super().__init__()
+        self.irreps, self.p = o3.Irreps(irreps), p
+        # the irrep copy of every component
+        index = [
+            k
+            for k, dim in enumerate(ir.dim for mul, ir in self.irreps for _ in range(mul))
+            for _ in range(dim)
+        ]
+        self.register_buffer("copy_index", torch.tensor(index, dtype=torch.long), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty(x.shape[0], self.irreps.num_irreps, dtype=x.dtype, device=x.device)
+        keep = keep.bernoulli_(1 - self.p) / (1 - self.p)
+        return x * keep[:, self.copy_index]
+
+
+class EquivariantGraphAttention(nn.Module):
+    """Equivariant graph attention with MLP attention and non-linear messages (official ``GraphAttention``).
+
+    Parameters
+    ----------
+    irreps_in, irreps_out : str or Irreps
+        Node features in and out.
+    irreps_sh : str or Irreps
+        Edge spherical harmonics.
+    fc_neurons : list of int
+        Radial MLP widths, starting with the number of radial basis functions.
+    irreps_head, num_heads :
+        Irreps of one head's value, number of heads. Each head's attention logit is computed from as many
+        scalars as the head's value has even scalars.
+    irreps_pre_attn : str or Irreps, optional
+        Irreps after merging source and target (default ``irreps_in``).
+    nonlinear_message : bool
+        Gate and a second depth-wise tensor product for the values (the MD17 models); otherwise one
+        tensor product gives both the logits' inputs and linear values.
+    attention : bool
+        False: no attention weights; linear messages (one depth-wise tensor product) summed over the edges
+        of each target (Table 5). ``nonlinear_message`` is then ignored.
+    rescale_degree : bool
+        Multiply the aggregated messages by the in-degree.
+    alpha_drop, proj_drop : float
+        Dropout on the attention weights and (equivariant) on the output.
+    """
+
+    def __init__(
+        self,
+        irreps_in: str | o3.Irreps,
+        irreps_sh: str | o3.Irreps,
+        irreps_out: str | o3.Irreps,
+        fc_neurons: list[int],
+        irreps_head: str | o3.Irreps,
+        num_heads: int,
+        irreps_pre_attn: str | o3.Irreps | None = None,
+        nonlinear_message: bool = True,
+        attention: bool = True,
+        rescale_degree: bool = False,
+        alpha_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        irreps_in, irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+        pre = irreps_in if irreps_pre_attn is None else o3.Irreps(irreps_pre_attn)
+        irreps_head = o3.Irreps(irreps_head)
+        self.num_heads, self.attention, self.rescale_degree = num_heads, attention, rescale_degree
+        self.nonlinear_message = nonlinear_message and attention
+        self.merge_src = IrrepsLinear(irreps_in, pre, bias=True)
+        self.merge_dst = IrrepsLinear(irreps_in, pre, bias=False)
+
+        heads = _sort_even_first(o3.Irreps([(m * num_heads, ir) for m, ir in irreps_head]))[0].simplify()
+        mul_alpha = sum(m for m, ir in heads if _is_scalar(ir))
+        self.alpha_per_head = mul_alpha // num_heads
+        # head of every component of the value vector (e3nn layout of `heads`, head-major in each block)
+        head_index = []
+        for mul, ir in heads:
+            head_index += [c // (mul // num_heads) for c in range(mul) for _ in range(ir.dim)]
+        self.register_buffer("head_index", torch.tensor(head_index, dtype=torch.long), persistent=False)
+
+        if self.nonlinear_message:
+            self.message_tp = DepthwiseTensorProduct(pre, irreps_sh, pre)
+            self.message_radial = RadialProfile([*fc_neurons, self.message_tp.weight_numel])
+            self.message_gate = Gate(pre)
+            self.message_linear = IrrepsLinear(
+                self.message_tp.irreps_out.simplify(), self.message_gate.irreps_in
+            )
+            self.alpha_linear = IrrepsLinear(self.message_tp.irreps_out, f"{mul_alpha}x0e")
+            self.value_tp = DepthwiseTensorProduct(pre, irreps_sh, heads, internal_weights=True)
+            self.value_linear = IrrepsLinear(self.value_tp.irreps_out.simplify(), heads)
+        else:
+            target = (o3.Irreps(f"{mul_alpha}x0e") + heads).simplify() if attention else heads
+            self.message_tp = DepthwiseTensorProduct(pre, irreps_sh, target)
+            self.message_radial = RadialProfile([*fc_neurons, self.message_tp.weight_numel])
+            self.message_linear = IrrepsLinear(self.message_tp.irreps_out.simplify(), target)
+            if attention:
+                # The official code splits this output into heads of (alpha + value scalars, ...).
+                width = self.alpha_per_head + (heads[0].mul // num_heads if _is_scalar(heads[0].ir) else 0)
+                alpha_index = [h * width + a for h in range(num_heads) for a in range(self.alpha_per_head)]
+                value_index = [
+                    h * width + self.alpha_per_head + c
+                    for h in range(num_heads)
+                    for c in range(width - self.alpha_per_head)
+                ]
+                value_index += list(range(num_heads * width, target.dim))
+                self.register_buffer("alpha_index", torch.tensor(alpha_index), persistent=False)
+                self.register_buffer("value_index", torch.tensor(value_index), persistent=False)
+        if attention:
+            self.alpha_dot = nn.Parameter(torch.empty(1, num_heads, self.alpha_per_head))
+            self.leaky_cst = _second_moment_constant("smooth_leaky_relu")
+        self.alpha_dropout = nn.Dropout(alpha_drop) if attention and alpha_drop > 0 else None
+        self.proj = IrrepsLinear(heads, irreps_out)
+        self.proj_drop = IrrepsDropout(irreps_out, proj_drop) if proj_drop > 0 else None
+        self.reset_parameters()
+
+    def reset_parameters(self, weight_init: str = "normal") -> None:
+        for module in self.modules():
+            if isinstance(module, IrrepsLinear | DepthwiseTensorProduct):
+                module.reset_parameters(weight_init)
+            elif isinstance(module, RadialProfile):
+                module.reset_parameters()
+        self.reset_alpha_dot()
+
+    def reset_alpha_dot(self) -> None:
+        if self.attention:
+            bound = math.sqrt(6.0 / (self.num_heads + self.alpha_per_head))  # Glorot, as GATv2
+            nn.init.uniform_(self.alpha_dot, -bound, bound)
+
+    def forward(
+        self, x: Tensor, edge_index: Tensor, sh: Tensor, radial_basis: Tensor, num_nodes: int | None = None
+    ) -> Tensor:
+        """``x [N, irreps_in.dim]`` -> ``[N, irreps_out.dim]``; edges as in :meth:`Equiformer.forward`."""
+        src, dst = edge_index
+        num_nodes = x.shape[0] if num_nodes is None else num_nodes
+        message = self.merge_src(x)[src] + self.merge_dst(x)[dst]
+        alpha = None
+        if self.nonlinear_message:
+            message = self.message_tp(message, sh, self.message_radial(radial_basis), as_blocks=True)
+            alpha = self.alpha_linear(message)
+            value = self.message_gate(self.message_linear(message))
+            value = self.value_linear(self.value_tp(value, sh, as_blocks=True))
+        else:
+            message = self.message_tp(message, sh, self.message_radial(radial_basis), as_blocks=True)
+            message = self.message_linear(message)
+            if self.attention:
+                alpha, value = message[:, self.alpha_index], message[:, self.value_index]
+            else:
+                value = message
+        if alpha is not None:
+            alpha = _smooth_leaky_relu(alpha.view(-1, self.num_heads, self.alpha_per_head)) * self.leaky_cst
+            logits = (alpha * self.alpha_dot).sum(dim=-1)  # [E, heads]
+            weights = segment_softmax(logits, dst, num_nodes)
+            if self.alpha_dropout is not None:
+                weights = self.alpha_dropout(weights)
+            value = value * weights[:, self.head_index]
+        out = scatter_sum(value, dst, num_nodes)
+        if self.rescale_degree:
+            degree = torch.bincount(dst, minlength=num_nodes).to(out.dtype)
+            out = out * degree.unsqueeze(-1)
+        out = self.proj(out)
+        if self.proj_drop is not None:
+            out = self.proj_drop(out)
+        return out
+
+
+class FeedForward(nn.Module):
+    """Linear -> gate -> linear (official ``FeedForwardNetwork``)."""
+
+    def __init__(
+        self, irreps_in: o3.Irreps, irreps_mid: o3.Irreps, irreps_out: o3.Irreps, proj_drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.gate = Gate(irreps_mid)
+        self.linear_1 = IrrepsLinear(irreps_in, self.gate.irreps_in)
+        self.linear_2 = IrrepsLinear(self.gate.irreps_out, irreps_out)
+        self.proj_drop = IrrepsDropout(irreps_out, proj_drop) if proj_drop > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.linear_2(self.gate(self.linear_1(x)))
+        return self.proj_drop(x) if self.proj_drop is not None else x
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x += attention(norm_1(x))``; ``x = shortcut(x) + ffn(norm_2(x))``."""
+
+    def __init__(
+        self,
+        irreps_in: o3.Irreps,
+        irreps_out: o3.Irreps,
+        irreps_sh: o3.Irreps,
+        fc_neurons: list[int],
+        irreps_head: o3.Irreps,
+        num_heads: int,
+        irreps_pre_attn: o3.Irreps | None,
+        irreps_mlp_mid: o3.Irreps,
+        nonlinear_message: bool,
+        attention: bool,
+        layer_norm: bool,
+        rescale_degree: bool,
+        alpha_drop: float,
+        proj_drop: float,
+        drop_path_rate: float,
+    ) -> None:
+        super().__init__()
+        self.norm_1 = IrrepsLayerNorm(irreps_in) if layer_norm else nn.Identity()
+        self.attention = EquivariantGraphAttention(
+            irreps_in,
+            irreps_sh,
+            irreps_in,
+            fc_neurons,
+            irreps_head,
+            num_heads,
+            irreps_pre_attn,
+            nonlinear_message=nonlinear_message,
+            attention=attention,
+            rescale_degree=rescale_degree,
+            alpha_drop=alpha_drop,
+            proj_drop=proj_drop,
+        )
+        self.drop_path = GraphDropPath(drop_path_rate) if drop_path_rate > 0 else None
+        self.norm_2 = IrrepsLayerNorm(irreps_in) if layer_norm else nn.Identity()
+        self.ffn = FeedForward(irreps_in, irreps_mlp_mid, irreps_out, proj_drop)
+        self.ffn_shortcut = IrrepsLinear(irreps_in, irreps_out) if irreps_in != irreps_out else None
+
+    def forward(
+        self, x: Tensor, edge_index: Tensor, sh: Tensor, radial_basis: Tensor, batch: Tensor, num_graphs: int
+    ) -> Tensor:
+        y = self.attention(self.norm_1(x), edge_index, sh, radial_basis, x.shape[0])
+        if self.drop_path is not None:
+            y = self.drop_path(y, batch, num_graphs)
+        x = x + y
+        y = self.ffn(self.norm_2(x))
+        if self.ffn_shortcut is not None:
+            x = self.ffn_shortcut(x)
+        if self.drop_path is not None:
+            y = self.drop_path(y, batch, num_graphs)
+        return x + y
+
+
+class EdgeDegreeEmbedding(nn.Module):
+    """``sum_j proj(DTP(c, Y(r_ij), radial(|r_ij|))) / sqrt(avg_degree)`` with a learned constant ``c``."""
+
+    def __init__(
+        self, irreps_node: o3.Irreps, irreps_sh: o3.Irreps, fc_neurons: list[int], avg_degree: float
+    ) -> None:
+        super().__init__()
+        self.avg_degree = avg_degree
+        self.constant = IrrepsLinear("1x0e", irreps_node)
+        self.tp = DepthwiseTensorProduct(irreps_node, irreps_sh, irreps_node)
+        self.radial = RadialProfile([*fc_neurons, self.tp.weight_numel])
+        self.proj = IrrepsLinear(self.tp.irreps_out.simplify(), irreps_node)
+
+    def forward(self, edge_index: Tensor, sh: Tensor, radial_basis: Tensor, num_nodes: int) -> Tensor:
+        constant = self.constant(sh.new_ones(1, 1)).expand(sh.shape[0], -1)
+        edge_features = self.proj(self.tp(constant, sh, self.radial(radial_basis), as_blocks=True))
+        return scatter_sum(edge_features, edge_index[1], num_nodes) / math.sqrt(self.avg_degree)
+
+
+class IrrepsForceEncoder(nn.Module):
+    """DeNS force encoding (Eq. 5) in e3nn layout: ``linear(||f|| Y(f/||f||) / sqrt(3))``.
+
+    The spherical harmonics (``irreps_force``, e.g. ``1x0e+1x1e+1x2e``, 'component' normalisation) of the
+    encoded atoms' forces, zero for the others, go through an equivariant linear map with a bias into the
+    node irreps. The bias reaches every atom (also in S2EF mode, where nothing is encoded), as in the
+    official model.
+
+    Examples
+    --------
+    >>> enc = IrrepsForceEncoder("1x0e+1x1e+1x2e", "8x0e+4x1e+2x2e")
+    >>> enc(torch.randn(5, 3), torch.tensor([True, False, True, False, False])).shape
+    torch.Size([5, 30])
+    """
+
+    def __init__(self, irreps_force: str | o3.Irreps, irreps_out: str | o3.Irreps) -> None:
+        super().__init__()
+        self.irreps_force = o3.Irreps(irreps_force)
+        if any(mul != 1 for mul, _ in self.irreps_force):
+            raise ValueError(f"irreps_force must hold each degree once, got {self.irreps_force}")
+        self.linear = IrrepsLinear(self.irreps_force, irreps_out)
+
+    def forward(self, forces: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``forces [N, 3]``; ``mask [N]`` bool: atoms whose force is encoded (all if None)."""
+        ls = [ir.l for _, ir in self.irreps_force]
+        sh = o3.spherical_harmonics(ls, forces, normalize=True, normalization="component")
+        if mask is not None:
+            sh = sh * mask.to(sh.dtype).unsqueeze(-1)
+        sh = sh * (forces.norm(dim=-1, keepdim=True) / math.sqrt(3.0))
+        return self.linear(sh)
+
+    def bias_only(self, num_atoms: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The embedding when no atom is encoded (S2EF mode)."""
+        zeros = torch.zeros(num_atoms, self.irreps_force.dim, dtype=dtype, device=device)
+        return self.linear(zeros)
+
+
+class Equiformer(nn.Module):
+    """Equiformer for energies and gradient forces (MD17), optionally with the DeNS heads.
+
+    Parameters
+    ----------
+    irreps_node_embedding : str
+        Node irreps inside the network (``128x0e+64x1e+32x2e`` for Lmax 2).
+    num_layers : int
+        Transformer blocks (6).
+    irreps_sh : str
+        Edge spherical harmonics, all of parity "e" as in the official models (``1x0e+1x1e+1x2e``).
+    max_radius, number_of_basis : float, int
+        Cutoff in Å of the ExpNormal radial basis and its size (5.0, 32).
+    fc_neurons : sequence of int
+        Hidden widths of every radial MLP ([64, 64]).
+    irreps_feature : str
+        Output irreps of the last block (``512x0e``; DeNS: ``512x0e+256x1e+128x2e``).
+    irreps_head, num_heads : str, int
+        Irreps of one attention head's value and number of heads (``32x0e+16x1e+8x2e``, 4).
+    irreps_pre_attn : str, optional
+        Irreps after merging source and target in attention (default: the block input).
+    irreps_mlp_mid : str
+        Hidden irreps of the feed-forward networks (``384x0e+192x1e+96x2e``).
+    nonlinear_message : bool
+        Non-linear messages (gate and a second tensor product) in attention (True).
+    attention : bool
+        Table 5 switch. False: linear messages summed over neighbours, no attention weights.
+    layer_norm : bool
+        Table 5 switch. False: no layer norms (blocks and final norm become identities).
+    rescale_degree : bool
+        Multiply aggregated messages by the in-degree (False).
+    alpha_drop, proj_drop, out_drop, drop_path_rate : float
+        Attention-weight dropout, equivariant dropout after attention/FFN and on the final features, and
+        graph-wise stochastic depth (all 0 for MD17).
+    max_atom_type : int
+        Size of the atom-type one-hot (64): atomic numbers must be below it.
+    avg_num_nodes, avg_degree : float
+        Fixed normalisation of the energy sum (divided by ``sqrt(avg_num_nodes)``) and of the edge-degree
+        embedding (by ``sqrt(avg_degree)``).
+    use_force_encoding : bool
+        DeNS: build ``force_encoder`` and the noise head.
+    irreps_force_encoding : str
+        Spherical-harmonic degrees of the force encoding (``1x0e+1x1e+1x2e``).
+    weight_init : {'normal', 'uniform'}
+        Tensor-product weights ``N(0, 1/fan_in)`` (official) or ``U(+-1/sqrt(fan_in))`` (§D.2, for the
+        variant without attention and layer norm).
+
+    Examples
+    --------
+    >>> model = Equiformer(irreps_node_embedding="8x0e+4x1e+2x2e", num_layers=1, fc_neurons=[8],
+    ...                    irreps_feature="16x0e", irreps_head="4x0e+2x1e+1x2e", num_heads=2,
+    ...                    irreps_mlp_mid="8x0e+4x1e+2x2e", number_of_basis=8)
+    >>> pos = torch.randn(4, 3)
+    >>> edge_index = torch.tensor([[1, 2, 3, 0], [0, 0, 1, 2]])
+    >>> out = model(torch.tensor([1, 6, 8, 1]), pos, torch.zeros(4, dtype=torch.long), edge_index,
+    ...             torch.zeros(4, 3), num_graphs=1)
+    >>> out["energy"].shape, out["forces"].shape
+    (torch.Size([1]), torch.Size([4, 3]))
+    """
+
+    def __init__(
+        self,
+        irreps_node_embedding: str = "128x0e+64x1e+32x2e",
+        num_layers: int = 6,
+        irreps_sh: str = "1x0e+1x1e+1x2e",
+        max_radius: float = 5.0,
+        number_of_basis: int = 32,
+        fc_neurons: tuple[int, ...] | list[int] = (64, 64),
+        irreps_feature: str = "512x0e",
+        irreps_head: str = "32x0e+16x1e+8x2e",
+        num_heads: int = 4,
+        irreps_pre_attn: str | None = None,
+        irreps_mlp_mid: str = "384x0e+192x1e+96x2e",
+        nonlinear_message: bool = True,
+        attention: bool = True,
+        layer_norm: bool = True,
+        rescale_degree: bool = False,
+        alpha_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        out_drop: float = 0.0,
+        drop_path_rate: float = 0.0,
+        max_atom_type: int = 64,
+        avg_num_nodes: float = AVG_NUM_NODES,
+        avg_degree: float = AVG_DEGREE,
+        use_force_encoding: bool = False,
+        irreps_force_encoding: str = "1x0e+1x1e+1x2e",
+        weight_init: str = "normal",
+    ) -> None:
+        super().__init__()
+        self.direct_forces = False  # forces are -dE/dpos (read by ForceField and the trainer)
+        node, feature = o3.Irreps(irreps_node_embedding), o3.Irreps(irreps_feature)
+        sh = o3.Irreps(irreps_sh)
+        if any(mul != 1 or ir.p != 1 for mul, ir in sh):
+            raise ValueError(f"irreps_sh must be '1x0e+1x1e+...' (one even irrep per degree), got {sh}")
+        self.irreps_node, self.irreps_feature, self.irreps_sh = node, feature, sh
+        self.max_radius, self.max_atom_type, self.avg_num_nodes = max_radius, max_atom_type, avg_num_nodes
+        self.weight_init = weight_init
+        fc = [number_of_basis, *fc_neurons]
+        pre = None if irreps_pre_attn is None else o3.Irreps(irreps_pre_attn)
+
+        self.atom_embedding = IrrepsLinear(f"{max_atom_type}x0e", node)
+        self.radial_basis = ExpNormalSmearing(max_radius, number_of_basis)
+        self.edge_degree_embedding = EdgeDegreeEmbedding(node, sh, fc, avg_degree)
+        self.force_encoder = IrrepsForceEncoder(irreps_force_encoding, node) if use_force_encoding else None
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                node,
+                feature if i == num_layers - 1 else node,
+                sh,
+                fc,
+                o3.Irreps(irreps_head),
+                num_heads,
+                pre,
+                o3.Irreps(irreps_mlp_mid),
+                nonlinear_message,
+                attention,
+                layer_norm,
+                rescale_degree,
+                alpha_drop,
+                proj_drop,
+                drop_path_rate,
+            )
+            for i in range(num_layers)
+        )
+        self.norm = IrrepsLayerNorm(feature) if layer_norm else nn.Identity()
+        self.out_dropout = IrrepsDropout(feature, out_drop) if out_drop > 0 else None
+        scalars = o3.Irreps([(m, ir) for m, ir in feature if _is_scalar(ir)]).simplify()
+        self.energy_head = nn.ModuleDict(
+            {"linear_1": IrrepsLinear(feature, scalars), "linear_2": IrrepsLinear(scalars, "1x0e")}
+        )
+        self.silu_cst = _second_moment_constant("silu")
+        self.noise_head = None
+        if use_force_encoding:
+            self.noise_head = EquivariantGraphAttention(
+                feature,
+                sh,
+                "1x1e",
+                fc,
+                o3.Irreps(irreps_head),
+                num_heads,
+                pre,
+                nonlinear_message=nonlinear_message,
+                attention=attention,
+                rescale_degree=rescale_degree,
+                alpha_drop=alpha_drop,
+                proj_drop=proj_drop,
+            )
+        self.reset_parameters(weight_init)
+
+    def reset_parameters(self, weight_init: str | None = None) -> None:
+        """Re-draw all weights: official init (``'normal'``) or ``'uniform'`` tensor-product weights."""
+        weight_init = self.weight_init if weight_init is None else weight_init
+        for module in self.modules():
+            if isinstance(module, IrrepsLinear | DepthwiseTensorProduct):
+                module.reset_parameters(weight_init)
+            elif isinstance(module, RadialProfile):
+                module.reset_parameters()
+            elif isinstance(module, EquivariantGraphAttention):
+                module.reset_alpha_dot()
+            elif isinstance(module, IrrepsLayerNorm):
+                nn.init.ones_(module.affine_weight)
+                nn.init.zeros_(module.affine_bias)
+        # The official atom embedding is scaled by sqrt(num types): unit-variance embeddings.
+        with torch.no_grad():
+            self.atom_embedding.weight.mul_(math.sqrt(self.max_atom_type))
+
+    @classmethod
+    def from_preset(cls, name: str, dens: bool = False, **overrides: Any) -> Equiformer:
+        """A Table 4 configuration: ``'md17_l2'`` or ``'md17_l3'``, with ``dens=True`` for the DeNS model.
+
+        ``dens=True`` adds the force encoder and the noise head and widens the final features, as the
+        official DeNS configurations do (4,000,577 and 6,354,241 parameters; 3,496,001 and 5,500,865
+        without DeNS). Keyword overrides are applied last, e.g. the Table 5 variants
+        ``attention=False, layer_norm=False, weight_init='uniform'``.
+        """
+        if name not in PRESETS:
+            raise KeyError(f"unknown Equiformer preset {name!r}; choose from {sorted(PRESETS)}")
+        config = dict(PRESETS[name])
+        if dens:
+            config.update(DENS_PRESETS[name])
+        return cls(**{**config, "use_force_encoding": dens, **overrides})
+
+    @property
+    def uses_dens(self) -> bool:
+        return self.force_encoder is not None
+
+    def forward(
+        self,
+        atomic_numbers: Tensor,
+        pos: Tensor,
+        batch: Tensor,
+        edge_index: Tensor,
+        edge_shift: Tensor,
+        num_graphs: int,
+        extra_embedding: Tensor | None = None,
+        noise_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Energy, forces ``-dE/dpos`` and (DeNS models) the noise prediction of a batch of structures.
+
+        Parameters
+        ----------
+        atomic_numbers : Tensor
+            ``[N]`` long, below ``max_atom_type``.
+        pos : Tensor
+            ``[N, 3]`` positions (Å). Gradients are taken with respect to it (a copy requiring grad is
+            used when it does not require grad).
+        batch : Tensor
+            ``[N]`` structure index per atom.
+        edge_index : Tensor
+            ``[2, E]``: row 0 the source j (neighbour), row 1 the target i (centre, where messages are
+            summed and attention is normalised).
+        edge_shift : Tensor
+            ``[E, 3]`` periodic shift of the source (zeros for molecules); edge vector
+            ``pos[j] + shift - pos[i]``.
+        num_graphs : int
+            Structures in the batch.
+        extra_embedding : Tensor, optional
+            ``[N, irreps_node.dim]`` added to the initial node features: the DeNS force encoding
+            (``self.force_encoder(forces, mask)``). A DeNS model given none adds the encoder's bias only.
+        noise_mask : Tensor, optional
+            ``[N]`` bool: atoms whose ``forces`` output is the noise prediction (DeNS).
+
+        Returns
+        -------
+        dict
+            ``energy [B]``, ``node_energy [N]`` (per-atom head output; ``energy`` is their sum per
+            structure over ``sqrt(avg_num_nodes)``), ``forces [N, 3]`` and, for DeNS models,
+            ``noise_head [N, 3]`` for every atom.
+        """
+        with torch.enable_grad():
+            if not pos.requires_grad:
+                pos = pos.detach().requires_grad_(True)
+            num_atoms = atomic_numbers.shape[0]
+            src, dst = edge_index
+            edge_vec = pos[src] + edge_shift.to(pos.dtype) - pos[dst]
+            ls = [ir.l for _, ir in self.irreps_sh]
+            sh = o3.spherical_harmonics(ls, edge_vec, normalize=True, normalization="component")
+            radial_basis = self.radial_basis(edge_vec.norm(dim=-1))
+
+            one_hot = torch.nn.functional.one_hot(atomic_numbers, self.max_atom_type).to(pos.dtype)
+            x = self.atom_embedding(one_hot)
+            x = x + self.edge_degree_embedding(edge_index, sh, radial_basis, num_atoms)
+            if self.force_encoder is not None and extra_embedding is None:
+                extra_embedding = self.force_encoder.bias_only(num_atoms, pos.dtype, pos.device)
+            if extra_embedding is not None:
+                x = x + extra_embedding
+            for block in self.blocks:
+                x = block(x, edge_index, sh, radial_basis, batch, num_graphs)
+            x = self.norm(x)
+            if self.out_dropout is not None:
+                x = self.out_dropout(x)
+
+            hidden = torch.nn.functional.silu(self.energy_head["linear_1"](x)) * self.silu_cst
+            node_energy = self.energy_head["linear_2"](hidden).squeeze(-1)
+            energy = reduce_energy(node_energy, batch, num_graphs, math.sqrt(self.avg_num_nodes))
+            forces = gradient_forces(energy, pos, create_graph=self.training)
+        out = {"energy": energy, "node_energy": node_energy, "forces": forces}
+        if self.noise_head is not None:
+            out["noise_head"] = self.noise_head(x, edge_index, sh, radial_basis, num_atoms)
+            if noise_mask is not None:
+                out["forces"] = assemble_dens_forces(forces, out["noise_head"], noise_mask)
+        return out
