@@ -52,6 +52,10 @@ def flat_params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def flat_grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
 def test_overfitting_a_few_structures_drives_the_loss_down(tmp_path):
     trainer = make_trainer(tmp_path, steps=80, dens=False, batch_size=4, n=4, lr=5e-3)  # one batch, repeated
     trainer.fit()
@@ -130,19 +134,22 @@ def _free_port():
 DDP_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, {tests!r})
-from test_trainer import make_trainer, flat_params
+from test_trainer import make_trainer, flat_grads
 from pathlib import Path
-trainer = make_trainer(Path({out!r}), steps=3, dens=False, batch_size=4)
+trainer = make_trainer(Path({out!r}), steps=1, dens=False, batch_size=4, lr=0.0)
+trainer.optim.clip_grad_norm = None
 trainer.fit()
 if trainer.rank == 0:
-    torch.save(flat_params(trainer.model), {out!r} + "/params.pt")
+    torch.save(flat_grads(trainer.model), {out!r} + "/grads.pt")
 """
 
 
 def test_ddp_two_processes_match_one(tmp_path):
-    # 2 gloo processes with per-rank batch 2 and 1 process with batch 4: the same global batches and,
-    # since every loss term is a global mean, the same gradients and weights
-    single = make_trainer(tmp_path / "single", steps=3, dens=False, batch_size=4)
+    # 2 gloo processes with per-rank batch 2 and 1 process with batch 4 see the same global batch and,
+    # since every loss term is divided by all-reduced global counts, compute the same gradient (lr = 0
+    # keeps the weights; Adam's first steps would amplify round-off in near-zero gradients)
+    single = make_trainer(tmp_path / "single", steps=1, dens=False, batch_size=4, lr=0.0)
+    single.optim.clip_grad_norm = None
     single.fit()
     out = tmp_path / "ddp"
     out.mkdir()
@@ -161,7 +168,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     for p in procs:
         output = p.communicate(timeout=300)[0].decode()
         assert p.returncode == 0, output[-3000:]
-    torch.testing.assert_close(torch.load(out / "params.pt"), flat_params(single.model), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.load(out / "grads.pt"), flat_grads(single.model), atol=1e-6, rtol=1e-5)
 
 
 def test_cli_demo_smoke(tmp_path):
