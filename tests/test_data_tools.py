@@ -167,3 +167,44 @@ def test_demo_rebuild_is_reproducible(tmp_path, shared_dir):
             assert torch.equal(new[i]["pos"], shipped[i]["pos"]) and float(new[i]["energy"]) == float(
                 shipped[i]["energy"]
             )
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_convert_oc20_s2ef_tarball_layout_applies_reference_energies(tmp_path, compressed):
+    import lzma
+
+    import ase.io
+    from ase.build import fcc111
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from dens.data import open_dataset
+    from dens.data.convert import convert
+
+    frames = []
+    for k in range(3):
+        atoms = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+        atoms.info.clear()  # fcc111 stores a dict that extxyz cannot write
+        atoms.positions[0, 2] += 0.01 * k
+        atoms.calc = SinglePointCalculator(atoms, energy=-10.0 - k, forces=np.full((len(atoms), 3), 0.1 * k))
+        frames.append(atoms)
+    xyz = tmp_path / "42.extxyz"
+    ase.io.write(xyz, frames, format="extxyz")
+    if compressed:
+        xz = tmp_path / "42.extxyz.xz"
+        xz.write_bytes(lzma.compress(xyz.read_bytes()))
+        xyz.unlink()
+        xyz = xz
+    (tmp_path / "42.txt").write_text("random777,frame3,-7.5\nrandom777,frame4,-7.0\nrandom777,frame9,-6.0\n")
+
+    with pytest.raises(ValueError, match="--ref-energy"):
+        convert([xyz], tmp_path / "none")
+    convert([xyz], tmp_path / "ads", ref_energy=True)
+    convert([xyz], tmp_path / "total", ref_energy=False)
+    ads, total = open_dataset(tmp_path / "ads"), open_dataset(tmp_path / "total")
+    assert [float(ads[i]["energy"]) for i in range(3)] == pytest.approx([-2.5, -4.0, -6.0])
+    assert [float(total[i]["energy"]) for i in range(3)] == pytest.approx([-10.0, -11.0, -12.0])
+    assert [(int(ads[i]["sid"]), int(ads[i]["fid"])) for i in range(3)] == [(777, 3), (777, 4), (777, 9)]
+
+    (tmp_path / "42.txt").write_text("random777,frame3,-7.5\n")
+    with pytest.raises(ValueError, match="3 frames but 1 lines"):
+        convert([xyz], tmp_path / "bad", ref_energy=True)

@@ -6,7 +6,13 @@ Usage::
                                 [--max-force 50] [--skip-errors]
 
 Inputs are anything :func:`dens.data.open_dataset` reads (extxyz, traj, ASE json, ``.aselmdb``, MD17
-``.npz``, LMDB, pickles); several inputs are concatenated. The output is read by
+``.npz``, LMDB, pickles); several inputs are concatenated.
+
+OC20 S2EF tarballs hold ``X.extxyz[.xz]`` files with a ``X.txt`` log beside each: one line
+``random<sid>,frame<fid>,<reference energy>`` per frame. The S2EF target is the adsorption energy, the
+total energy minus that reference (the official ``preprocess_ef.py --ref-energy``); training on total
+energies instead breaks reproduction. So when such logs are present the choice must be explicit:
+``--ref-energy`` (subtract the references, set ``sid``/``fid`` from the log) or ``--no-ref-energy``. The output is read by
 :class:`~dens.data.LmdbDataset` (and by the official OCP readers), so MD17 trains from LMDB like the rest.
 
 Examples
@@ -41,6 +47,7 @@ def convert(
     num_shards: int = 1,
     max_force: float | None = None,
     on_error: str = "raise",
+    ref_energy: bool | None = None,
     **options: Any,
 ) -> dict[str, int]:
     """Convert ``inputs`` into an LMDB folder.
@@ -57,6 +64,9 @@ def convert(
         Drop frames with an atomic force norm above this (eV/Å).
     on_error : {"raise", "skip"}
         Skip (and count) unreadable or invalid entries instead of failing.
+    ref_energy : bool, optional
+        For inputs with an OC20 ``.txt`` frame log beside them: subtract the logged reference energies
+        (True) or keep total energies (False). Required (not None) when such logs exist.
     **options
         Reader options (``energy_unit``, ``length_unit``, ``energy_key``, ``format``).
 
@@ -69,15 +79,28 @@ def convert(
 
     counts = {"read": 0, "written": 0, "filtered": 0, "skipped": 0}
     datasets = [open_dataset(p, on_error=on_error, **options) for p in inputs]
+    logs = [_frame_log(Path(p)) for p in inputs]
+    if any(log is not None for log in logs) and ref_energy is None:
+        raise ValueError(
+            "OC20 frame logs (.txt) found beside the inputs: pass --ref-energy to train on adsorption "
+            "energies (the S2EF target) or --no-ref-energy to keep total energies"
+        )
 
     def stream() -> Iterator[dict[str, Any]]:
-        for ds in datasets:
+        for ds, log, path in zip(datasets, logs, inputs, strict=True):
+            if log is not None and len(log) != len(ds):
+                raise ValueError(f"{path}: {len(ds)} frames but {len(log)} lines in its .txt frame log")
             for i in range(len(ds)):
                 counts["read"] += 1
                 s = ds[i]
                 if s is None:
                     counts["skipped"] += 1
                     continue
+                if log is not None:
+                    sid, fid, reference = log[i]
+                    s = {**s, "sid": sid, "fid": fid}
+                    if ref_energy:
+                        s["energy"] = s["energy"] - reference
                 f = s.get("forces")
                 if (
                     max_force is not None
@@ -102,6 +125,33 @@ def convert(
     return counts
 
 
+def _frame_log(path: Path) -> list[tuple[int, int, float]] | None:
+    """The OC20 S2EF frame log beside ``X.extxyz`` / ``X.extxyz.xz`` (``X.txt``), parsed; None if absent."""
+    name = path.name
+    for suffix in (".extxyz.xz", ".extxyz"):
+        if name.endswith(suffix):
+            txt = path.with_name(name[: -len(suffix)] + ".txt")
+            break
+    else:
+        return None
+    if not txt.is_file():
+        return None
+    entries = []
+    for number, line in enumerate(txt.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            system, frame, reference = line.split(",")[:3]
+            entries.append(
+                (int(system.removeprefix("random")), int(frame.removeprefix("frame")), float(reference))
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"{txt}:{number}: expected 'random<sid>,frame<fid>,<energy>', got {line!r}"
+            ) from err
+    return entries
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(prog="python -m dens.data.convert", description=__doc__.split("\n\n")[0])
@@ -121,6 +171,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--skip-errors", action="store_true", help="skip and count bad entries instead of failing"
     )
+    ref = ap.add_mutually_exclusive_group()
+    ref.add_argument(
+        "--ref-energy",
+        dest="ref_energy",
+        action="store_true",
+        default=None,
+        help="OC20 S2EF: subtract the reference energies of the .txt frame logs (adsorption energies)",
+    )
+    ref.add_argument(
+        "--no-ref-energy",
+        dest="ref_energy",
+        action="store_false",
+        help="OC20 S2EF: keep total energies despite .txt frame logs",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = {
@@ -138,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_shards=args.shards,
         max_force=args.max_force,
         on_error="skip" if args.skip_errors else "raise",
+        ref_energy=args.ref_energy,
         **options,
     )
     logger.info("read %(read)d, written %(written)d, filtered %(filtered)d, skipped %(skipped)d", counts)
