@@ -21,14 +21,7 @@ from inference_helpers import tiny_force_field, write_checkpoint
 from dens.calculator import DeNSCalculator, element_limit
 from dens.data import atoms_to_structure, collate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models run fastest on one thread (and avoid oversubscription on busy CI machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,7 @@ from dens.evaluate import (
     write_predictions,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models run fastest on one thread (and avoid oversubscription on busy CI machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _two_structures():

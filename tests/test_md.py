@@ -22,14 +22,7 @@ from dens.md import (
 )
 from dens.relax import HarmonicPotential, RelaxSettings, relax
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models run fastest on one thread (and avoid oversubscription on busy CI machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

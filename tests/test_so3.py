@@ -18,14 +18,7 @@ from dens.models import (
 )
 from dens.testing import assert_equivariant, random_rotation
 
-
-@pytest.fixture(autouse=True)
-def _float64_default():
-    """These tests build float64 tensors by default; restore the default dtype afterwards."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 AXES = torch.tensor(
