@@ -98,7 +98,6 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.shadow = [p.detach().clone() for p in model.parameters()]
-        self._backup: list[Tensor] | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

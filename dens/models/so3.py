@@ -96,10 +96,6 @@ class CoefficientLayout:
     def num_reduced(self) -> int:
         return int(self.reduced.numel())
 
-    def degree_of_m_major(self) -> Tensor:
-        """Degree ``l`` of each row of the m-major reduced layout."""
-        return self.l[self.m_major]
-
 
 # --------------------------------------------------------------------------------------------------
 # Real spherical harmonics
