@@ -83,7 +83,8 @@ def run_case(args: argparse.Namespace) -> dict:
         corruption = corrupt(batch, settings) if dens else None
         kwargs = {}
         if corruption is not None:
-            kwargs = dict(pos=corruption.pos, encoded_forces=batch.forces, encode_mask=corruption.noise_mask)
+            kwargs = dict(pos=corruption.pos, encoded_forces=batch.forces, encode_mask=corruption.noise_mask,
+                          noise_mask=corruption.noise_mask, split_heads=True)  # as the trainer  # fmt: skip
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = model(batch, **kwargs)
             loss, _ = training_loss(out, batch, corruption, LossSettings(), settings, 0.0, 1.0, 1.0)

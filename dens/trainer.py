@@ -482,6 +482,10 @@ class Trainer:
                         else torch.zeros_like(batch.forces)
                     )
                     kwargs["encode_mask"] = corruption.noise_mask if encode else torch.zeros_like(batch.fixed)
+                    # the loss reads the force head on uncorrupted atoms and the noise head on corrupted
+                    # ones: run each head only where it is read (exact, and the noise head costs ~nothing)
+                    kwargs["noise_mask"] = None if corruption is None else corruption.noise_mask
+                    kwargs["split_heads"] = True
                 out = self.ddp_model(batch, **kwargs)
                 loss, parts = training_loss(
                     out, batch, corruption, self.losses, self.dens, float(self.model.energy_mean),

@@ -283,3 +283,34 @@ def test_structures_without_edges(dens):
         out = model(*args)
         assert out["energy"].shape == (1,) and torch.isfinite(out["energy"]).all()
         assert out["forces"].shape == (2, 3) and torch.isfinite(out["forces"]).all()
+
+
+def test_split_heads_give_the_dens_loss_and_gradients_exactly(oc20):
+    """Each head run only on the edges into the atoms where the DeNS loss reads it: same outputs there,
+    same loss, same gradients (the trainer's ``split_heads``)."""
+    from dens.models.heads import split_head_edges
+
+    model = small_model(dens=True)  # eval mode: no dropout, so both runs see the same function
+    generator = torch.Generator().manual_seed(3)
+    mask = torch.rand(len(oc20["z"]), generator=generator) < 0.5
+    target = torch.randn(len(oc20["z"]), 3, generator=generator, dtype=torch.float64)
+
+    def loss_and_grads(**kw):
+        model.zero_grad()
+        out = run(model, oc20, noise_mask=mask, **kw)
+        loss = ((out["force_head"] - target)[~mask] ** 2).sum() + (
+            (out["noise_head"] - target)[mask] ** 2
+        ).sum()
+        loss.backward()
+        return out, loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full, full_loss, full_grads = loss_and_grads()
+    split, split_loss, split_grads = loss_and_grads(head_edges=split_head_edges(oc20["edge_index"], mask))
+    torch.testing.assert_close(split["force_head"][~mask], full["force_head"][~mask], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(split["noise_head"][mask], full["noise_head"][mask], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(split["forces"], full["forces"], rtol=1e-10, atol=1e-12)
+    assert split["force_head"][mask].abs().max() == 0 and split["noise_head"][~mask].abs().max() == 0
+    torch.testing.assert_close(split_loss, full_loss, rtol=1e-12, atol=0)
+    assert len(full_grads) > 100
+    for a, b in zip(split_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

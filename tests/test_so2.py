@@ -31,9 +31,10 @@ def make_conv(lmax=4, mmax=2, c_in=6, c_out=5, extra=3):
 
 
 def edge_op(conv, frames, x, x_edge, lmax, mmax):
-    rot = EdgeRotation(frames, CoefficientLayout(lmax, mmax))
+    layout = CoefficientLayout(lmax, mmax)
+    rot = EdgeRotation(frames, layout, degree_rescale(layout))
     out, extra = conv(rot.rotate(x), x_edge)
-    return rot.rotate_back(out, degree_rescale(rot.layout)), extra
+    return rot.rotate_back(out), extra
 
 
 @pytest.mark.parametrize(("lmax", "mmax"), [(4, 2), (3, 3), (6, 1), (2, 0)])

@@ -89,7 +89,7 @@ class EdgeDegreeEmbedding(nn.Module):
         )
 
     def forward(
-        self, atomic_numbers: Tensor, rbf: Tensor, edge_index: Tensor, rotation: EdgeRotation, rescale: Tensor
+        self, atomic_numbers: Tensor, rbf: Tensor, edge_index: Tensor, rotation: EdgeRotation
     ) -> Tensor:
         src, dst = edge_index
         x_edge = torch.cat(
@@ -97,7 +97,7 @@ class EdgeDegreeEmbedding(nn.Module):
             dim=1,
         )
         m0 = self.rad_func(x_edge).reshape(-1, self.lmax + 1, self.channels)  # the m = 0 rows (m-major)
-        out = rotation.rotate_back(m0, rescale)
+        out = rotation.rotate_back(m0)
         return scatter_sum(out, dst, atomic_numbers.shape[0]) / self.avg_degree
 
 
@@ -156,22 +156,22 @@ class SO2GraphAttention(nn.Module):
         rbf: Tensor,
         edge_index: Tensor,
         rotation: EdgeRotation,
-        rescale: Tensor,
     ) -> Tensor:
         src, dst = edge_index
         x_edge = torch.cat(
             [rbf, self.source_embedding(atomic_numbers[src]), self.target_embedding(atomic_numbers[dst])],
             dim=1,
         )
-        message = rotation.rotate(torch.cat([x[src], x[dst]], dim=2))
+        message = rotation.rotate(torch.cat([x.index_select(0, src), x.index_select(0, dst)], dim=2))
         message, extra = self.so2_conv_1(message, x_edge)
-        num_alpha = self.num_heads * self.alpha_channels
-        message = self.s2_act(extra[:, num_alpha:], message)
+        alpha, gates = extra.split(
+            [self.num_heads * self.alpha_channels, extra.shape[1] - self.num_heads * self.alpha_channels],
+            dim=1,
+        )
+        message = self.s2_act(gates, message)
         message, _ = self.so2_conv_2(message)
 
-        alpha = self.alpha_act(
-            self.alpha_norm(extra[:, :num_alpha].reshape(-1, self.num_heads, self.alpha_channels))
-        )
+        alpha = self.alpha_act(self.alpha_norm(alpha.reshape(-1, self.num_heads, self.alpha_channels)))
         alpha = torch.einsum("eha,ha->eh", alpha, self.alpha_dot)
         alpha = self.alpha_dropout(segment_softmax(alpha, dst, x.shape[0]))
         num_edges, num_rows = message.shape[:2]
@@ -180,7 +180,7 @@ class SO2GraphAttention(nn.Module):
             * alpha[:, None, :, None]
         )
         message = rotation.rotate_back(
-            message.reshape(num_edges, num_rows, self.num_heads * self.value_channels), rescale
+            message.reshape(num_edges, num_rows, self.num_heads * self.value_channels)
         )
         return self.proj(scatter_sum(message, dst, x.shape[0]))
 
@@ -208,7 +208,7 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate = self.scalar_mlp(x[:, :1])
         y = self.grid.from_grid(self.grid_mlp(self.grid.to_grid(self.so3_linear_1(x))))
-        return self.so3_linear_2(torch.cat([gate, y[:, 1:]], dim=1))
+        return self.so3_linear_2(torch.cat([gate, y.split([1, y.shape[1] - 1], dim=1)[1]], dim=1))
 
 
 class TransformerBlock(nn.Module):
@@ -260,11 +260,10 @@ class TransformerBlock(nn.Module):
         rbf: Tensor,
         edge_index: Tensor,
         rotation: EdgeRotation,
-        rescale: Tensor,
         batch: Tensor,
         num_graphs: int,
     ) -> Tensor:
-        h = self.ga(self.norm_1(x), atomic_numbers, rbf, edge_index, rotation, rescale)
+        h = self.ga(self.norm_1(x), atomic_numbers, rbf, edge_index, rotation)
         x = x + self.proj_drop(self.drop_path(h, batch, num_graphs))
         h = self.ffn(self.norm_2(x))
         return x + self.proj_drop(self.drop_path(h, batch, num_graphs))
@@ -405,6 +404,25 @@ class EquiformerV2(nn.Module):
                         bound = 1 / math.sqrt(lin.in_features)
                         nn.init.uniform_(lin.weight, -bound, bound)
 
+    @staticmethod
+    def _head(
+        block: SO2GraphAttention,
+        x: Tensor,
+        atomic_numbers: Tensor,
+        rbf: Tensor,
+        edge_index: Tensor,
+        rotation: EdgeRotation,
+        edges: Tensor | None,
+    ) -> Tensor:
+        """A vector head (one output channel read at ``l = 1``) on all edges or on ``edges`` only."""
+        if edges is not None:
+            rbf, edge_index, rotation = (
+                rbf.index_select(0, edges),
+                edge_index.index_select(1, edges),
+                rotation.select(edges),
+            )
+        return block(x, atomic_numbers, rbf, edge_index, rotation)[:, 1:4, 0]
+
     @classmethod
     def from_preset(cls, name: str, dens: bool = False, **overrides: Any) -> EquiformerV2:
         """A paper configuration: 'oc20_2m', 'oc20_all_md', 'oc20_31m' or 'oc22'.
@@ -414,6 +432,11 @@ class EquiformerV2(nn.Module):
         if name not in PRESETS:
             raise KeyError(f"unknown EquiformerV2 preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], "use_force_encoding": dens, **overrides})
+
+    @property
+    def splits_heads(self) -> bool:
+        """Whether ``forward`` accepts ``head_edges`` (direct forces; see ``ForceField(split_heads=)``)."""
+        return self.direct_forces
 
     @property
     def uses_dens(self) -> bool:
@@ -430,6 +453,7 @@ class EquiformerV2(nn.Module):
         extra_embedding: Tensor | None = None,
         edge_frames: Tensor | None = None,
         noise_mask: Tensor | None = None,
+        head_edges: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Energy, forces and (DeNS models) noise of a batch of structures.
 
@@ -457,6 +481,11 @@ class EquiformerV2(nn.Module):
         noise_mask : Tensor, optional
             ``[N]`` bool: atoms whose output ``forces`` are the noise prediction (DeNS partial
             corruption). Both heads are always returned as well.
+        head_edges : (Tensor, Tensor), optional
+            Indices of the edges on which the force head and the noise head run (see
+            :func:`~dens.models.heads.split_head_edges`). A head is exact on the targets of its edges and
+            zero elsewhere: in DeNS training each atom needs only one of the two, so this halves the
+            cost of the heads.
 
         Returns
         -------
@@ -470,8 +499,7 @@ class EquiformerV2(nn.Module):
         edge_vec = pos[src] + edge_shift.to(pos.dtype) - pos[dst]
         rbf = self.distance_expansion(edge_vec.norm(dim=-1))
         frames = default_edge_frames(edge_vec) if edge_frames is None else edge_frames
-        rotation = EdgeRotation(frames, self.layout)
-        rescale = self.rescale.to(pos.dtype)
+        rotation = EdgeRotation(frames, self.layout, self.rescale)
 
         x = pos.new_zeros(num_atoms, self.layout.num_coefficients, self.sphere_channels)
         x[:, 0] = self.sphere_embedding(atomic_numbers)
@@ -479,9 +507,9 @@ class EquiformerV2(nn.Module):
             extra_embedding = self.force_encoder.bias_only(num_atoms, pos.dtype, pos.device)
         if extra_embedding is not None:
             x = x + extra_embedding
-        x = x + self.edge_degree_embedding(atomic_numbers, rbf, edge_index, rotation, rescale)
+        x = x + self.edge_degree_embedding(atomic_numbers, rbf, edge_index, rotation)
         for block in self.blocks:
-            x = block(x, atomic_numbers, rbf, edge_index, rotation, rescale, batch, num_graphs)
+            x = block(x, atomic_numbers, rbf, edge_index, rotation, batch, num_graphs)
         x = self.norm(x)
 
         node_energy = self.energy_block(x)[:, 0, 0]
@@ -489,16 +517,18 @@ class EquiformerV2(nn.Module):
             "node_energy": node_energy,
             "energy": reduce_energy(node_energy, batch, num_graphs, self.avg_num_nodes),
         }
-        if self.direct_forces:
-            out["force_head"] = self.force_block(x, atomic_numbers, rbf, edge_index, rotation, rescale)[
-                :, 1:4, 0
-            ]
+        force_edges, noise_edges = (None, None) if head_edges is None else head_edges
+        if self.force_block is not None:
+            out["force_head"] = self._head(
+                self.force_block, x, atomic_numbers, rbf, edge_index, rotation, force_edges
+            )
             out["forces"] = out["force_head"]
         else:
             out["forces"] = gradient_forces(out["energy"], pos, create_graph=self.training)
         if self.denoising_pos_block is not None:
-            noise = self.denoising_pos_block(x, atomic_numbers, rbf, edge_index, rotation, rescale)
-            out["noise_head"] = noise[:, 1:4, 0]
+            out["noise_head"] = self._head(
+                self.denoising_pos_block, x, atomic_numbers, rbf, edge_index, rotation, noise_edges
+            )
             if noise_mask is not None:
                 out["forces"] = assemble_dens_forces(out["forces"], out["noise_head"], noise_mask)
         return out

@@ -279,8 +279,8 @@ class MessageBlock(nn.Module):
         """``x``: ``[N, (L+1)^2, C]`` -> aggregated messages ``[N, (L+1)^2, C]``."""
         source, target = edge_index[0], edge_index[1]
         x_edge = self.edge(distance, atomic_numbers[source], atomic_numbers[target])
-        message = self.so2_source(rotation.rotate(x[source]), x_edge)
-        message = message + self.so2_target(rotation.rotate(x[target]), x_edge)
+        message = self.so2_source(rotation.rotate(x.index_select(0, source)), x_edge)
+        message = message + self.so2_target(rotation.rotate(x.index_select(0, target)), x_edge)
         grid = self.message_grid
         message = grid.from_grid(self.act(grid.to_grid(message)))
         message = rotation.rotate_back(message)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..ops import scatter_sum
 
-__all__ = ["assemble_dens_forces", "gradient_forces", "reduce_energy"]
+__all__ = ["assemble_dens_forces", "gradient_forces", "reduce_energy", "split_head_edges"]
 
 
 def reduce_energy(node_energy: Tensor, batch: Tensor, num_graphs: int, scale: float = 1.0) -> Tensor:
@@ -33,3 +33,24 @@ def assemble_dens_forces(force_head: Tensor, noise_head: Tensor, noise_mask: Ten
     if noise_mask is None:
         return noise_head
     return torch.where(noise_mask[:, None], noise_head, force_head)
+
+
+def split_head_edges(edge_index: Tensor, noise_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Edges of the force head (targets outside ``noise_mask``) and of the noise head (targets in it).
+
+    A head's output at an atom depends only on the edges into that atom, and DeNS training reads the
+    force head on uncorrupted atoms and the noise head on corrupted ones; running each head on its own
+    edges gives those outputs exactly, at the cost of one head. ``noise_mask=None``: no atom is
+    corrupted. This synchronises with the device (the index sizes); call it outside a compiled region.
+
+    Examples
+    --------
+    >>> edge_index = torch.tensor([[1, 2, 0, 0], [0, 0, 1, 2]])
+    >>> force_edges, noise_edges = split_head_edges(edge_index, torch.tensor([False, True, False]))
+    >>> force_edges.tolist(), noise_edges.tolist()
+    ([0, 1, 3], [2])
+    """
+    if noise_mask is None:
+        return torch.arange(edge_index.shape[1], device=edge_index.device), edge_index.new_zeros(0)
+    to_noise = noise_mask.index_select(0, edge_index[1])
+    return (~to_noise).nonzero().reshape(-1), to_noise.nonzero().reshape(-1)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..data.graph import radius_graph_pbc
+from .heads import split_head_edges
 
 __all__ = ["ForceField"]
 
@@ -143,6 +144,7 @@ class ForceField(nn.Module):
         encoded_forces: Tensor | None = None,
         encode_mask: Tensor | None = None,
         noise_mask: Tensor | None = None,
+        split_heads: bool = False,
         **kwargs: Any,
     ) -> dict[str, Tensor]:
         """Outputs in normalised units.
@@ -158,6 +160,11 @@ class ForceField(nn.Module):
             DeNS force encoding: forces ``[N, 3]`` (eV/Å) of the atoms selected by ``encode_mask``.
         noise_mask : Tensor, optional
             Atoms whose ``forces`` output is the noise prediction.
+        split_heads : bool
+            DeNS training: run the force head only for atoms outside ``noise_mask`` and the noise head
+            only for atoms in it (exact there, zero elsewhere), for backbones that support it
+            (``backbone.splits_heads``). The DeNS loss reads nothing else, so the noise head then costs
+            almost nothing.
         """
         pos = batch.pos if pos is None else pos
         if not self.direct_forces and not pos.requires_grad:
@@ -168,6 +175,8 @@ class ForceField(nn.Module):
             if not self.uses_dens:
                 raise ValueError("force encoding needs a DeNS model (use_force_encoding=True)")
             extra = self.backbone.force_encoder(encoded_forces.to(pos.dtype), encode_mask)
+        if split_heads and self.uses_dens and getattr(self.backbone, "splits_heads", False):
+            kwargs["head_edges"] = split_head_edges(edge_index, noise_mask)
         return self.backbone(
             batch.atomic_numbers, pos, batch.batch, edge_index, shift, batch.num_graphs,
             extra_embedding=extra, noise_mask=noise_mask, **kwargs,

@@ -187,7 +187,8 @@ class SeparableS2Activation(nn.Module):
 
     def forward(self, scalars: Tensor, tensors: Tensor) -> Tensor:
         """``scalars``: ``[N, C]``; ``tensors``: ``[N, num_coefficients, C]``."""
-        return torch.cat([self.act(scalars)[:, None], self.s2(tensors)[:, 1:]], dim=1)
+        y = self.s2(tensors)
+        return torch.cat([self.act(scalars)[:, None], y.split([1, y.shape[1] - 1], dim=1)[1]], dim=1)
 
 
 class GateActivation(nn.Module):

@@ -29,6 +29,8 @@ class EdgeRotation:
         (:func:`~dens.models.so3.edge_frames`).
     layout : CoefficientLayout
         ``lmax`` and ``mmax`` of the rotated features.
+    scale : Tensor, optional
+        ``[(L+1)^2]`` factors applied to the rows of every :meth:`rotate_back` output.
 
     Notes
     -----
@@ -44,22 +46,32 @@ class EdgeRotation:
     torch.Size([7, 7, 4])
     """
 
-    def __init__(self, frames: Tensor, layout: CoefficientLayout) -> None:
+    def __init__(self, frames: Tensor, layout: CoefficientLayout, scale: Tensor | None = None) -> None:
         self.layout = layout
         self.wigner = wigner_D(frames, layout.lmax, rows=layout.m_major)  # [E, R, (L+1)^2]
+        # the inverse rotation with the output rescaling folded in once, not multiplied in every block
+        back = self.wigner.transpose(1, 2)
+        self.wigner_back = back if scale is None else back * scale.to(back.dtype)[:, None]
+
+    def select(self, edges: Tensor) -> EdgeRotation:
+        """The rotations of a subset of the edges (``edges``: indices)."""
+        subset = object.__new__(EdgeRotation)
+        subset.layout = self.layout
+        subset.wigner = self.wigner.index_select(0, edges)
+        subset.wigner_back = self.wigner_back.index_select(0, edges)
+        return subset
 
     def rotate(self, x: Tensor) -> Tensor:
         """``[E, (L+1)^2, C]`` global frame -> ``[E, R, C]`` edge frame (m-major, ``|m| <= mmax``)."""
         return torch.bmm(self.wigner, x)
 
-    def rotate_back(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
+    def rotate_back(self, x: Tensor) -> Tensor:
         """``[E, R', C]`` edge frame (the first ``R'`` m-major rows) -> ``[E, (L+1)^2, C]`` global frame.
 
-        ``scale`` (``[(L+1)^2]``) multiplies the output rows, e.g. EquiformerV2's degree rescaling.
+        The rows of the output are multiplied by the ``scale`` given at construction (e.g.
+        EquiformerV2's degree rescaling).
         """
-        wigner = self.wigner[:, : x.shape[1]]
-        out = torch.bmm(wigner.transpose(1, 2), x)
-        return out if scale is None else out * scale[:, None]
+        return torch.bmm(self.wigner_back[:, :, : x.shape[1]], x)
 
 
 def degree_rescale(layout: CoefficientLayout) -> Tensor:
@@ -81,11 +93,9 @@ class _OrderLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[E, 2, F_in]`` (rows +m, -m) -> ``[E, 2, F_out]``."""
-        y = self.fc(x)
-        y_r, y_i = y.chunk(2, dim=-1)
-        plus = y_r[:, 0] - y_i[:, 1]
-        minus = y_r[:, 1] + y_i[:, 0]
-        return torch.stack([plus, minus], dim=1)
+        # (real, imaginary) parts of the +m and -m rows; unbind, whose backward does not zero-fill
+        r_plus, i_plus, r_minus, i_minus = self.fc(x).reshape(x.shape[0], 4, self.fc.out_features // 2).unbind(1)
+        return torch.stack([r_plus - i_minus, r_minus + i_plus], dim=1)
 
 
 class SO2Convolution(nn.Module):
@@ -145,20 +155,23 @@ class SO2Convolution(nn.Module):
         """``x``: ``[E, R, in]`` (m-major) -> (``[E, R, out]``, extra ``[E, extra]`` or None)."""
         num_edges = x.shape[0]
         m_size = self.layout.m_size
-        radial = self.rad_func(x_edge) if self.rad_func is not None else None
+        # split, not slices: the backward of a split concatenates, that of a slice zero-fills the input
+        blocks = x.split([m_size[0], *(2 * n for n in m_size[1:])], dim=1)
+        radial: list[Tensor | None] = [None] * len(m_size)
+        if self.rad_func is not None:
+            radial = list(self.rad_func(x_edge).split([n * self.in_channels for n in m_size], dim=1))
 
-        x0 = x[:, : m_size[0]].reshape(num_edges, m_size[0] * self.in_channels)
-        if radial is not None:
-            x0 = x0 * radial[:, : x0.shape[1]]
+        x0 = blocks[0].reshape(num_edges, m_size[0] * self.in_channels)
+        if radial[0] is not None:
+            x0 = x0 * radial[0]
         y0 = self.fc_m0(x0)
-        extra = y0[:, : self.extra_m0_output_channels] if self.extra_m0_output_channels else None
-        outputs = [y0[:, self.extra_m0_output_channels :].reshape(num_edges, m_size[0], self.out_channels)]
-
-        row, rad_offset = m_size[0], x0.shape[1]
-        for n, conv in zip(m_size[1:], self.so2_m_conv, strict=True):
-            xm = x[:, row : row + 2 * n].reshape(num_edges, 2, n * self.in_channels)
-            if radial is not None:
-                xm = xm * radial[:, None, rad_offset : rad_offset + n * self.in_channels]
+        extra = None
+        if self.extra_m0_output_channels:
+            extra, y0 = y0.split([self.extra_m0_output_channels, m_size[0] * self.out_channels], dim=1)
+        outputs = [y0.reshape(num_edges, m_size[0], self.out_channels)]
+        for n, xm, rad, conv in zip(m_size[1:], blocks[1:], radial[1:], self.so2_m_conv, strict=True):
+            xm = xm.reshape(num_edges, 2, n * self.in_channels)
+            if rad is not None:
+                xm = xm * rad[:, None]
             outputs.append(conv(xm).reshape(num_edges, 2 * n, self.out_channels))
-            row, rad_offset = row + 2 * n, rad_offset + n * self.in_channels
         return torch.cat(outputs, dim=1), extra
