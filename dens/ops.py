@@ -1,8 +1,9 @@
 """Scatter operations on native PyTorch, with torch-scatter as an optional backend.
 
-The core needs only ``index_add_`` and ``scatter_reduce``. When the ``pyg`` extra (torch-scatter) is
-installed it is used by default; ``set_scatter_backend('torch')`` or the environment variable
-``DENS_SCATTER_BACKEND=torch`` selects the native path. Both give the same numbers (tested).
+The core needs only ``index_add_`` and ``scatter_reduce``, which is the default: as fast as torch-scatter
+here (a 2420-edge EquiformerV2 scatter, forward and backward, on the CPU), and traceable by
+``torch.compile`` without graph breaks. ``set_scatter_backend('pyg')`` or the environment variable
+``DENS_SCATTER_BACKEND=pyg`` selects torch-scatter (the ``pyg`` extra). Both give the same numbers (tested).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ _backend = "auto"
 
 
 def set_scatter_backend(name: str) -> None:
-    """Choose 'torch' (native ops), 'pyg' (torch-scatter) or 'auto' (pyg when installed)."""
+    """Choose 'torch' (native ops), 'pyg' (torch-scatter) or 'auto' (``DENS_SCATTER_BACKEND``, else torch)."""
     global _backend
     if name not in ("auto", "torch", "pyg"):
         raise ValueError(f"scatter backend must be 'auto', 'torch' or 'pyg', got {name!r}")
@@ -33,7 +34,7 @@ def get_scatter_backend() -> str:
     """The backend in use: 'torch' or 'pyg'."""
     name = os.environ.get("DENS_SCATTER_BACKEND", _backend) if _backend == "auto" else _backend
     if name == "auto":
-        return "pyg" if _HAS_TORCH_SCATTER else "torch"
+        return "torch"
     if name == "pyg" and not _HAS_TORCH_SCATTER:
         raise ImportError("DENS_SCATTER_BACKEND=pyg needs torch-scatter: pip install 'dens[pyg]'")
     return name

@@ -73,6 +73,7 @@ class TrainerSettings:
     max_steps: int | None = None
     grad_accumulation: int = 1
     amp: str | None = None  # None | bf16 | fp16
+    compile: bool = False  # torch.compile the backbone (dynamic shapes; the wrapper stays eager)
     eval_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 20
@@ -255,6 +256,14 @@ class Trainer:
         random.seed(settings.seed + self.rank)
 
         self.model = model.to(self.device)
+        if settings.compile:
+            if not getattr(self.model, "direct_forces", True):
+                raise ValueError(
+                    "trainer.compile: training a gradient-force model needs a double backward, which "
+                    "torch.compile does not support; use compile=false for this model"
+                )
+            # in place: parameter names, checkpoints and DDP see the unchanged module
+            self.model.backbone.compile(dynamic=True)
         self.ddp_model: nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None

@@ -25,7 +25,7 @@ from .heads import assemble_dens_forces, gradient_forces, reduce_energy
 from .layers import EquivariantDropout, GaussianSmearing, GraphDropPath, RadialMLP, get_normalization
 from .s2 import SeparableS2Activation, SphereGrid
 from .so2 import EdgeRotation, SO2Convolution, degree_rescale
-from .so3 import CoefficientLayout, SO3Linear
+from .so3 import CoefficientLayout, SO3Linear, precompute
 from .so3 import edge_frames as default_edge_frames
 
 __all__ = ["PRESETS", "EquiformerV2"]
@@ -339,6 +339,7 @@ class EquiformerV2(nn.Module):
         self.cutoff, self.avg_num_nodes, self.direct_forces = cutoff, avg_num_nodes, direct_forces
         self.max_num_elements = max_num_elements
         self.layout = CoefficientLayout(lmax, mmax)
+        precompute(lmax)  # so3 constants, before any compiled forward
         self.register_buffer("rescale", degree_rescale(self.layout), persistent=False)
 
         self.sphere_embedding = nn.Embedding(max_num_elements, sphere_channels)

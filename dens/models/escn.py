@@ -54,7 +54,7 @@ from .heads import assemble_dens_forces
 from .layers import GaussianSmearing
 from .s2 import SphereGrid
 from .so2 import EdgeRotation
-from .so3 import CoefficientLayout, spherical_harmonics
+from .so3 import CoefficientLayout, precompute, spherical_harmonics
 from .so3 import edge_frames as deterministic_edge_frames
 
 __all__ = ["ESCN", "ESCN_PRESETS", "sphere_sample_points"]
@@ -448,6 +448,7 @@ class ESCN(nn.Module):
         self.regress_forces, self.use_force_encoding = regress_forces, use_force_encoding
         self.detach_frames = detach_frames
         self.layout = CoefficientLayout(lmax, mmax)
+        precompute(lmax)  # so3 constants, before any compiled forward
 
         # 1. Embedding (and the DeNS force encoding that the caller adds as an extra embedding).
         self.sphere_embedding = nn.Embedding(max_num_elements, sphere_channels)

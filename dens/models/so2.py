@@ -94,7 +94,9 @@ class _OrderLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[E, 2, F_in]`` (rows +m, -m) -> ``[E, 2, F_out]``."""
         # (real, imaginary) parts of the +m and -m rows; unbind, whose backward does not zero-fill
-        r_plus, i_plus, r_minus, i_minus = self.fc(x).reshape(x.shape[0], 4, self.fc.out_features // 2).unbind(1)
+        r_plus, i_plus, r_minus, i_minus = (
+            self.fc(x).reshape(x.shape[0], 4, self.fc.out_features // 2).unbind(1)
+        )
         return torch.stack([r_plus - i_minus, r_minus + i_plus], dim=1)
 
 

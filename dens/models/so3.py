@@ -19,7 +19,8 @@ These choices make the import of the official EquiformerV2 and eSCN weights exac
 from __future__ import annotations
 
 import math
-from functools import cache
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,7 @@ __all__ = [
     "SO3Linear",
     "edge_frames",
     "edge_frames_official",
+    "precompute",
     "spherical_harmonics",
     "wigner_D",
 ]
@@ -100,8 +102,28 @@ class CoefficientLayout:
 # --------------------------------------------------------------------------------------------------
 # Real spherical harmonics
 # --------------------------------------------------------------------------------------------------
-@cache
+_CACHE: dict[tuple[str, int], Any] = {}
+
+
+def _cached(name: str, lmax: int, compute: Callable[[int], Any]) -> Any:
+    """A per-degree constant, computed once. Not ``functools.cache``: torch.compile traces through that
+    (into the graph, recomputed every call), while it reads a filled dict as constants."""
+    if (name, lmax) not in _CACHE:
+        _CACHE[name, lmax] = compute(lmax)
+    return _CACHE[name, lmax]
+
+
+def precompute(lmax: int) -> None:
+    """Fill the constants of :func:`spherical_harmonics` and :func:`wigner_D` up to ``lmax`` (models do
+    it at construction, so that a compiled forward finds them and does not trace their computation)."""
+    _wigner_sampling(lmax)
+
+
 def _sh_coefficients(lmax: int) -> tuple[dict, dict]:
+    return _cached("sh", lmax, _compute_sh_coefficients)
+
+
+def _compute_sh_coefficients(lmax: int) -> tuple[dict, dict]:
     """Recurrence constants for the normalised associated Legendre part (float64, computed once).
 
     ``P[l, m](y, r2)`` is ``N_lm * Q_lm`` where ``Q_lm = P_l^m(cos b) / sin^m b`` written as a
@@ -202,8 +224,11 @@ def spherical_harmonics(
 # --------------------------------------------------------------------------------------------------
 # Wigner-D matrices
 # --------------------------------------------------------------------------------------------------
-@cache
 def _wigner_sampling(lmax: int) -> tuple[Tensor, Tensor]:
+    return _cached("wigner", lmax, _compute_wigner_sampling)
+
+
+def _compute_wigner_sampling(lmax: int) -> tuple[Tensor, Tensor]:
     """Fixed sample directions X and the block-diagonal pseudo-inverse of Y(X), in float64.
 
     ``Y(R x) = D(R) Y(x)`` for every direction x, so with K >= 2 lmax + 1 well spread directions,

@@ -1,0 +1,63 @@
+"""torch.compile: the backbones trace as one graph (no host-device synchronisation, which would break it)
+and do not recompile when the graph size changes."""
+
+import pytest
+import torch
+import torch._dynamo
+
+from dens.data import collate, make_structure
+from dens.data.graph import radius_graph_pbc
+from dens.models import ESCN, EquiformerV2
+from dens.models.heads import split_head_edges
+
+
+def tiny_eqv2():
+    return EquiformerV2(
+        num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8, num_heads=2,
+        attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
+        grid_resolution=8, num_distance_basis=16, cutoff=5.0, use_force_encoding=True,
+    )  # fmt: skip
+
+
+def tiny_escn():
+    return ESCN(
+        num_layers=1, lmax=2, mmax=1, sphere_channels=8, hidden_channels=8, edge_channels=8,
+        num_sphere_samples=16, distance_resolution=1.0, cutoff=5.0, use_force_encoding=True,
+    )  # fmt: skip
+
+
+def graphs(seed=0):
+    """Batches of 2, 3 and 4 structures of different sizes (different atom and edge counts)."""
+    generator = torch.Generator().manual_seed(seed)
+    for sizes in ((5, 6), (7, 8, 9), (6, 5, 7, 8)):
+        items = [
+            make_structure(
+                torch.rand(n, 3, generator=generator) * 4, torch.randint(1, 9, (n,), generator=generator)
+            )
+            for n in sizes
+        ]
+        batch = collate(items)
+        edge_index, _ = radius_graph_pbc(
+            batch.pos, batch.cell, batch.pbc, batch.batch, 5.0, 8, natoms=batch.natoms
+        )
+        mask = torch.rand(batch.num_atoms, generator=generator) < 0.5
+        yield batch, edge_index, mask
+
+
+@pytest.mark.parametrize("build", [tiny_eqv2, tiny_escn])
+def test_backbone_compiles_to_one_graph_for_every_size(build):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = build().eval()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
+    splits = getattr(model, "splits_heads", False)
+    for batch, edge_index, mask in graphs():
+        args = (batch.atomic_numbers, batch.pos, batch.batch, edge_index, torch.zeros(edge_index.shape[1], 3))
+        kwargs = dict(noise_mask=mask)
+        if splits:
+            kwargs["head_edges"] = split_head_edges(edge_index, mask)
+        out, ref = compiled(*args, batch.num_graphs, **kwargs), model(*args, batch.num_graphs, **kwargs)
+        for key in ("energy", "forces"):
+            torch.testing.assert_close(out[key], ref[key])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
