@@ -177,11 +177,9 @@ class SO2OrderConv(nn.Module):
     def forward(self, x: Tensor, x_edge: Tensor) -> Tensor:
         """``x``: ``[E, 2, n * C]`` (rows ``+m``, ``-m``); ``x_edge``: ``[E, E_c]`` -> ``[E, 2, n * C]``."""
         gate_r, gate_i = self.act(self.fc1_dist(x_edge)).chunk(2, dim=-1)
-        y_r = self.fc2_r(self.fc1_r(x) * gate_r[:, None])
-        y_i = self.fc2_i(self.fc1_i(x) * gate_i[:, None])
-        plus = y_r[:, 0] - y_i[:, 1]
-        minus = y_r[:, 1] + y_i[:, 0]
-        return torch.stack([plus, minus], dim=1)
+        r_plus, r_minus = self.fc2_r(self.fc1_r(x) * gate_r[:, None]).unbind(1)
+        i_plus, i_minus = self.fc2_i(self.fc1_i(x) * gate_i[:, None]).unbind(1)
+        return torch.stack([r_plus - i_minus, r_minus + i_plus], dim=1)
 
 
 class SO2Block(nn.Module):
@@ -220,14 +218,14 @@ class SO2Block(nn.Module):
         """``x``: ``[E, R, C]`` m-major reduced; ``x_edge``: ``[E, E_c]`` -> ``[E, R, C]``."""
         num_edges = x.shape[0]
         n0 = self.m_size[0]
-        x0 = x[:, :n0].reshape(num_edges, n0 * self.channels)
+        # split, not slices: the backward of a split concatenates, that of a slice zero-fills the input
+        blocks = x.split([n0, *(2 * n for n in self.m_size[1:])], dim=1)
+        x0 = blocks[0].reshape(num_edges, n0 * self.channels)
         y0 = self.fc2_m0(self.fc1_m0(x0) * self.act(self.fc1_dist0(x_edge)))
         out = [y0.reshape(num_edges, n0, self.channels)]
-        row = n0
-        for n, conv in zip(self.m_size[1:], self.so2_conv, strict=True):
-            xm = x[:, row : row + 2 * n].reshape(num_edges, 2, n * self.channels)
+        for n, xm, conv in zip(self.m_size[1:], blocks[1:], self.so2_conv, strict=True):
+            xm = xm.reshape(num_edges, 2, n * self.channels)
             out.append(conv(xm, x_edge).reshape(num_edges, 2 * n, self.channels))
-            row += 2 * n
         return torch.cat(out, dim=1)
 
 
