@@ -1,1 +1,1 @@
-"""Speed and memory benchmarks (not tests); run each as ``python -m benchmarks.<name>``."""
+"""Speed and memory benchmarks (not tests); run each as ``python -m benchmarks.<name>`` (see README.md)."""

@@ -21,39 +21,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-NPZ = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "oc20" / "oc20_dft_relax_20sys.npz"
 OFFICIAL_CPU = {"s2ef": (24.6, 10.7), "dens": (27.3, 11.3)}  # seconds, GB (2-core machine, 2 threads)
 
 
-def oc20_batch(dtype: torch.dtype = torch.float32):
+def oc20_batch():
     """The two structures of the official timing (demo frames of similar size without ../shared)."""
-    from dens.data import collate, make_structure
+    from dens.data import collate
 
-    if NPZ.exists():
-        d = np.load(NPZ, allow_pickle=True)
-        sids = [str(s) for s in d["sid"]]
-        system_atoms = np.concatenate([[0], np.cumsum(d["natoms"])])  # per-system atom arrays
-        frame_atoms = np.concatenate([[0], np.cumsum(d["natoms"][d["frame_system"]])])  # per-frame arrays
-        items = []
-        for name in ("random1000103", "random1000138"):
-            s = sids.index(name)
-            frame = int(d["system_frame_offsets"][s])  # the first frame of the relaxation
-            atoms = slice(system_atoms[s], system_atoms[s + 1])
-            rows = slice(frame_atoms[frame], frame_atoms[frame + 1])
-            items.append(
-                make_structure(
-                    d["positions"][rows], d["atomic_numbers"][atoms], cell=d["cell"][s], pbc=[True, True, True],
-                    fixed=d["fixed"][atoms], energy=float(d["energy"][frame]), forces=d["forces"][rows], dtype=dtype,
-                )
-            )  # fmt: skip
-        return collate(items)
-    from dens.data.demo import demo_dataset
+    from .models import oc20_structures
 
-    ds = demo_dataset("train", dtype=dtype)
-    return collate([ds[i] for i in range(2)])
+    return collate(oc20_structures(2))
 
 
 def run_case(args: argparse.Namespace) -> dict:

@@ -43,6 +43,8 @@ def _dataset(spec: Any, common: dict[str, Any]) -> Any:
         parts = []
         for part in spec:
             extra = {key: False for key in keys} | dict(part.get("extra") or {})
+            # a plain copy: Hydra's struct flag would refuse the new key on a part that has no 'extra'
+            part = OmegaConf.create(OmegaConf.to_container(part, resolve=True))
             parts.append(_dataset(OmegaConf.merge(part, {"extra": extra}) if extra else part, common))
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
     if spec.get("path") is None:

@@ -574,6 +574,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
                           "structures_per_s": window_structures / max(elapsed, 1e-9),
+                          "window_s": elapsed, "world_size": self.world_size,
                           **self._prefixed("train", stats)}  # fmt: skip
                 self._log(record)
                 window_start, window_structures = time.perf_counter(), 0

@@ -233,6 +233,21 @@ def test_training_set_of_tagged_parts(tmp_path):
     assert batch.extra["md_split"].tolist() == [False, True]
 
 
+def test_all_md_training_set_from_the_composed_config():
+    """Hydra's struct config: the part without 'extra' (the All split) still gets ``md_split: false``."""
+    from hydra import compose, initialize_config_module
+
+    from dens.data import collate
+    from dens.data.demo import demo_path
+    from dens.train import _dataset
+
+    paths = [f"data.train.0.path={demo_path('val')}", f"data.train.1.path={demo_path('test')}"]
+    with initialize_config_module("dens.conf", version_base=None):
+        cfg = compose("train", overrides=["experiment=oc20_all_md", *paths])
+    data = _dataset(cfg.data.train, {})
+    assert collate([data[0], data[len(data) - 1]]).extra["md_split"].tolist() == [False, True]
+
+
 def test_checkpoint_loads_as_a_model(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dens.train", "trainer.max_steps=2", "trainer.eval_every=1", f"trainer.run_dir={tmp_path}",
