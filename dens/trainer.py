@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from .data import BalancedBatchSampler, Batch, collate, get_natoms
 from .losses import DeNSSettings, LossSettings, corrupt, step_counts, training_loss
-from .models.potential import ForceField
+from .models.potential import ForceField, compile_backbone
 
 __all__ = ["EMA", "OptimSettings", "Trainer", "TrainerSettings", "cosine_lambda", "evaluate_s2ef"]
 
@@ -262,8 +262,8 @@ class Trainer:
                     "trainer.compile: training a gradient-force model needs a double backward, which "
                     "torch.compile does not support; use compile=false for this model"
                 )
-            # in place: parameter names, checkpoints and DDP see the unchanged module
-            self.model.backbone.compile(dynamic=True)
+            # in place, block by block: parameter names, checkpoints and DDP see the unchanged module
+            compile_backbone(self.model.backbone)
         self.ddp_model: nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None

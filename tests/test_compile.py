@@ -7,7 +7,7 @@ import torch._dynamo
 
 from dens.data import collate, make_structure
 from dens.data.graph import radius_graph_pbc
-from dens.models import ESCN, EquiformerV2
+from dens.models import ESCN, EquiformerV2, compile_backbone
 from dens.models.heads import split_head_edges
 
 
@@ -61,3 +61,22 @@ def test_backbone_compiles_to_one_graph_for_every_size(build):
         for key in ("energy", "forces"):
             torch.testing.assert_close(out[key], ref[key])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_regional_compile_shares_one_graph_between_identical_blocks():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = EquiformerV2(
+        num_layers=3, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8, num_heads=2,
+        attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
+        grid_resolution=8, num_distance_basis=16, cutoff=5.0,
+    ).eval()  # fmt: skip
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    compile_backbone(model, backend="eager", fullgraph=True)
+    assert model.state_dict().keys() == reference.keys()
+    for batch, edge_index, _ in graphs():
+        args = (batch.atomic_numbers, batch.pos, batch.batch, edge_index, torch.zeros(edge_index.shape[1], 3))
+        model(*args, batch.num_graphs)
+    # one graph for the three Transformer blocks and one for the force head, whatever the size
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2

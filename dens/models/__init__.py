@@ -18,7 +18,7 @@ from .layers import (
     RMSNormSH,
     get_normalization,
 )
-from .potential import ForceField
+from .potential import ForceField, compile_backbone
 from .s2 import GateActivation, S2Activation, SeparableS2Activation, SphereGrid
 from .so2 import EdgeRotation, SO2Convolution, degree_rescale
 from .so3 import (
@@ -51,6 +51,7 @@ __all__ = [
     "SO3Linear",
     "SeparableS2Activation",
     "SphereGrid",
+    "compile_backbone",
     "degree_rescale",
     "edge_frames",
     "edge_frames_official",

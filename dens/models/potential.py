@@ -17,7 +17,7 @@ from ..data.batch import Batch
 from ..data.graph import radius_graph_pbc
 from .heads import split_head_edges
 
-__all__ = ["ForceField"]
+__all__ = ["ForceField", "compile_backbone"]
 
 
 class ForceField(nn.Module):
@@ -189,3 +189,31 @@ class ForceField(nn.Module):
         energy = out["energy"].to(torch.float64) * self.energy_std + self.energy_mean
         forces = out["forces"].detach() * self.force_std.to(out["forces"].dtype)
         return {"energy": energy.detach(), "forces": forces}
+
+
+def compile_backbone(backbone: nn.Module, **options: Any) -> nn.Module:
+    """``torch.compile`` a backbone in place, block by block.
+
+    The repeated blocks (``backbone.blocks`` or ``backbone.layers``) and the attention heads are compiled
+    one module at a time ("regional" compilation): identical blocks share one compiled graph, so
+    compiling costs about one block instead of the whole network, and the rest (embeddings, graph
+    helpers) stays eager. Without such blocks the whole backbone is compiled. Options default to
+    ``dynamic=True`` (graphs of every size share the compiled code). Parameter names do not change.
+
+    Examples
+    --------
+    >>> from dens.models import EquiformerV2
+    >>> model = compile_backbone(EquiformerV2(num_layers=2, lmax=2, mmax=1, sphere_channels=8,
+    ...     attn_hidden_channels=8, num_heads=2, attn_alpha_channels=4, attn_value_channels=4,
+    ...     ffn_hidden_channels=8, edge_channels=8, grid_resolution=8))
+    >>> "blocks.0.ga.alpha_dot" in dict(model.named_parameters())
+    True
+    """
+    options = {"dynamic": True, **options}
+    regions = [*getattr(backbone, "blocks", []), *getattr(backbone, "layers", [])]
+    regions += [m for name in ("force_block", "denoising_pos_block") if (m := getattr(backbone, name, None))]
+    if not regions:
+        backbone.compile(**options)
+    for module in regions:
+        module.compile(**options)
+    return backbone
