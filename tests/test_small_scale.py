@@ -1,0 +1,88 @@
+"""``experiments/small_scale.py``: a smoke run on the real data and the aggregation of run results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "small_scale.py"
+
+
+@pytest.fixture(scope="module")
+def small_scale():
+    spec = importlib.util.spec_from_file_location("small_scale", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.mark.parametrize(("task", "variant"), [("ethanol", "dens_no_fe"), ("oc20", "dens")])
+def test_smoke_run(small_scale, shared_dir, one_thread, tmp_path, task, variant):
+    out = tmp_path / "results"
+    result = small_scale.run_one(
+        task, variant, 0, out=out, runs=tmp_path / "runs", cache=tmp_path / "cache", smoke=True
+    )
+    saved = json.loads((out / f"{task}_{variant}_seed0.json").read_text())
+    assert saved["test"] == pytest.approx(result["test"])
+    assert saved["steps"] == 8 and saved["val_curve"][0]["step"] == 0 and saved["val_curve"][-1]["step"] == 8
+    assert saved["test_structures"] > 0
+    for key in ("energy_mae_meV", "forces_mae_meV_A"):
+        assert 0 < saved["test"][key] < 1e6
+    dens = saved["config"]["dens"]
+    assert dens["enabled"] and dens["force_encoding"] == (variant == "dens")
+    assert saved["config"]["trainer"]["seed"] == 0
+    # the schedule spans exactly the run: the last logged learning rate is the cosine floor
+    lr_min = saved["config"]["optim"]["lr"] * saved["config"]["optim"]["lr_min_factor"]
+    assert saved["train_log"][-1]["lr"] == pytest.approx(lr_min)
+
+
+def _fake(task, variant, seed, force, energy, steps=100):
+    return {
+        "task": task,
+        "variant": variant,
+        "seed": seed,
+        "steps": steps,
+        "parameters": 1234,
+        "val_curve": [
+            {"step": s, "energy_mae_meV": energy * 2, "forces_mae_meV_A": force * (2 - s / steps)}
+            for s in range(0, steps + 1, 50)
+        ],
+        "best_val_forces_mae_meV_A": force,
+        "test": {"energy_mae_meV": energy, "forces_mae_meV_A": force},
+        "wall_s": {"train": 50.0, "test_eval": 10.0, "total": 60.0},
+    }
+
+
+def test_report_aggregates(small_scale, tmp_path):
+    runs = [
+        _fake("ethanol", "baseline", 0, 10.0, 4.0),
+        _fake("ethanol", "baseline", 1, 12.0, 6.0),
+        _fake("ethanol", "dens", 0, 9.0, 4.0),
+        _fake("ethanol", "dens", 1, 9.0, 3.0),
+        _fake("oc20", "baseline", 0, 100.0, 500.0),
+    ]
+    for r in runs:
+        (tmp_path / f"{r['task']}_{r['variant']}_seed{r['seed']}.json").write_text(json.dumps(r))
+    md = small_scale.report(tmp_path)
+    assert md == (tmp_path / "summary.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| MD17 ethanol") and "| 1,234 |" in line]
+    rows = {line.split("|")[2].strip(): line for line in table}
+    # mean ± sample std over seeds
+    assert "5.0 ± 1.4 | 11.0 ± 1.4" in rows["without DeNS"]
+    assert "3.5 ± 0.7 | 9.0 ± 0.0" in rows["with DeNS"]
+    # paired by seed: 9/10 - 1 = -10 %, 9/12 - 1 = -25 %
+    assert "-10.0, -25.0" in md
+    assert "| OC20 relaxations (EquiformerV2) | without DeNS | 1,234 | 100 | 0 | 500.0 ± 0.0" in md
+    assert "Runs: 5; total wall time 5.0 min." in md
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "val_force_mae.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    assert f"]({png.name})" in md
