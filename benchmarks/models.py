@@ -1,9 +1,10 @@
 """Training and inference speed and memory of every model, with DeNS on and off (figures, not tests).
 
 ``python -m benchmarks.models [--quick] [--models eqv2_oc20_2m,...] [--dens off,on] [--compile off,on]
-[--amp none,bf16] [--device cpu|cuda] [--threads N] [--batch-size N] [--repeats N] [--json out.json]``
+[--compile-backend inductor|aot_eager] [--amp none,bf16] [--device cpu|cuda] [--threads N]
+[--batch-size N] [--warmup N] [--repeats N] [--json out.json]``
 
-Models: EquiformerV2 ``eqv2_oc20_2m`` (83M; 89M with DeNS), ``eqv2_oc20_all_md`` (153M / 160M),
+Models: EquiformerV2 ``eqv2_oc20_2m`` (83M; 89M with DeNS), ``eqv2_oc20_all_md`` (153M / 160M) and
 ``eqv2_oc20_31m``; eSCN ``escn_oc20_2m`` (52M); Equiformer ``equiformer_md17_l2`` / ``_l3`` (3.5M / 5.5M;
 4.0M / 6.4M with DeNS). DeNS on is the ``dens=True`` model trained with the DeNS objective of its paper
 configuration (``dens/conf/dens``) with ``p_DeNS = 1``, so every structure is corrupted; DeNS off is the
@@ -11,8 +12,9 @@ baseline model with the plain S2EF loss. Losses and optimiser follow ``dens/conf
 
 Batches: OC20 models the two OC20 structures of the official timing (``random1000103``, 55 atoms, and
 ``random1000138``, 66 atoms; 2420 edges at 12 Å / 20 neighbours), Equiformer 8 rMD17 aspirin frames (21
-atoms, all pairs within 5 Å), as the paper trains. ``--batch-size N`` takes N structures instead (OC20:
-first frames of the other relaxations of ``../shared/data/oc20/oc20_dft_relax_20sys.npz``), to fill a GPU.
+atoms, all pairs within 5 Å; the paper's Lmax 2 batch). ``--batch-size N`` takes N structures instead
+(OC20: the first frames of the other relaxations of ``../shared/data/oc20/oc20_dft_relax_20sys.npz``), to
+fill a GPU.
 
 Each case (model, DeNS, compile, amp) runs in its own process, forked from a server that has imported
 torch and dens once (so a case costs no import time, and its peak memory is its own). It measures:
@@ -24,22 +26,23 @@ torch and dens once (so a case costs no import time, and its peak memory is its 
   forward with each DeNS head run only where the loss reads it, loss, backward, gradient clipping,
   AdamW, schedule and EMA as the configuration says.
 
-Times are medians over ``--repeats`` calls after ``--warmup`` calls; the first call is reported on its own
-(with ``--compile on`` it includes compilation: ``model.backbone.compile(dynamic=True)``, the wrapper stays
-eager as in the trainer; ``--compile-backend aot_eager`` traces without generating code, which on a CPU
-takes seconds instead of many minutes). Peak memory of a phase: CUDA ``max_memory_allocated`` (weights, optimiser state,
-activations); CPU the peak resident set size above the one before the model was built, less the library
-code paged in meanwhile. A phase that fails
-(e.g. compiling the double backward of gradient forces) is recorded with its error, and the run goes on.
-On CUDA, training structures per GPU-second are printed beside the EquiformerV2 paper's V100 figures.
+Times are medians over ``--repeats`` calls after ``--warmup`` calls; the first call is reported on its own:
+with ``--compile on`` it includes compiling the backbone as the trainer does (``compile_backbone``: in
+place, block by block, dynamic shapes; the wrapper stays eager). ``--compile-backend aot_eager`` traces
+without generating code, to check quickly that a model compiles. Peak memory of a phase: CUDA
+``max_memory_allocated`` (weights, optimiser state, activations); CPU the peak resident set size above the
+one before the model was built, less the library code paged in meanwhile. A phase that fails (e.g.
+compiling the double backward of gradient forces) is recorded with its error, and the run goes on. On
+CUDA, training structures per GPU-second are printed beside the EquiformerV2 paper's V100 figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import itertools
 import json
 import multiprocessing
+import os
 import platform
 import re
 import statistics
@@ -59,6 +62,7 @@ if TYPE_CHECKING:
     import torch
 
     from dens.models import ForceField
+    from dens.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "dens" / "conf"
@@ -68,12 +72,14 @@ OFFICIAL_OC20 = ("random1000103", "random1000138")  # the structures of the offi
 ASPIRIN_Z = [6] * 9 + [8] * 4 + [1] * 8  # C9H8O4
 PRELOAD = ["numpy", "torch", "dens.data", "dens.losses", "dens.models", "dens.trainer"]
 
-_TINY_EQV2 = dict(grid_resolution=8, sphere_channels=16, attn_hidden_channels=16, num_heads=2, attn_alpha_channels=8,
-                  attn_value_channels=8, ffn_hidden_channels=16, edge_channels=16)  # fmt: skip
+_TINY_EQV2 = dict(grid_resolution=8, sphere_channels=16, attn_hidden_channels=16, num_heads=2,
+                  attn_alpha_channels=8, attn_value_channels=8, ffn_hidden_channels=16,
+                  edge_channels=16)  # fmt: skip
 _TINY_L2 = dict(irreps_node_embedding="16x0e+8x1e+4x2e", irreps_head="8x0e+4x1e+2x2e",
                 irreps_mlp_mid="16x0e+8x1e+4x2e", num_layers=2, num_heads=2, fc_neurons=[16, 16])  # fmt: skip
 _TINY_L3 = dict(irreps_node_embedding="16x0e+8x1e+8x2e+4x3e", irreps_head="8x0e+4x1e+4x2e+2x3e",
-                irreps_mlp_mid="16x0e+8x1e+8x2e+4x3e", num_layers=2, num_heads=2, fc_neurons=[16, 16])  # fmt: skip
+                irreps_mlp_mid="16x0e+8x1e+8x2e+4x3e", num_layers=2, num_heads=2,
+                fc_neurons=[16, 16])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,8 @@ MODELS: dict[str, ModelSpec] = {
         dict(_TINY_EQV2, num_layers=2, lmax=3, mmax=2), paper_throughput={False: 1.8, True: 1.8},  # Table 2
     ),
     "eqv2_oc20_31m": ModelSpec(
-        "eqv2", "oc20_31m", 12.0, 20, "oc20_all_md", "oc20_all_md", dict(_TINY_EQV2, num_layers=1, lmax=2, mmax=1),
+        "eqv2", "oc20_31m", 12.0, 20, "oc20_all_md", "oc20_all_md",
+        dict(_TINY_EQV2, num_layers=1, lmax=2, mmax=1),
         paper_throughput={False: 7.1},  # Table 2
     ),
     "escn_oc20_2m": ModelSpec(
@@ -226,6 +233,7 @@ def _cpu_name() -> str:
 
 
 def _reset_peak(device: torch.device) -> None:
+    """Start a new peak-memory measurement."""
     import torch
 
     if device.type == "cuda":
@@ -235,11 +243,28 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def _peak_mb(device: torch.device, base_mb: float) -> float:
+    """Peak memory since :func:`_reset_peak` (CPU: above ``base_mb``), in MiB."""
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return _status_mb("VmHWM") - _status_mb("RssFile") - base_mb  # library code paged in is not data
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception's type and first line, and where its root cause was raised when it has one."""
+    text = str(exc).strip()
+    out = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".strip()
+    root = exc
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    frames = traceback.extract_tb(root.__traceback__)
+    if root is not exc and frames:
+        where = frames[-1]
+        out += (
+            f" (cause: {type(root).__name__} at {Path(where.filename).name}:{where.lineno} in {where.name})"
+        )
+    return out
 
 
 def _measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int, base_mb: float) -> dict:
@@ -262,8 +287,8 @@ def _measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: 
             timed()
         times = [timed() for _ in range(repeats)]
     except Exception as exc:  # a failed phase is a result (e.g. a model that does not compile)
-        lines = str(exc).strip().splitlines()
-        return {"error": f"{type(exc).__name__}: {lines[0] if lines else ''}"}
+        detail = "".join(traceback.format_exception(exc))[-3000:]  # the innermost frames
+        return {"error": _describe(exc), "error_detail": detail}
     return {
         "first_s": first,
         "s": statistics.median(times),
@@ -272,7 +297,9 @@ def _measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: 
     }
 
 
-def _trainer(model: ForceField, items: list[dict[str, Any]], spec: ModelSpec, case: Case, run_dir: str):
+def _trainer(
+    model: ForceField, items: list[dict[str, Any]], spec: ModelSpec, case: Case, run_dir: str
+) -> Trainer:
     """A :class:`dens.trainer.Trainer` over exactly this batch, with the model's paper configuration."""
     import yaml
 
@@ -299,6 +326,7 @@ def run_case(case: Case) -> dict[str, Any]:
     import torch
 
     from dens.data import collate
+    from dens.models import compile_backbone
 
     if case.threads:
         torch.set_num_threads(case.threads)
@@ -321,7 +349,7 @@ def run_case(case: Case) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
     }  # fmt: skip
     if case.compile:
-        model.backbone.compile(dynamic=True, backend=case.backend)  # in place, as the trainer
+        compile_backbone(model.backbone, backend=case.backend)  # as the trainer
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.amp == "bf16")
 
     graph = _measure(lambda: model.graph(batch), device, case.warmup, case.repeats, base_mb)
@@ -349,13 +377,16 @@ def run_case(case: Case) -> dict[str, Any]:
 
 
 def _case_process(case: Case, out_path: str, log_path: str) -> None:
-    """Entry of a case's process: output to ``log_path``, the result as JSON to ``out_path``."""
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            result = run_case(case)
-        except Exception:
-            traceback.print_exc()
-            raise
+    """Entry of a case's process: all its output (Python's and native code's) to ``log_path``, the result
+    as JSON to ``out_path``."""
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    try:
+        result = run_case(case)
+    except Exception:
+        traceback.print_exc()
+        raise
     Path(out_path).write_text(json.dumps(result))
 
 
@@ -381,29 +412,40 @@ def run_in_process(context: multiprocessing.context.BaseContext, case: Case) -> 
 # Report
 # --------------------------------------------------------------------------------------------------
 def _fmt(value: float | None, spec: str) -> str:
+    """A table cell: ``value`` formatted, or ``-`` when it was not measured."""
     return "-" if value is None else format(value, spec)
+
+
+def _onoff(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+# table columns after model, DeNS, compile, amp: header, result key (None: a separator), format, width
+COLUMNS = [
+    ("params", "params", ",d", 13), ("batch", "structures", "d", 6), ("atoms", "atoms", "d", 6),
+    ("edges", "edges", "d", 6), ("graph ms", "graph_ms", ".1f", 9), ("|", None, "", 2),
+    ("train s", "train_s", ".3f", 9), ("struct/s", "train_structures_per_s", ".2f", 9),
+    ("1st s", "train_first_s", ".2f", 8), ("peak MB", "train_peak_mb", ".0f", 9), ("|", None, "", 2),
+    ("infer ms/str", "infer_ms_per_structure", ".1f", 13), ("1st s", "infer_first_s", ".2f", 8),
+    ("peak MB", "infer_peak_mb", ".0f", 9),
+]  # fmt: skip
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
     """One row per case; failed phases show their error below the table."""
-    head = (f"{'model':<19}{'DeNS':>5}{'comp':>5}{'amp':>5}{'params':>13}{'atoms':>6}{'edges':>6}{'graph ms':>9}"
-            f" |{'train s':>9}{'struct/s':>9}{'1st s':>8}{'peak MB':>9} |{'infer ms/str':>13}{'1st s':>8}"
-            f"{'peak MB':>9}")  # fmt: skip
+    head = f"{'model':<19}{'DeNS':>5}{'comp':>5}{'amp':>5}" + "".join(f"{h:>{w}}" for h, _, _, w in COLUMNS)
     print(head)
     print("-" * len(head))
     errors = []
     for r in results:
-        row = (f"{r['model']:<19}{'on' if r['dens'] else 'off':>5}{'on' if r['compile'] else 'off':>5}"
-               f"{r['amp']:>5}{_fmt(r.get('params'), ',d'):>13}{_fmt(r.get('atoms'), 'd'):>6}"
-               f"{_fmt(r.get('edges'), 'd'):>6}{_fmt(r.get('graph_ms'), '.1f'):>9}"
-               f" |{_fmt(r.get('train_s'), '.3f'):>9}{_fmt(r.get('train_structures_per_s'), '.2f'):>9}"
-               f"{_fmt(r.get('train_first_s'), '.2f'):>8}{_fmt(r.get('train_peak_mb'), '.0f'):>9}"
-               f" |{_fmt(r.get('infer_ms_per_structure'), '.1f'):>13}{_fmt(r.get('infer_first_s'), '.2f'):>8}"
-               f"{_fmt(r.get('infer_peak_mb'), '.0f'):>9}")  # fmt: skip
-        print(row)
-        name = f"{r['model']} DeNS {'on' if r['dens'] else 'off'}, compile {'on' if r['compile'] else 'off'}"
-        errors += [f"  {name}, amp {r['amp']}, {key}: {r[key]}" for key in ("error", "infer_error", "train_error")
-                   if key in r]  # fmt: skip
+        cells = [" |" if key is None else f"{_fmt(r.get(key), fmt):>{w}}" for _, key, fmt, w in COLUMNS]
+        print(
+            f"{r['model']:<19}{_onoff(r['dens']):>5}{_onoff(r['compile']):>5}{r['amp']:>5}" + "".join(cells)
+        )
+        name = f"{r['model']} DeNS {_onoff(r['dens'])}, compile {_onoff(r['compile'])}, amp {r['amp']}"
+        errors += [
+            f"  {name}, {key}: {r[key]}" for key in ("error", "infer_error", "train_error") if key in r
+        ]
     if errors:
         print("failed:")
         print("\n".join(errors))
@@ -415,22 +457,47 @@ def print_comparisons(results: list[dict[str, Any]], quick: bool) -> None:
         spec = MODELS[r["model"]]
         if not r["dens"] or "train_s" not in r:
             continue
-        base = next((b for b in results if b["model"] == r["model"] and not b["dens"] and b["compile"] == r["compile"]
-                     and b["amp"] == r["amp"] and "train_s" in b), None)  # fmt: skip
+        same = ("model", "compile", "backend", "amp")
+        base = next((b for b in results if not b["dens"] and "train_s" in b
+                     and all(b[k] == r[k] for k in same)), None)  # fmt: skip
         if base is not None:
             paper = f" (paper: x{spec.paper_dens_overhead:.3f})" if spec.paper_dens_overhead else ""
-            print(f"DeNS training time, {r['model']} compile {'on' if r['compile'] else 'off'} amp {r['amp']}: "
+            print(f"DeNS training time, {r['model']} compile {_onoff(r['compile'])} amp {r['amp']}: "
                   f"x{r['train_s'] / base['train_s']:.3f}{paper}")  # fmt: skip
     for r in results:
         paper = MODELS[r["model"]].paper_throughput.get(r["dens"])
         if paper and r["device"].startswith("cuda") and not quick and "train_structures_per_s" in r:
-            print(f"{r['model']} DeNS {'on' if r['dens'] else 'off'}, compile {'on' if r['compile'] else 'off'}, "
-                  f"amp {r['amp']}: {r['train_structures_per_s']:.2f} structures per GPU-second on "
-                  f"{r['device_name']} (paper, V100: {paper})")  # fmt: skip
+            print(f"{r['model']} DeNS {_onoff(r['dens'])}, compile {_onoff(r['compile'])}, amp {r['amp']}: "
+                  f"{r['train_structures_per_s']:.2f} structures per GPU-second on {r['device_name']} "
+                  f"(paper, V100: {paper})")  # fmt: skip
+
+
+def _summary(r: dict[str, Any]) -> str:
+    """A case's result in a few words (progress output)."""
+    if "error" in r:
+        return f"failed ({r['error']})"
+    train = f"train {r['train_s']:.3f} s" if "train_s" in r else "train failed"
+    infer = (
+        f"inference {r['infer_ms_per_structure']:.1f} ms/structure" if "infer_s" in r else "inference failed"
+    )
+    return f"{train}, {infer}"
+
+
+def _machine(device: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a run's figures depend on besides the options (torch and the device as the cases saw them)."""
+    first = next((r for r in results if "torch" in r), {})
+    return {
+        "python": platform.python_version(), "platform": platform.platform(), "torch": first.get("torch"),
+        "device": device, "device_name": first.get("device_name"), "threads": first.get("threads"),
+        "git_commit": _git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }  # fmt: skip
 
 
 def _git_commit() -> str | None:
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    except OSError:  # no git
+        return None
     return done.stdout.strip() or None
 
 
@@ -454,12 +521,17 @@ def main() -> None:
     parser.add_argument("--amp", type=lambda s: _choices(s, ["none", "bf16"]), default=None,
                         help="default: none on CPU, none,bf16 on CUDA")  # fmt: skip
     parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend (aot_eager: trace without generating code, e.g. in CI)")  # fmt: skip
+                        help="torch.compile backend (aot_eager: traces without generating code)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="structures per batch (default: 2 for OC20 models, 8 for MD17)")  # fmt: skip
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 2; 1 with --quick)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="calls before timing, the first reported on its own (default 2; 1 with --quick)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 5; 1 with --quick)")
     parser.add_argument("--json", default=None, help="write the machine, options and results here")
     args = parser.parse_args()
@@ -468,37 +540,31 @@ def main() -> None:
     warmup = max(1, args.warmup or (1 if args.quick else 2))
     repeats = max(1, args.repeats or (1 if args.quick else 5))
 
+    options = {k: v for k, v in vars(args).items() if k != "json"}
+    options.update(compile=compile_modes, amp=amps, warmup=warmup, repeats=repeats)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     start = time.perf_counter()
-    results = []
-    for model in args.models:
-        for dens in args.dens:
-            for compiled in compile_modes:
-                for amp in amps:
-                    case = Case(model, dens == "on", compiled == "on", args.compile_backend, amp, args.device,
-                                args.threads, args.batch_size, args.quick, warmup, repeats)  # fmt: skip
-                    results.append(run_in_process(context, case))
-                    print(f"  measured {model} DeNS {dens} compile {compiled} amp {amp}", file=sys.stderr)
+    results: list[dict[str, Any]] = []
+    for model, dens, compiled, amp in itertools.product(args.models, args.dens, compile_modes, amps):
+        case = Case(model, dens == "on", compiled == "on", args.compile_backend, amp, args.device,
+                    args.threads, args.batch_size, args.quick, warmup, repeats)  # fmt: skip
+        results.append(run_in_process(context, case))
+        print(f"  {model} DeNS {dens} compile {compiled} amp {amp}: {_summary(results[-1])}", file=sys.stderr)
+        if args.json:  # after every case, so that an interrupted run keeps what it measured
+            payload = {"machine": _machine(args.device, results), "options": options,
+                       "wall_s": time.perf_counter() - start, "results": results}  # fmt: skip
+            Path(args.json).write_text(json.dumps(payload, indent=2))
     wall = time.perf_counter() - start
 
-    first = next((r for r in results if "torch" in r), {})
-    machine = {
-        "python": platform.python_version(), "platform": platform.platform(), "torch": first.get("torch"),
-        "device": args.device, "device_name": first.get("device_name"), "threads": first.get("threads"),
-        "git_commit": _git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }  # fmt: skip
+    machine = _machine(args.device, results)
     size = "tiny models (--quick)" if args.quick else "paper sizes"
+    backend = f"; compile backend {args.compile_backend}" if "on" in compile_modes else ""
     print(f"dens model benchmark: {size}, device {args.device} ({machine['device_name']}), "
           f"{machine['threads']} threads, torch {machine['torch']}; medians of {repeats} after {warmup} "
-          f"warm-up; wall {wall:.1f} s")  # fmt: skip
+          f"warm-up{backend}; wall {wall:.1f} s")  # fmt: skip
     print_table(results)
     print_comparisons(results, args.quick)
-    if args.json:
-        options = {k: v for k, v in vars(args).items() if k != "json"}
-        options.update(compile=compile_modes, amp=amps, warmup=warmup, repeats=repeats)
-        payload = {"machine": machine, "options": options, "wall_s": wall, "results": results}
-        Path(args.json).write_text(json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

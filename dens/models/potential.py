@@ -185,7 +185,7 @@ class ForceField(nn.Module):
     def predict(self, batch: Batch) -> dict[str, Tensor]:
         """Energy (eV) and forces (eV/Å) of a batch, in the batch's float dtype."""
         with torch.set_grad_enabled(not self.direct_forces):
-            out = self(batch)
+            out = self(batch, split_heads=True)  # the force head only: the noise head is not read
         energy = out["energy"].to(torch.float64) * self.energy_std + self.energy_mean
         forces = out["forces"].detach() * self.force_std.to(out["forces"].dtype)
         return {"energy": energy.detach(), "forces": forces}
