@@ -91,9 +91,9 @@ def case_so2conv(variant: str, num_atoms: int, device: str, repeats: int) -> dic
     rss = _peak_rss_mb()
 
     def fn():
-        rot = EdgeRotation(edge_frames(vec), layout)
-        msg, _ = conv(rot.rotate(x[src]), x_edge)
-        out = scatter_sum(rot.rotate_back(msg, rescale), dst, num_atoms)
+        rot = EdgeRotation(edge_frames(vec), layout, rescale)
+        msg, _ = conv(rot.rotate(x.index_select(0, src)), x_edge)
+        out = scatter_sum(rot.rotate_back(msg), dst, num_atoms)
         out.pow(2).sum().backward()
 
     seconds = _timeit(fn, device, repeats)

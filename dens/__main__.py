@@ -54,10 +54,10 @@ class TourBlock(nn.Module):
         vec = pos[source] - pos[target]
         x = pos.new_zeros(n, self.layout.num_coefficients, self.embed.embedding_dim)
         x[:, 0] = self.embed(numbers)
-        rot = EdgeRotation(edge_frames(vec), self.layout)
+        rot = EdgeRotation(edge_frames(vec), self.layout, degree_rescale(self.layout))
         msg, gates = self.conv(rot.rotate(x[source]), self.rbf(vec.norm(dim=-1)))
         msg = self.act(gates, msg)
-        x = x + ops.scatter_sum(rot.rotate_back(msg, degree_rescale(self.layout).to(pos)), target, n)
+        x = x + ops.scatter_sum(rot.rotate_back(msg), target, n)
         return self.readout(self.norm(x))[:, 1:4, 0]  # the l = 1 rows are (x, y, z)
 
 
