@@ -13,8 +13,8 @@ behind each of our cells) and hands it to :func:`main`, which
 3. collects what the table reports from each run directory: the metrics of ``checkpoints/best.pt`` (EMA
    weights) on the splits given with ``--eval NAME=PATH`` (OC20/OC22) or on the MD17 test split, through
    :func:`dens.evaluate.evaluate` and, for IS2RE, :func:`dens.relax.relax_dataset`, cached in
-   ``<run_dir>/eval``; the parameter count; and the training time (GPU-hours) and throughput, estimated from
-   the throughput the trainer logs in ``metrics.jsonl`` (see :func:`training_summary`);
+   ``<run_dir>/eval``; the parameter count; and the training time (GPU-hours) and throughput, from the
+   wall time and world size the trainer logs in ``metrics.jsonl`` (see :func:`training_summary`);
 4. prints the table in the paper's layout, ``paper / ours`` in every cell, and writes it to ``--out`` as
    Markdown, CSV and JSON (with every run's raw results).
 
@@ -76,16 +76,7 @@ CHECK = "✓"
 # The paper's numbers, transcribed from the text of the paper (../shared/paper/dens-tmlr2024.txt)
 # ==================================================================================================
 #: Column order of the MD17 tables: energy (meV) and forces (meV/Å) per molecule.
-MOLECULES = (
-    "aspirin",
-    "benzene",
-    "ethanol",
-    "malonaldehyde",
-    "naphthalene",
-    "salicylic_acid",
-    "toluene",
-    "uracil",
-)
+MOLECULES = tuple(MD17_MOLECULES)  # the paper's order
 MOLECULE_TITLES = {m: m.replace("_", " ").capitalize() for m in MOLECULES}
 
 _EQ_L2 = "5.3 7.2 2.2 6.6 2.2 3.1 3.3 5.8 3.7 2.1 4.5 4.1 3.8 2.1 4.3 3.3"

@@ -57,7 +57,7 @@ TABLE = T.Table(
     notes=(
         "forces meV/Å, energy meV: mean over the four OC20 validation splits (best.pt, EMA weights)",
         "row 'eSCN 20': eSCN without / with DeNS in the EquiformerV2 / EquiformerV2 + DeNS columns",
-        "GPU-hours: the paper's on V100s; ours estimated from the throughput in metrics.jsonl, on our GPUs",
+        "GPU-hours: the paper's on V100s; ours from the wall times in metrics.jsonl, on our GPUs",
     ),
     eval_splits=T.OC20_VAL,
 )

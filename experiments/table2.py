@@ -75,7 +75,7 @@ TABLE = T.Table(
     rows=tuple(row(label) for label in T.PAPER["table2"]),
     notes=(
         "S2EF validation: mean over the four OC20 validation splits (best.pt, EMA weights)",
-        "throughput and GPU-hours: the paper's on V100s; ours estimated from metrics.jsonl, on our GPUs",
+        "throughput and GPU-hours: the paper's on V100s; ours from the wall times in metrics.jsonl, on our GPUs",
     ),
     eval_splits=(*T.OC20_VAL, *T.OC20_TEST, *T.OC20_IS2RE_TEST),
     relax_preset="oc20_all",

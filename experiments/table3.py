@@ -76,7 +76,7 @@ TABLE = T.Table(
     rows=tuple(row(label) for label in T.PAPER["table3"]),
     notes=(
         "validation: best.pt (EMA weights) on val_id and val_ood, total energies",
-        "GPU-hours: the paper's on V100s; ours estimated from metrics.jsonl, on our GPUs",
+        "GPU-hours: the paper's on V100s; ours from the wall times in metrics.jsonl, on our GPUs",
     ),
     eval_splits=(*T.OC22_VAL, *T.OC22_TEST, *T.OC22_IS2RE_TEST),
     relax_preset="oc22",

@@ -57,7 +57,7 @@ TABLE = T.Table(
     rows=tuple(row(label) for label in T.PAPER["table4"]),
     notes=(
         "test split: the structures after the 950 / 50 training / validation split (seed 1); best.pt",
-        "training time: mean over the molecules; the paper's on one A5000; ours estimated from metrics.jsonl",
+        "training time: mean over the molecules; the paper's on one A5000; ours from the wall times in metrics.jsonl",
     ),
 )
 

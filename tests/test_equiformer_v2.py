@@ -314,3 +314,9 @@ def test_split_heads_give_the_dens_loss_and_gradients_exactly(oc20):
     assert len(full_grads) > 100
     for a, b in zip(split_grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # no corrupted atom (inference): the force head on every edge, the noise head on none
+    with torch.no_grad():
+        clean = run(model, oc20, head_edges=split_head_edges(oc20["edge_index"], None))
+        reference = run(model, oc20)
+    torch.testing.assert_close(clean["forces"], reference["forces"], rtol=1e-12, atol=0)
+    assert clean["noise_head"].abs().max() == 0

@@ -454,7 +454,7 @@ class EquiformerV2(nn.Module):
         extra_embedding: Tensor | None = None,
         edge_frames: Tensor | None = None,
         noise_mask: Tensor | None = None,
-        head_edges: tuple[Tensor, Tensor] | None = None,
+        head_edges: tuple[Tensor | None, Tensor | None] | None = None,
     ) -> dict[str, Tensor]:
         """Energy, forces and (DeNS models) noise of a batch of structures.
 
@@ -483,7 +483,7 @@ class EquiformerV2(nn.Module):
             ``[N]`` bool: atoms whose output ``forces`` are the noise prediction (DeNS partial
             corruption). Both heads are always returned as well.
         head_edges : (Tensor, Tensor), optional
-            Indices of the edges on which the force head and the noise head run (see
+            Indices of the edges on which the force head and the noise head run, None for all (see
             :func:`~dens.models.heads.split_head_edges`). A head is exact on the targets of its edges and
             zero elsewhere: in DeNS training each atom needs only one of the two, so this halves the
             cost of the heads.

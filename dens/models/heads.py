@@ -35,13 +35,13 @@ def assemble_dens_forces(force_head: Tensor, noise_head: Tensor, noise_mask: Ten
     return torch.where(noise_mask[:, None], noise_head, force_head)
 
 
-def split_head_edges(edge_index: Tensor, noise_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def split_head_edges(edge_index: Tensor, noise_mask: Tensor | None) -> tuple[Tensor | None, Tensor]:
     """Edges of the force head (targets outside ``noise_mask``) and of the noise head (targets in it).
 
     A head's output at an atom depends only on the edges into that atom, and DeNS training reads the
     force head on uncorrupted atoms and the noise head on corrupted ones; running each head on its own
     edges gives those outputs exactly, at the cost of one head. ``noise_mask=None``: no atom is
-    corrupted. This synchronises with the device (the index sizes); call it outside a compiled region.
+    corrupted, and the force head keeps every edge (``None``, no index to apply). This synchronises with the device (the index sizes); call it outside a compiled region.
 
     Examples
     --------
@@ -51,6 +51,6 @@ def split_head_edges(edge_index: Tensor, noise_mask: Tensor | None) -> tuple[Ten
     ([0, 1, 3], [2])
     """
     if noise_mask is None:
-        return torch.arange(edge_index.shape[1], device=edge_index.device), edge_index.new_zeros(0)
+        return None, edge_index.new_zeros(0)
     to_noise = noise_mask.index_select(0, edge_index[1])
     return (~to_noise).nonzero().reshape(-1), to_noise.nonzero().reshape(-1)
