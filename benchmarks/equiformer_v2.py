@@ -1,13 +1,16 @@
 """Training-step time and peak memory of EquiformerV2 (figures, not tests).
 
-``python -m benchmarks.equiformer_v2 [--quick] [--preset oc20_2m] [--device cpu|cuda] [--amp bf16]``
+``python -m benchmarks.equiformer_v2 [--quick] [--preset oc20_2m] [--device cpu|cuda] [--amp bf16]
+[--malloc retain|default]``
 
 Each case runs in a fresh subprocess (its own peak memory). The batch is the one of the official
 measurement recorded in ``../shared/fixtures/official/README.md``: OC20 relaxation frames of
 ``random1000103`` (55 atoms) and ``random1000138`` (66 atoms), 12 Å / 20 neighbours (2420 edges), the graph
 built before timing. One step is forward, loss (``2|dE| + 100 mean ||dF||``; DeNS: Eq. 6 with the OC20-2M
 settings), backward, and optionally an AdamW step. The official figures on a 2-core machine of this kind
-(2 threads) were 24.6 s / 10.7 GB (S2EF) and 27.3 s / 11.3 GB (DeNS), forward+loss+backward.
+(2 threads) were 24.6 s / 10.7 GB (S2EF) and 27.3 s / 11.3 GB (DeNS), forward+loss+backward, with
+glibc's default malloc. On the CPU the cases retain freed memory as the trainer does
+(:func:`dens.runtime.retain_freed_memory`); ``--malloc default`` measures without, as the official figures.
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ def run_case(args: argparse.Namespace) -> dict:
     from dens.data.graph import radius_graph_pbc
     from dens.losses import DeNSSettings, LossSettings, corrupt, training_loss
     from dens.models import EquiformerV2, ForceField
+    from dens.runtime import retain_freed_memory
 
     torch.set_num_threads(args.threads)
+    if args.malloc == "retain" and args.device == "cpu":
+        retain_freed_memory()
     torch.manual_seed(0)
     device = torch.device(args.device)
     dens = args.mode == "dens"
@@ -107,6 +113,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--amp", default=None, choices=[None, "bf16", "fp16"])
     parser.add_argument("--optimizer", action="store_true", help="include an AdamW step")
+    parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                        help="CPU: retain freed memory as the trainer does, or glibc's default")  # fmt: skip
     parser.add_argument("--json", default=None)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,14 +126,15 @@ def main() -> None:
     results = []
     for mode in ("s2ef", "dens"):
         cmd = [sys.executable, "-m", "benchmarks.equiformer_v2", "--mode", mode, "--preset", args.preset,
-               "--device", args.device, "--threads", str(args.threads), "--repeats", str(args.repeats)]  # fmt: skip
+               "--device", args.device, "--threads", str(args.threads), "--repeats", str(args.repeats),
+               "--malloc", args.malloc]  # fmt: skip
         cmd += (["--quick"] if args.quick else []) + (["--optimizer"] if args.optimizer else [])
         cmd += ["--amp", args.amp] if args.amp else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results.append(json.loads(out))
     what = "fwd+loss+bwd" + ("+AdamW" if args.optimizer else "")
     print(f"EquiformerV2 {args.preset}{' (quick: tiny)' if args.quick else ''}: {what}, device {args.device}, "
-          f"{args.threads} threads, amp {args.amp}")  # fmt: skip
+          f"{args.threads} threads, amp {args.amp}, malloc {args.malloc}")  # fmt: skip
     print(
         f"{'mode':<6} {'params':>12} {'atoms':>6} {'edges':>6} {'median s':>9} {'struct/s':>9} {'peak GB':>8}"
     )

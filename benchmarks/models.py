@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.models [--quick] [--models eqv2_oc20_2m,...] [--dens off,on] [--compile off,on]
 [--compile-backend inductor|aot_eager] [--amp none,bf16] [--device cpu|cuda] [--threads N]
-[--batch-size N] [--warmup N] [--repeats N] [--json out.json]``
+[--batch-size N] [--warmup N] [--repeats N] [--malloc retain|default] [--json out.json]``
 
 Models: EquiformerV2 ``eqv2_oc20_2m`` (83M; 89M with DeNS), ``eqv2_oc20_all_md`` (153M / 160M) and
 ``eqv2_oc20_31m``; eSCN ``escn_oc20_2m`` (52M); Equiformer ``equiformer_md17_l2`` / ``_l3`` (3.5M / 5.5M;
@@ -34,6 +34,10 @@ without generating code, to check quickly that a model compiles. Peak memory of 
 one before the model was built, less the library code paged in meanwhile. A phase that fails (e.g.
 compiling the double backward of gradient forces) is recorded with its error, and the run goes on. On
 CUDA, training structures per GPU-second are printed beside the EquiformerV2 paper's V100 figures.
+
+On the CPU each case first calls :func:`dens.runtime.retain_freed_memory`, as the trainer does, so freed
+memory is reused instead of being unmapped and page-faulted back at every step; ``--malloc default``
+measures glibc's default behaviour instead.
 """
 
 from __future__ import annotations
@@ -146,6 +150,7 @@ class Case:
     quick: bool
     warmup: int
     repeats: int
+    retain_memory: bool = True  # dens.runtime.retain_freed_memory, as the trainer does on the CPU
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,7 +321,7 @@ def _trainer(
         dens = DeNSSettings.from_dict(yaml.safe_load((CONF / "dens" / "off.yaml").read_text()))
     settings = TrainerSettings(
         run_dir=run_dir, device=case.device, amp=None if case.amp == "none" else case.amp, resume=None,
-        tensorboard=False, progress_bar=False,
+        tensorboard=False, progress_bar=False, retain_freed_memory=case.retain_memory,
     )  # fmt: skip
     return Trainer(model, InMemoryDataset(items), None, optim, dens, settings)
 
@@ -327,9 +332,12 @@ def run_case(case: Case) -> dict[str, Any]:
 
     from dens.data import collate
     from dens.models import compile_backbone
+    from dens.runtime import retain_freed_memory
 
     if case.threads:
         torch.set_num_threads(case.threads)
+    if case.retain_memory and case.device == "cpu":
+        retain_freed_memory()
     torch.manual_seed(0)
     device = torch.device(case.device)
     spec = MODELS[case.model]
@@ -533,6 +541,8 @@ def main() -> None:
         help="calls before timing, the first reported on its own (default 2; 1 with --quick)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 5; 1 with --quick)")
+    parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                        help="CPU: retain freed memory as the trainer does (dens.runtime), or glibc's default")  # fmt: skip
     parser.add_argument("--json", default=None, help="write the machine, options and results here")
     args = parser.parse_args()
     compile_modes = args.compile or (["off"] if args.quick else ["off", "on"])
@@ -548,7 +558,7 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for model, dens, compiled, amp in itertools.product(args.models, args.dens, compile_modes, amps):
         case = Case(model, dens == "on", compiled == "on", args.compile_backend, amp, args.device,
-                    args.threads, args.batch_size, args.quick, warmup, repeats)  # fmt: skip
+                    args.threads, args.batch_size, args.quick, warmup, repeats, args.malloc == "retain")  # fmt: skip
         results.append(run_in_process(context, case))
         print(f"  {model} DeNS {dens} compile {compiled} amp {amp}: {_summary(results[-1])}", file=sys.stderr)
         if args.json:  # after every case, so that an interrupted run keeps what it measured
@@ -562,7 +572,7 @@ def main() -> None:
     backend = f"; compile backend {args.compile_backend}" if "on" in compile_modes else ""
     print(f"dens model benchmark: {size}, device {args.device} ({machine['device_name']}), "
           f"{machine['threads']} threads, torch {machine['torch']}; medians of {repeats} after {warmup} "
-          f"warm-up{backend}; wall {wall:.1f} s")  # fmt: skip
+          f"warm-up{backend}; malloc {args.malloc}; wall {wall:.1f} s")  # fmt: skip
     print_table(results)
     print_comparisons(results, args.quick)
 

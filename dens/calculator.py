@@ -36,6 +36,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.data import chemical_symbols
 from torch import nn
 
+from . import runtime
 from .data.batch import collate, make_structure
 from .data.graph import radius_graph_pbc
 from .evaluate import load_model, model_device, model_dtype
@@ -84,6 +85,10 @@ class DeNSCalculator(Calculator):
         a chemical bond, which no training structure has.
     warn_isolated : bool
         Log (once per calculator) when an atom has no neighbour within the cutoff.
+    retain_freed_memory : bool
+        On the CPU, call :func:`dens.runtime.retain_freed_memory` (process-wide): every MD or relaxation
+        step allocates the same large per-edge tensors, which glibc would otherwise unmap and page-fault
+        back each time.
     **kwargs
         Passed to :class:`ase.calculators.calculator.Calculator`.
 
@@ -100,10 +105,13 @@ class DeNSCalculator(Calculator):
         device: str | torch.device | None = None,
         min_cell_height: float = 0.5,
         warn_isolated: bool = True,
+        retain_freed_memory: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.device = torch.device(device) if device is not None else model_device(model)
+        if retain_freed_memory and self.device.type == "cpu":
+            runtime.retain_freed_memory()
         self.model = model.to(self.device).eval() if isinstance(model, nn.Module) else model
         self.dtype = model_dtype(model) if isinstance(model, nn.Module) else torch.float64
         self.min_cell_height = min_cell_height

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from .data import BalancedBatchSampler, Batch, collate, get_natoms
 from .losses import DeNSSettings, LossSettings, corrupt, step_counts, training_loss
 from .models.potential import ForceField, compile_backbone
+from .runtime import retain_freed_memory
 
 __all__ = ["EMA", "OptimSettings", "Trainer", "TrainerSettings", "cosine_lambda", "evaluate_s2ef"]
 
@@ -74,6 +75,7 @@ class TrainerSettings:
     grad_accumulation: int = 1
     amp: str | None = None  # None | bf16 | fp16
     compile: bool = False  # torch.compile the backbone (dynamic shapes; the wrapper stays eager)
+    retain_freed_memory: bool = True  # CPU training: reuse freed memory, no page faults (dens.runtime)
     eval_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 20
@@ -255,6 +257,8 @@ class Trainer:
         np.random.seed(settings.seed + self.rank)  # noqa: NPY002
         random.seed(settings.seed + self.rank)
 
+        if settings.retain_freed_memory and self.device.type == "cpu":
+            retain_freed_memory()
         self.model = model.to(self.device)
         if settings.compile:
             if not getattr(self.model, "direct_forces", True):

@@ -118,3 +118,40 @@ def test_m_major_grid_consistent_with_l_major():
     torch.testing.assert_close(b.to_grid_mat, a.to_grid_mat[:, perm])
     D = wigner_D(random_rotation(), 4)
     assert D.shape == (25, 25)
+
+
+class _PlainSiLU(torch.nn.SiLU):
+    """A SiLU that S2Activation does not recognise: the unfused reference path."""
+
+
+@pytest.mark.parametrize(("num", "channels"), [(50, 20), (3, 4), (0, 4)])
+def test_fused_grid_silu_equals_plain_path(num, channels):
+    """The chunked, recomputing SiLU path gives the plain ``from_grid(silu(to_grid(x)))`` and its gradient
+    (50 x 20 rows span three chunks of an 18 x 18 grid); ``first_row`` drops leading rows."""
+    grid = SphereGrid(6, 2, resolution=18, rescale=True, m_major=True)
+    fused, plain = S2Activation(grid), S2Activation(grid, _PlainSiLU())
+    x = torch.randn(num, grid.to_grid_mat.shape[1], channels)
+    for first_row in (0, 1):
+        xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yf, yp = fused(xf, first_row=first_row), plain(xp, first_row=first_row)
+        assert yf.shape == (num, x.shape[1] - first_row, channels)
+        torch.testing.assert_close(yf, yp, rtol=0, atol=1e-12)
+        g = torch.randn_like(yp)
+        (gf,) = torch.autograd.grad(yf, xf, g)
+        (gp,) = torch.autograd.grad(yp, xp, g)
+        torch.testing.assert_close(gf, gp, rtol=0, atol=1e-12)
+
+
+def test_fused_grid_silu_second_derivatives():
+    """Gradient-force training differentiates the backward: it must be exact (gradgradcheck)."""
+    act = S2Activation(SphereGrid(2, 2, resolution=(6, 5), m_major=True))
+    x = torch.randn(2, 9, 3, requires_grad=True)
+    assert torch.autograd.gradcheck(act, (x,))
+    assert torch.autograd.gradgradcheck(act, (x,))
+
+
+def test_fused_grid_silu_refuses_trainable_grid():
+    grid = SphereGrid(2, resolution=6)
+    grid.to_grid_mat.requires_grad_(True)
+    with pytest.raises(ValueError, match="grid matrices"):
+        S2Activation(grid)(torch.randn(2, 9, 3))

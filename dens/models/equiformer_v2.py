@@ -162,7 +162,11 @@ class SO2GraphAttention(nn.Module):
             [rbf, self.source_embedding(atomic_numbers[src]), self.target_embedding(atomic_numbers[dst])],
             dim=1,
         )
-        message = rotation.rotate(torch.cat([x.index_select(0, src), x.index_select(0, dst)], dim=2))
+        # rotate source and target features apart, then concatenate the smaller edge-frame tensors: a
+        # gather's backward (index_add_) is some 10x slower on the non-contiguous gradient slices of a cat
+        message = torch.cat(
+            [rotation.rotate(x.index_select(0, src)), rotation.rotate(x.index_select(0, dst))], dim=2
+        )
         message, extra = self.so2_conv_1(message, x_edge)
         alpha, gates = extra.split(
             [self.num_heads * self.alpha_channels, extra.shape[1] - self.num_heads * self.alpha_channels],

@@ -52,7 +52,7 @@ from ..ops import scatter_sum
 from .force_encoder import ForceEncoder
 from .heads import assemble_dens_forces
 from .layers import GaussianSmearing
-from .s2 import SphereGrid
+from .s2 import S2Activation, SphereGrid
 from .so2 import EdgeRotation
 from .so3 import CoefficientLayout, precompute, spherical_harmonics
 from .so3 import edge_frames as deterministic_edge_frames
@@ -263,8 +263,7 @@ class MessageBlock(nn.Module):
         self.edge = EdgeBlock(edge_channels, distance_expansion, max_num_elements)
         self.so2_source = SO2Block(channels, hidden_channels, edge_channels, layout)
         self.so2_target = SO2Block(channels, hidden_channels, edge_channels, layout)
-        self.message_grid = message_grid
-        self.act = nn.SiLU()
+        self.s2_act = S2Activation(message_grid)
 
     def forward(
         self,
@@ -279,8 +278,7 @@ class MessageBlock(nn.Module):
         x_edge = self.edge(distance, atomic_numbers[source], atomic_numbers[target])
         message = self.so2_source(rotation.rotate(x.index_select(0, source)), x_edge)
         message = message + self.so2_target(rotation.rotate(x.index_select(0, target)), x_edge)
-        grid = self.message_grid
-        message = grid.from_grid(self.act(grid.to_grid(message)))
+        message = self.s2_act(message)
         message = rotation.rotate_back(message)
         return scatter_sum(message, target, x.shape[0])
 
