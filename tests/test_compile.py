@@ -1,13 +1,15 @@
 """torch.compile: the backbones trace as one graph (no host-device synchronisation, which would break it)
 and do not recompile when the graph size changes."""
 
+import copy
+
 import pytest
 import torch
 import torch._dynamo
 
 from dens.data import collate, make_structure
 from dens.data.graph import radius_graph_pbc
-from dens.models import ESCN, EquiformerV2, compile_backbone
+from dens.models import ESCN, Equiformer, EquiformerV2, compile_backbone
 from dens.models.heads import split_head_edges
 
 
@@ -79,4 +81,26 @@ def test_regional_compile_shares_one_graph_between_identical_blocks():
         args = (batch.atomic_numbers, batch.pos, batch.batch, edge_index, torch.zeros(edge_index.shape[1], 3))
         model(*args, batch.num_graphs)
     # one graph for the three Transformer blocks and one for the force head, whatever the size
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_equiformer_inference_compiles_block_by_block():
+    """Equiformer's gradient forces (one backward through the compiled blocks) equal eager ones for every
+    size; the first blocks share a graph and the last one (other output irreps) has its own. Training it
+    compiled needs a double backward, which torch.compile does not support (the trainer refuses)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    reference = Equiformer(
+        irreps_node_embedding="8x0e+4x1e+2x2e", num_layers=3, irreps_sh="1x0e+1x1e+1x2e", number_of_basis=8,
+        fc_neurons=[8], irreps_feature="16x0e+8x1e+4x2e", irreps_head="4x0e+2x1e+1x2e", num_heads=2,
+        irreps_mlp_mid="16x0e+8x1e+4x2e", use_force_encoding=True, irreps_force_encoding="1x0e+1x1e+1x2e",
+    ).eval()  # fmt: skip
+    model = compile_backbone(copy.deepcopy(reference), backend="aot_eager", fullgraph=True)
+    for batch, edge_index, mask in graphs():
+        args = (batch.atomic_numbers, batch.pos, batch.batch, edge_index, torch.zeros(edge_index.shape[1], 3))
+        out = model(*args, batch.num_graphs, noise_mask=mask)
+        ref = reference(*args, batch.num_graphs, noise_mask=mask)
+        for key in ("energy", "forces", "noise_head"):
+            torch.testing.assert_close(out[key], ref[key])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2

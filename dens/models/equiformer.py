@@ -171,6 +171,9 @@ class IrrepsLinear(nn.Module):
     def __init__(self, irreps_in: str | o3.Irreps, irreps_out: str | o3.Irreps, bias: bool = True) -> None:
         super().__init__()
         self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+        # (mul, 2l+1) per block as plain ints: forward never touches e3nn objects (torch.compile guards)
+        self.in_blocks = tuple((mul, ir.dim) for mul, ir in self.irreps_in)
+        self.out_blocks = tuple((mul, ir.dim) for mul, ir in self.irreps_out)
         self.paths: list[tuple[int, int, slice]] = []
         offset = 0
         for i, (mul_in, ir_in) in enumerate(self.irreps_in):
@@ -208,20 +211,20 @@ class IrrepsLinear(nn.Module):
         a concatenation, whose double backward (gradient forces) costs a full-size buffer per piece.
         """
         if isinstance(x, Tensor):
-            xs = x.split([mul * ir.dim for mul, ir in self.irreps_in], dim=1)
+            xs = x.split([mul * dim for mul, dim in self.in_blocks], dim=1)
             return [
-                (i, 0, xi.reshape(x.shape[0], mul, ir.dim))
-                for i, (xi, (mul, ir)) in enumerate(zip(xs, self.irreps_in, strict=True))
+                (i, 0, xi.reshape(x.shape[0], mul, dim))
+                for i, (xi, (mul, dim)) in enumerate(zip(xs, self.in_blocks, strict=True))
             ]
         pieces, block, used = [], 0, 0
         for piece in x:
-            if block >= len(self.irreps_in) or piece.shape[2] != self.irreps_in[block].ir.dim:
+            if block >= len(self.in_blocks) or piece.shape[2] != self.in_blocks[block][1]:
                 raise ValueError(f"input pieces do not match {self.irreps_in}")
             pieces.append((block, used, piece))
             used += piece.shape[1]
-            if used == self.irreps_in[block].mul:
+            if used == self.in_blocks[block][0]:
                 block, used = block + 1, 0
-        if block != len(self.irreps_in):
+        if block != len(self.in_blocks):
             raise ValueError(f"input pieces do not cover {self.irreps_in}")
         return pieces
 
@@ -231,16 +234,16 @@ class IrrepsLinear(nn.Module):
         n = pieces[0][2].shape[0]
         # split the weight once: a slice per path would cost a full-size zero gradient each in backward
         ws = self.weight.split([sl.stop - sl.start for _, _, sl in self.paths])
-        blocks: list[Tensor | None] = [None] * len(self.irreps_out)
+        blocks: list[Tensor | None] = [None] * len(self.out_blocks)
         for (i, o, _), w in zip(self.paths, ws, strict=True):
-            w = w.view(self.irreps_in[i].mul, self.irreps_out[o].mul)
+            w = w.view(self.in_blocks[i][0], self.out_blocks[o][0])
             for block, first, piece in pieces:
                 if block == i:
                     y = torch.einsum("nui,uw->nwi", piece, w[first : first + piece.shape[1]])
                     blocks[o] = y if blocks[o] is None else blocks[o] + y
         parts = [
-            (b.reshape(n, -1) if b is not None else self.weight.new_zeros(n, mul * ir.dim))
-            for b, (mul, ir) in zip(blocks, self.irreps_out, strict=True)
+            (b.reshape(n, -1) if b is not None else self.weight.new_zeros(n, mul * dim))
+            for b, (mul, dim) in zip(blocks, self.out_blocks, strict=True)
         ]
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         if self.bias is not None:
@@ -286,6 +289,7 @@ class DepthwiseTensorProduct(nn.Module):
     ) -> None:
         super().__init__()
         self.irreps_in, self.irreps_sh = o3.Irreps(irreps_in), o3.Irreps(irreps_sh)
+        self.in_blocks = tuple((mul, ir.dim) for mul, ir in self.irreps_in)  # plain ints for forward
         irreps_filter = o3.Irreps(irreps_filter)
         raw: list[tuple[int, int, int, o3.Irrep]] = []
         for i, (mul, ir_in) in enumerate(self.irreps_in):
@@ -370,21 +374,19 @@ class DepthwiseTensorProduct(nn.Module):
             weight = self.weight.unsqueeze(0)
         n = x.shape[0]
         # split once (per-path slices would each cost a full-size zero gradient in backward)
-        xs = x.split([mul * ir.dim for mul, ir in self.irreps_in], dim=1)
+        xs = x.split([mul * dim for mul, dim in self.in_blocks], dim=1)
         ws = weight.split(
-            [len(paths) * mul for paths, (mul, _) in zip(self.block_paths, self.irreps_in, strict=True)],
+            [len(paths) * mul for paths, (mul, _) in zip(self.block_paths, self.in_blocks, strict=True)],
             dim=1,
         )
         out: list[Tensor | None] = [None] * len(self.paths)
         for i, paths in enumerate(self.block_paths):
             if not paths:
                 continue
-            mul, ir = self.irreps_in[i]
+            mul, dim = self.in_blocks[i]
             stack = getattr(self, f"stack_{i}").to(x.dtype)  # [S, 2l1+1, K]
-            coupling = (sh @ stack.reshape(stack.shape[0], -1)).view(
-                n if sh.shape[0] == n else -1, ir.dim, -1
-            )
-            y = torch.bmm(xs[i].reshape(n, mul, ir.dim), coupling.expand(n, -1, -1))  # [E, mul, K]
+            coupling = (sh @ stack.reshape(stack.shape[0], -1)).view(n if sh.shape[0] == n else -1, dim, -1)
+            y = torch.bmm(xs[i].reshape(n, mul, dim), coupling.expand(n, -1, -1))  # [E, mul, K]
             w = ws[i].reshape(ws[i].shape[0], len(paths), mul).transpose(1, 2)  # [E, mul, paths]
             y = y * w.index_select(2, getattr(self, f"column_path_{i}"))
             pieces = y.split([2 * self.paths[k][3][2] + 1 for k in paths], dim=2)
@@ -464,24 +466,25 @@ class IrrepsLayerNorm(nn.Module):
     def __init__(self, irreps: str | o3.Irreps, eps: float = 1e-5) -> None:
         super().__init__()
         self.irreps, self.eps = o3.Irreps(irreps), eps
+        self.blocks = tuple((mul, ir.dim, _is_scalar(ir)) for mul, ir in self.irreps)  # plain, for forward
         self.affine_weight = nn.Parameter(torch.ones(self.irreps.num_irreps))
         self.affine_bias = nn.Parameter(torch.zeros(sum(m for m, ir in self.irreps if _is_scalar(ir))))
 
     def forward(self, x: Tensor) -> Tensor:
         fields, iw, ib = [], 0, 0
-        blocks = x.split([mul * ir.dim for mul, ir in self.irreps], dim=1)
-        for (mul, ir), block in zip(self.irreps, blocks, strict=True):
-            field = block.reshape(-1, mul, ir.dim)
-            if _is_scalar(ir):
+        blocks = x.split([mul * dim for mul, dim, _ in self.blocks], dim=1)
+        for (mul, dim, scalar), block in zip(self.blocks, blocks, strict=True):
+            field = block.reshape(-1, mul, dim)
+            if scalar:
                 field = field - field.mean(dim=1, keepdim=True)
             norm = field.pow(2).mean(dim=-1).mean(dim=1, keepdim=True)
             scale = (norm + self.eps).pow(-0.5) * self.affine_weight[iw : iw + mul]
             iw += mul
             field = field * scale.unsqueeze(-1)
-            if _is_scalar(ir):
+            if scalar:
                 field = field + self.affine_bias[ib : ib + mul].unsqueeze(-1)
                 ib += mul
-            fields.append(field.reshape(-1, mul * ir.dim))
+            fields.append(field.reshape(-1, mul * dim))
         return torch.cat(fields, dim=-1)
 
 
@@ -528,6 +531,7 @@ class IrrepsDropout(nn.Module):
     def __init__(self, irreps: str | o3.Irreps, p: float) -> None:
         super().__init__()
         self.irreps, self.p = o3.Irreps(irreps), p
+        self.num_copies = self.irreps.num_irreps
         # the irrep copy of every component
         index = [
             k
@@ -539,7 +543,7 @@ class IrrepsDropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = torch.empty(x.shape[0], self.irreps.num_irreps, dtype=x.dtype, device=x.device)
+        keep = torch.empty(x.shape[0], self.num_copies, dtype=x.dtype, device=x.device)
         keep = keep.bernoulli_(1 - self.p) / (1 - self.p)
         return x * keep[:, self.copy_index]
 
@@ -804,11 +808,11 @@ class IrrepsForceEncoder(nn.Module):
         if any(mul != 1 for mul, _ in self.irreps_force):
             raise ValueError(f"irreps_force must hold each degree once, got {self.irreps_force}")
         self.linear = IrrepsLinear(self.irreps_force, irreps_out)
+        self.degrees = [ir.l for _, ir in self.irreps_force]
 
     def forward(self, forces: Tensor, mask: Tensor | None = None) -> Tensor:
         """``forces [N, 3]``; ``mask [N]`` bool: atoms whose force is encoded (all if None)."""
-        ls = [ir.l for _, ir in self.irreps_force]
-        sh = o3.spherical_harmonics(ls, forces, normalize=True, normalization="component")
+        sh = o3.spherical_harmonics(self.degrees, forces, normalize=True, normalization="component")
         if mask is not None:
             sh = sh * mask.to(sh.dtype).unsqueeze(-1)
         sh = sh * (forces.norm(dim=-1, keepdim=True) / math.sqrt(3.0))
@@ -915,6 +919,7 @@ class Equiformer(nn.Module):
         if any(mul != 1 or ir.p != 1 for mul, ir in sh):
             raise ValueError(f"irreps_sh must be '1x0e+1x1e+...' (one even irrep per degree), got {sh}")
         self.irreps_node, self.irreps_feature, self.irreps_sh = node, feature, sh
+        self.sh_degrees = [ir.l for _, ir in sh]
         self.max_radius, self.max_atom_type, self.avg_num_nodes = max_radius, max_atom_type, avg_num_nodes
         self.weight_init = weight_init
         fc = [number_of_basis, *fc_neurons]
@@ -1055,8 +1060,7 @@ class Equiformer(nn.Module):
             num_atoms = atomic_numbers.shape[0]
             src, dst = edge_index
             edge_vec = pos[src] + edge_shift.to(pos.dtype) - pos[dst]
-            ls = [ir.l for _, ir in self.irreps_sh]
-            sh = o3.spherical_harmonics(ls, edge_vec, normalize=True, normalization="component")
+            sh = o3.spherical_harmonics(self.sh_degrees, edge_vec, normalize=True, normalization="component")
             radial_basis = self.radial_basis(edge_vec.norm(dim=-1))
 
             one_hot = torch.nn.functional.one_hot(atomic_numbers, self.max_atom_type).to(pos.dtype)
