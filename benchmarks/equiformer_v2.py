@@ -7,10 +7,11 @@ Each case runs in a fresh subprocess (its own peak memory). The batch is the one
 measurement recorded in ``../shared/fixtures/official/README.md``: OC20 relaxation frames of
 ``random1000103`` (55 atoms) and ``random1000138`` (66 atoms), 12 Å / 20 neighbours (2420 edges), the graph
 built before timing. One step is forward, loss (``2|dE| + 100 mean ||dF||``; DeNS: Eq. 6 with the OC20-2M
-settings), backward, and optionally an AdamW step. The official figures on a 2-core machine of this kind
-(2 threads) were 24.6 s / 10.7 GB (S2EF) and 27.3 s / 11.3 GB (DeNS), forward+loss+backward, with
-glibc's default malloc. On the CPU the cases retain freed memory as the trainer does
-(:func:`dens.runtime.retain_freed_memory`); ``--malloc default`` measures without, as the official figures.
+settings), backward, and optionally an AdamW step. The official figures (a 2-core AMD EPYC VM, 2
+threads, glibc's default malloc) were 24.6 s / 10.7 GB (S2EF) and 27.3 s / 11.3 GB (DeNS),
+forward+loss+backward; the ratios printed against them compare machines. On the CPU the cases retain
+freed memory as the trainer does (:func:`dens.runtime.retain_freed_memory`); ``--malloc default``
+measures without, as the official figures were.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def main() -> None:
     if args.device == "cpu" and not args.quick and args.preset == "oc20_2m":
         for r in results:
             t, m = OFFICIAL_CPU[r["mode"]]
-            print(f"  {r['mode']}: official design {t} s / {m} GB on this machine kind: "
+            print(f"  {r['mode']}: official design {t} s / {m} GB (recorded: 2-core AMD EPYC VM, default malloc): "
                   f"{t / r['median_s']:.2f}x time, {m / max(r['peak_gb'], 1e-9):.2f}x memory")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
