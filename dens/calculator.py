@@ -86,9 +86,9 @@ class DeNSCalculator(Calculator):
     warn_isolated : bool
         Log (once per calculator) when an atom has no neighbour within the cutoff.
     retain_freed_memory : bool
-        On the CPU, call :func:`dens.runtime.retain_freed_memory` (process-wide): every MD or relaxation
-        step allocates the same large per-edge tensors, which glibc would otherwise unmap and page-fault
-        back each time.
+        On the CPU, call :func:`dens.runtime.retain_freed_memory`: every MD or relaxation step allocates
+        the same large per-edge tensors, which glibc would otherwise unmap and page-fault back each time.
+        Off by default, since it changes the allocator of the whole process.
     **kwargs
         Passed to :class:`ase.calculators.calculator.Calculator`.
 
@@ -105,7 +105,7 @@ class DeNSCalculator(Calculator):
         device: str | torch.device | None = None,
         min_cell_height: float = 0.5,
         warn_isolated: bool = True,
-        retain_freed_memory: bool = True,
+        retain_freed_memory: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

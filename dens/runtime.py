@@ -22,6 +22,7 @@ __all__ = ["retain_freed_memory"]
 logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
+_M_MMAP_MAX = -4
 _M_MMAP_THRESHOLD = -3
 _applied = False
 
@@ -29,21 +30,22 @@ _applied = False
 def retain_freed_memory(max_block: int = 1 << 30) -> bool:
     """Keep freed CPU memory in the process for reuse instead of unmapping it (glibc only).
 
-    Sets glibc's ``M_MMAP_THRESHOLD`` to ``max_block`` bytes (blocks up to that size come from the heap)
-    and ``M_TRIM_THRESHOLD`` to twice that (free memory is not handed back below it). It affects the
-    whole process, from the call on, and only speed and resident memory: the resident size stays near
-    its peak after large tensors are freed. The trainer calls it when it trains on the CPU
-    (``trainer.retain_freed_memory``).
+    Sets glibc's ``M_MMAP_THRESHOLD`` to ``max_block`` bytes (blocks up to that size come from the heap;
+    older glibc caps it at 32 MB, and then ``M_MMAP_MAX = 0`` serves every block from the heap
+    instead) and ``M_TRIM_THRESHOLD`` to twice that (free memory is not handed back below it). It affects
+    the whole process, from the call on, and only speed and resident memory: the resident size stays near
+    its peak after large tensors are freed. The first successful call's settings stay. The trainer calls
+    it when it trains on the CPU (``trainer.retain_freed_memory``).
 
     Parameters
     ----------
     max_block : int
-        Largest block, in bytes, served from the heap.
+        Largest block, in bytes, served from the heap (below 2 GiB).
 
     Returns
     -------
     bool
-        True if glibc accepted both settings; False elsewhere (macOS, Windows, musl), where nothing
+        True if glibc accepted the settings; False elsewhere (macOS, Windows, musl), where nothing
         changes.
 
     Examples
@@ -52,6 +54,8 @@ def retain_freed_memory(max_block: int = 1 << 30) -> bool:
     True
     """
     global _applied
+    if not 0 < max_block < 2**31:
+        raise ValueError(f"max_block must be between 1 byte and 2 GiB, got {max_block}")
     if _applied:
         return True
     if not sys.platform.startswith("linux"):
@@ -62,8 +66,8 @@ def retain_freed_memory(max_block: int = 1 << 30) -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    limit = min(2 * max_block, 2**31 - 1)
-    _applied = mallopt(_M_MMAP_THRESHOLD, max_block) == 1 and mallopt(_M_TRIM_THRESHOLD, limit) == 1
+    heap_only = mallopt(_M_MMAP_THRESHOLD, max_block) == 1 or mallopt(_M_MMAP_MAX, 0) == 1
+    _applied = heap_only and mallopt(_M_TRIM_THRESHOLD, min(2 * max_block, 2**31 - 1)) == 1
     if not _applied:
         logger.info("glibc refused the malloc settings; freed memory is unmapped as usual")
     return _applied

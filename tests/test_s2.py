@@ -155,3 +155,30 @@ def test_fused_grid_silu_refuses_trainable_grid():
     grid.to_grid_mat.requires_grad_(True)
     with pytest.raises(ValueError, match="grid matrices"):
         S2Activation(grid)(torch.randn(2, 9, 3))
+
+
+@pytest.mark.parametrize("shape", [(29, 4), (2, 3, 29, 4)])
+def test_s2_activation_keeps_leading_dimensions(shape):
+    """Inputs other than ``[N, K, C]`` take the plain path, as before the fused one existed."""
+    grid = SphereGrid(6, 2, resolution=18, rescale=True, m_major=True)
+    x = torch.randn(*shape)
+    out = S2Activation(grid)(x, first_row=1)
+    torch.testing.assert_close(out, S2Activation(grid, _PlainSiLU())(x, first_row=1))
+    assert out.shape == (*shape[:-2], 28, shape[-1])
+
+
+def test_fused_grid_silu_under_bf16_autocast_matches_the_plain_path():
+    """Under autocast the products run in bf16 in both directions, as the plain path's would; the input's
+    gradient keeps the input's dtype."""
+    grid = SphereGrid(6, 2, resolution=18, rescale=True, m_major=True).float()
+    x = torch.randn(20, 29, 8, dtype=torch.float32)
+    grads = []
+    for act in (S2Activation(grid), S2Activation(grid, _PlainSiLU())):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = act(xi)
+        assert y.dtype == torch.bfloat16
+        y.float().pow(2).sum().backward()
+        grads.append(xi.grad)
+    assert grads[0].dtype == torch.float32
+    torch.testing.assert_close(grads[0], grads[1], rtol=0.05, atol=0.05 * float(grads[1].abs().max()))

@@ -175,19 +175,25 @@ class _GridSiLU(torch.autograd.Function):
             raise ValueError("the fused grid activation does not train the grid matrices")
         ctx.save_for_backward(x, to_grid, from_grid)
         chunk = _chunk_rows(x, to_grid.shape[1])
-        return torch.cat([F.silu(part @ to_grid) @ from_grid for part in x.split(chunk)])
+        return _cat([F.silu(part @ to_grid) @ from_grid for part in x.split(chunk)])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         x, to_grid, from_grid = ctx.saved_tensors
-        grad = grad.to(x.dtype)  # under autocast the forward's products ran in lower precision
+        # under autocast the forward's products ran in the gradient's (lower) precision: so does the backward
+        input_dtype = x.dtype
+        x, to_grid, from_grid = x.to(grad.dtype), to_grid.to(grad.dtype), from_grid.to(grad.dtype)
         if torch.is_grad_enabled():  # create_graph: keep the backward differentiable
-            return _silu_grid_backward(x, grad, to_grid, from_grid), None, None
+            return _silu_grid_backward(x, grad, to_grid, from_grid).to(input_dtype), None, None
         chunk = _chunk_rows(x, to_grid.shape[1])
         parts = zip(x.split(chunk), grad.split(chunk), strict=True)
         # aten's fused silu_backward: one pass over each chunk's grid instead of six
         grads = [torch.ops.aten.silu_backward(gp @ from_grid.T, xp @ to_grid) @ to_grid.T for xp, gp in parts]
-        return torch.cat(grads), None, None
+        return _cat(grads).to(input_dtype), None, None
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _silu_grid_backward(x: Tensor, grad: Tensor, to_grid: Tensor, from_grid: Tensor) -> Tensor:
@@ -199,7 +205,7 @@ def _silu_grid_backward(x: Tensor, grad: Tensor, to_grid: Tensor, from_grid: Ten
 
 def _grid_silu(x: Tensor, grid: SphereGrid, first_row: int = 0) -> Tensor:
     """``from_grid(silu(to_grid(x)))[:, first_row:]`` for ``x`` ``[N, K, C]`` through one matrix product per
-    chunk of ``N * C`` rows (instead of ``N`` small ones)."""
+    chunk of ``N * C`` rows (instead of ``N`` small ones). The result is a transposed (non-contiguous) view."""
     num, rows, channels = x.shape
     to_grid = grid.to_grid_mat.to(x.dtype).T
     from_grid = grid.from_grid_mat[first_row:].to(x.dtype).T
@@ -231,11 +237,11 @@ class S2Activation(nn.Module):
         self.act = activation if activation is not None else nn.SiLU()
 
     def forward(self, x: Tensor, first_row: int = 0) -> Tensor:
-        """``[N, K, C]`` -> ``[N, K - first_row, C]`` (rows before ``first_row`` are not computed)."""
-        if type(self.act) is nn.SiLU:
+        """``[..., K, C]`` -> ``[..., K - first_row, C]`` (rows before ``first_row`` are not computed)."""
+        if type(self.act) is nn.SiLU and x.dim() == 3:
             return _grid_silu(x, self.grid, first_row)
         y = self.grid.from_grid(self.act(self.grid.to_grid(x)))
-        return y[:, first_row:] if first_row else y
+        return y[..., first_row:, :] if first_row else y
 
 
 class SeparableS2Activation(nn.Module):

@@ -157,11 +157,8 @@ class SO2Convolution(nn.Module):
         """``x``: ``[E, R, in]`` (m-major) -> (``[E, R, out]``, extra ``[E, extra]`` or None)."""
         num_edges = x.shape[0]
         m_size = self.layout.m_size
-        # split, not slices: the backward of a split concatenates, that of a slice zero-fills the input;
-        # splitting the flattened rows gives strided views that the matrix products read without a copy
-        blocks = x.reshape(num_edges, x.shape[1] * x.shape[2]).split(
-            [n * self.in_channels for n in (m_size[0], *(2 * n for n in m_size[1:]))], dim=1
-        )
+        # split, not slices: the backward of a split concatenates, that of a slice zero-fills the input
+        blocks = x.split([m_size[0], *(2 * n for n in m_size[1:])], dim=1)
         radial: list[Tensor | None] = [None] * len(m_size)
         if self.rad_func is not None:
             radial = list(self.rad_func(x_edge).split([n * self.in_channels for n in m_size], dim=1))
