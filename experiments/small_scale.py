@@ -78,31 +78,22 @@ def build_oc20(cache: Path, smoke: bool = False) -> dict[str, Path]:
     relaxations; validation ``OC20_VAL_FRAMES`` frames of its relaxation.
     """
     from dens.data import write_lmdb
-    from dens.data.batch import make_structure
+    from dens.data.demo import OC20Relaxations
 
     out = cache / ("oc20_smoke" if smoke else "oc20")
     paths = {split: out / split for split in ("train", "val", "test")}
     if all((p / "metadata.npz").is_file() for p in paths.values()):
         return paths
-    with np.load(OC20_FILE) as f:
-        data = {k: f[k] for k in f.files if k != "README"}
-    natoms = data["natoms"].astype(int)
-    atom_off = np.concatenate([[0], np.cumsum(natoms)])
-    frame_rows = np.concatenate([[0], np.cumsum(natoms[data["frame_system"]])])
+    relaxations = OC20Relaxations(OC20_FILE)
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
-    for s, sid in enumerate(data["sid"].tolist()):
+    for s, sid in enumerate(relaxations.sids):
         split = next((k for k, v in OC20_SPLIT.items() if sid in v), "train")
-        frames = np.nonzero(data["frame_system"] == s)[0]
-        frames = frames[np.argsort(data["frame_index"][frames])]
-        e_relaxed = float(data["energy"][frames[-1]])
-        keep = [
-            f
-            for f in frames
-            if np.linalg.norm(data["forces"][frame_rows[f] : frame_rows[f + 1]], axis=1).max()
-            <= OC20_MAX_FORCE
-        ]
+        frames = relaxations.frames(s)
+        e_relaxed = float(relaxations.data["energy"][frames[-1]])
+        keep = [f for f in frames if relaxations.max_force(f) <= OC20_MAX_FORCE]
         if smoke and (
-            (split == "train" and natoms[s] > 60) or (split != "train" and sid != OC20_SPLIT[split][0])
+            (split == "train" and relaxations.natoms[s] > 60)
+            or (split != "train" and sid != OC20_SPLIT[split][0])
         ):
             continue  # smoke: the small training systems and one system per held-out split, three frames each
         if split == "val" or smoke:
@@ -110,23 +101,7 @@ def build_oc20(cache: Path, smoke: bool = False) -> dict[str, Path]:
             keep = [
                 keep[i] for i in sorted(set(np.linspace(0, len(keep) - 1, n).round().astype(int).tolist()))
             ]
-        a0, a1 = atom_off[s], atom_off[s + 1]
-        for f in keep:
-            rows = slice(frame_rows[f], frame_rows[f + 1])
-            splits[split].append(
-                make_structure(
-                    pos=data["positions"][rows],
-                    atomic_numbers=data["atomic_numbers"][a0:a1].astype(np.int64),
-                    cell=data["cell"][s],
-                    pbc=data["pbc"],
-                    tags=data["tags"][a0:a1].astype(np.int64),
-                    fixed=data["fixed"][a0:a1],
-                    energy=float(data["energy"][f]) - e_relaxed,
-                    forces=data["forces"][rows],
-                    sid=int(sid.removeprefix("random")),
-                    fid=int(data["frame_index"][f]),
-                )
-            )
+        splits[split] += [relaxations.structure(s, f, e_relaxed) for f in keep]
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     for split, structures in splits.items():

@@ -43,7 +43,7 @@ import numpy as np
 from .batch import make_structure
 from .lmdb import LmdbDataset, write_lmdb
 
-__all__ = ["DEMO_DIR", "DEMO_SPLITS", "build_demo", "demo_dataset", "demo_path"]
+__all__ = ["DEMO_DIR", "DEMO_SPLITS", "OC20Relaxations", "build_demo", "demo_dataset", "demo_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,53 @@ def demo_dataset(split: str = "train", **kwargs: Any) -> LmdbDataset:
     return LmdbDataset(demo_path(split), **kwargs)
 
 
+class OC20Relaxations:
+    """The OC20 relaxation ``.npz`` (``../shared/data/oc20``): its systems, their frames in relaxation order,
+    and each frame as an S2EF structure.
+
+    Parameters
+    ----------
+    source : str or Path
+        ``oc20_dft_relax_20sys.npz``.
+    """
+
+    def __init__(self, source: str | Path) -> None:
+        with np.load(source) as d:
+            self.data = {k: d[k] for k in d.files if k != "README"}
+        self.natoms = self.data["natoms"].astype(int)
+        self.sids: list[str] = self.data["sid"].tolist()
+        self._atom_off = np.concatenate([[0], np.cumsum(self.natoms)])
+        # row offset of every frame in the concatenated positions / forces
+        self._frame_rows = np.concatenate([[0], np.cumsum(self.natoms[self.data["frame_system"]])])
+
+    def frames(self, system: int) -> np.ndarray:
+        """Frame indices of one system, in relaxation order (the last is the relaxed structure)."""
+        frames = np.nonzero(self.data["frame_system"] == system)[0]
+        return frames[np.argsort(self.data["frame_index"][frames])]
+
+    def max_force(self, frame: int) -> float:
+        """Largest atomic force of a frame (eV/Å)."""
+        rows = slice(self._frame_rows[frame], self._frame_rows[frame + 1])
+        return float(np.linalg.norm(self.data["forces"][rows], axis=1).max())
+
+    def structure(self, system: int, frame: int, reference_energy: float) -> dict[str, Any]:
+        """A frame with energy target ``E_DFT(frame) - reference_energy`` (eV) and the raw DFT forces."""
+        d, rows = self.data, slice(self._frame_rows[frame], self._frame_rows[frame + 1])
+        atoms = slice(self._atom_off[system], self._atom_off[system + 1])
+        return make_structure(
+            pos=d["positions"][rows],
+            atomic_numbers=d["atomic_numbers"][atoms].astype(np.int64),
+            cell=d["cell"][system],
+            pbc=d["pbc"],
+            tags=d["tags"][atoms].astype(np.int64),
+            fixed=d["fixed"][atoms],
+            energy=float(d["energy"][frame]) - reference_energy,
+            forces=d["forces"][rows],
+            sid=int(self.sids[system].removeprefix("random")),
+            fid=int(d["frame_index"][frame]),
+        )
+
+
 def _select_frames(energy: np.ndarray, fmax: np.ndarray, k: int) -> list[int]:
     n = len(energy)
     picks = sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist()))
@@ -100,43 +147,19 @@ def build_demo(source: str | Path = DEFAULT_SOURCE, out_dir: str | Path = DEMO_D
         raise FileNotFoundError(
             f"demo source not found: {src} (expected ../shared/data/oc20/oc20_dft_relax_20sys.npz)"
         )
-    with np.load(src) as d:
-        data = {k: d[k] for k in d.files}
-    natoms = data["natoms"].astype(int)
-    atom_off = np.concatenate([[0], np.cumsum(natoms)])
-    frame_sys = data["frame_system"]
-    # row offset of every frame in the concatenated positions / forces
-    frame_rows = np.concatenate([[0], np.cumsum(natoms[frame_sys])])
+    relaxations = OC20Relaxations(src)
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
-    for s, sid in enumerate(data["sid"].tolist()):
-        if natoms[s] > MAX_ATOMS:
+    for s, sid in enumerate(relaxations.sids):
+        if relaxations.natoms[s] > MAX_ATOMS:
             continue
-        frames = np.nonzero(frame_sys == s)[0]
-        frames = frames[np.argsort(data["frame_index"][frames])]
-        energy = data["energy"][frames]
+        frames = relaxations.frames(s)
+        energy = relaxations.data["energy"][frames]
         e_relaxed = float(energy[-1])
-        fmax = np.array(
-            [np.linalg.norm(data["forces"][frame_rows[f] : frame_rows[f + 1]], axis=1).max() for f in frames]
-        )
-        a0, a1 = atom_off[s], atom_off[s + 1]
+        fmax = np.array([relaxations.max_force(f) for f in frames])
         held_out = next((k for k, v in DEMO_SPLITS.items() if sid in v), None)
         for rank, i in enumerate(_select_frames(energy, fmax, FRAMES_PER_SYSTEM)):
-            f = frames[i]
             split = held_out or ("val" if rank % VAL_EVERY == 1 else "train")
-            splits[split].append(
-                make_structure(
-                    pos=data["positions"][frame_rows[f] : frame_rows[f + 1]],
-                    atomic_numbers=data["atomic_numbers"][a0:a1].astype(np.int64),
-                    cell=data["cell"][s],
-                    pbc=data["pbc"],
-                    tags=data["tags"][a0:a1].astype(np.int64),
-                    fixed=data["fixed"][a0:a1],
-                    energy=float(data["energy"][f]) - e_relaxed,
-                    forces=data["forces"][frame_rows[f] : frame_rows[f + 1]],
-                    sid=int(sid.removeprefix("random")),
-                    fid=int(data["frame_index"][f]),
-                )
-            )
+            splits[split].append(relaxations.structure(s, frames[i], e_relaxed))
     out = Path(out_dir)
     counts = {}
     for split, structures in splits.items():
