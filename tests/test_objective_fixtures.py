@@ -7,7 +7,7 @@ parameter. :func:`dens.testing.run_objective_fixture` composes the shipped exper
 the model from the official weights, feeds the draws to :func:`dens.losses.corrupt` and runs
 :meth:`dens.trainer.Trainer.train_step`; nothing of the objective is re-implemented here.
 
-Tolerances (README "Tolerances"; the measured values are in the test names' docstrings):
+Tolerances (README "Tolerances"; the measured values are in the tests' docstrings):
 
 * float64 losses: 1e-9 relative (MD17 agrees to ~1e-15; OC20 to ~5e-10, the official float32 Wigner
   table of EquiformerV2 being the floor, 4e-10 to 4e-9 by the README).
@@ -161,3 +161,27 @@ def test_fixed_atom_encoding_is_reproduced_and_matters(objective):
     # the free-atom option cannot draw the official mask: the runner names the difference
     with pytest.raises(AssertionError, match="mask"):
         _run("oc20_dens", "float64", ("dens.mask_atoms=free",))
+
+
+def test_md17_normaliser_rule(objective, shared_dir):
+    """``data.normalizer: auto_unbiased`` of the MD17 experiments, on the fixtures' data file and split,
+    gives the official statistics: exactly the float64 unbiased std and mean, and the official float32
+    values (main_md17_dens.py l.159-161) to 6e-6."""
+    from dens.data import md17_splits, open_dataset
+    from dens.testing import compose_experiment
+    from dens.train import _normalizer
+
+    constants = _fixture("md17_dens_p0")["constants"]
+    stats, ev = constants["train_stats"], constants["ev_per_kcal"]
+    cfg = compose_experiment("md17_ethanol_l2")
+    data = open_dataset(shared_dir / "data" / "md17" / "md17_ethanol_2000_kcal.xyz", energy_unit="kcal/mol")
+    train = md17_splits(data, cfg.data.split.train, cfg.data.split.val, None, cfg.data.split.seed)["train"]
+    assert list(train.indices) == stats["train_frame_indices"].tolist()
+    norm = _normalizer(cfg, train)
+    reference = stats["float64_reference"]
+    assert math.isclose(norm["energy_std"], reference["std_unbiased_kcal"] * ev, rel_tol=1e-9)
+    assert math.isclose(norm["energy_mean"], reference["mean_kcal"] * ev, rel_tol=1e-12)
+    assert norm["force_std"] == norm["energy_std"]
+    assert math.isclose(norm["energy_std"], constants["energy_std_eV"], rel_tol=1e-5)
+    # the population std (the 'auto' rule) would be 5e-4 off
+    assert not math.isclose(norm["energy_std"], reference["std_population_kcal"] * ev, rel_tol=1e-4)
