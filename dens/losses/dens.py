@@ -42,6 +42,11 @@ __all__ = [
 class DeNSSettings:
     """The DeNS objective's settings (the Hydra ``dens`` group).
 
+    The defaults are Algorithm 2 as the paper writes it: the paper's text, not the code that produced its
+    numbers. The paper experiments (``dens/conf/dens/*.yaml``) set what the official trainers compute:
+    OC20/OC22 ``selection='batch'``, ``mask_atoms='all'``, ``normalization='atoms'``; MD17
+    ``normalization='separate'``, ``schedule_unit='epoch'``.
+
     Parameters
     ----------
     enabled : bool
@@ -51,8 +56,8 @@ class DeNSSettings:
     sigma : float
         Standard deviation of the Gaussian noise (Å).
     corrupt_ratio : float or None
-        ``r_DeNS``, the fraction of free atoms corrupted; None corrupts every free atom (DeNS without
-        partially corrupted structures).
+        ``r_DeNS``, the fraction of the atoms of a DeNS structure that the mask draws (over the atoms
+        that ``mask_atoms`` names); None masks all of them (DeNS without partially corrupted structures).
     coefficient : float
         ``lambda_DeNS``.
     coefficient_schedule : {'constant', 'linear_decay'}
@@ -82,7 +87,7 @@ class DeNSSettings:
         epoch, as the official MD17 trainer).
     force_encoding_scale : float
         Factor applied to the (eV/Å) forces before encoding; the official MD17 models encoded forces in
-        kcal/mol/Å (23.0605), the OC20/OC22 ones in eV/Å (1).
+        kcal/mol/Å (23.060548), the OC20/OC22 ones in eV/Å (1).
     exclude_key : str or None
         A per-structure boolean entry of ``batch.extra``; flagged structures are never corrupted (the MD
         split of OC20 All+MD, §B.1).
