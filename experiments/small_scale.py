@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -251,6 +252,7 @@ TASKS: dict[str, Task] = {
         smoke_overrides=_MD17_SMOKE,
     ),
 }
+CHECKPOINT_EVALS = 5  # last.pt every this many validations: what a killed run loses at most
 WARMUP_FRACTION = 0.05  # of the run, for every task (the paper's schedules warm up for 0.7-8 %)
 
 
@@ -332,9 +334,9 @@ def compose(
         f"trainer.seed={seed}",
         f"trainer.max_steps={steps}",
         f"trainer.eval_every={eval_every}",
-        f"trainer.checkpoint_every={steps}",
-        f"trainer.log_every={eval_every}",
-        "trainer.resume=null",
+        f"trainer.checkpoint_every={min(steps, CHECKPOINT_EVALS * eval_every)}",
+        "trainer.log_every=1",  # every step: run_one averages the training terms per validation interval
+        "trainer.resume=auto",  # run_one keeps a run folder only when its overrides are these
         "trainer.progress_bar=false",
         "trainer.tensorboard=false",
         *(extra or []),
@@ -366,6 +368,84 @@ def _test_set(task: Task, cfg: Any, cache: Path, smoke: bool):
     return md17_splits(whole, split.train, split.val, split.get("test"), split.seed)["test"]
 
 
+#: The DeNS noise term (``l2mae``: the mean over corrupted atoms of ``|pred - n / sigma|``) of a noise head that
+#: predicts zero: ``E|z|`` for ``z ~ N(0, I_3)``, i.e. ``2 sqrt(2 / pi)``. Denoising is learned only below it.
+NOISE_ZERO_L2MAE = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+def window_means(history: list[dict[str, Any]], every: int) -> list[dict[str, Any]]:
+    """The per-step training records of ``history`` averaged over each validation interval of ``every`` steps.
+
+    Each row holds the interval's last ``step``, ``epoch`` and ``lr``, the mean of every ``train/*`` term,
+    and, for DeNS runs, ``train/noise`` averaged over the steps whose batch had corrupted atoms only (a batch
+    without any has a noise term of exactly 0), with their count ``noise_steps``.
+    """
+    windows: dict[int, list[dict[str, Any]]] = {}
+    for r in history:
+        if any(k.startswith("train/") for k in r):
+            windows.setdefault(-(-int(r["step"]) // every), []).append(r)
+    rows = []
+    for _, records in sorted(windows.items()):
+        last = records[-1]
+        row: dict[str, Any] = {"step": last["step"], "epoch": last.get("epoch"), "lr": last.get("lr")}
+        keys = sorted({k for r in records for k in r if k.startswith("train/")})
+        for key in keys:
+            values = [float(r[key]) for r in records if key in r]
+            if key == "train/noise":
+                values = [v for v in values if v > 0.0]
+                row["noise_steps"] = len(values)
+            row[key] = float(np.mean(values)) if values else None
+        rows.append(row)
+    return rows
+
+
+def denoising_errors(
+    model: Any, dataset: Any, dens_cfg: dict[str, Any], batch_size: int, seed: int = 0
+) -> dict:
+    """The noise head's error on held-out structures, each one corrupted as in training.
+
+    Every structure is selected (``prob`` 1); its atoms are masked with ``corrupt_ratio`` and moved by
+    ``N(0, sigma^2)`` from a generator seeded with ``seed`` (the same draws for every run); the forces of the
+    corrupted atoms are encoded when the variant encodes them. Returns the mean ``|pred - n / sigma|`` over
+    the corrupted atoms (the training noise term) and that of predicting zero on the same draws.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from dens.data import collate
+    from dens.losses import DeNSSettings, corrupt, force_errors
+
+    settings = DeNSSettings.from_dict({**dens_cfg, "prob": 1.0})
+    generator = torch.Generator().manual_seed(seed)
+    err = zero = 0.0
+    atoms = 0
+    model.eval()
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        corruption = corrupt(batch, settings, generator=generator)
+        mask = corruption.head_mask
+        encode = settings.force_encoding
+        out = model(
+            batch,
+            pos=corruption.pos,
+            encoded_forces=batch.forces * settings.force_encoding_scale
+            if encode
+            else torch.zeros_like(batch.forces),
+            encode_mask=mask if encode else torch.zeros_like(batch.fixed),
+            noise_mask=mask,
+            split_heads=True,
+        )
+        noise = corruption.noise[mask]
+        err += float(force_errors(out["noise_head"].detach()[mask], noise, settings.sigma).sum())
+        zero += float(force_errors(torch.zeros_like(noise), noise, settings.sigma).sum())
+        atoms += int(mask.sum())
+    return {
+        "noise_l2mae": err / max(atoms, 1),
+        "zero_l2mae": zero / max(atoms, 1),
+        "atoms": atoms,
+        "seed": seed,
+    }
+
+
 def run_one(
     task_name: str,
     variant: str,
@@ -392,8 +472,20 @@ def run_one(
         raise ValueError(f"task {task_name!r} has variants {sorted(task.experiments)}, not {variant!r}")
     steps = steps or (8 if smoke else task.steps)
     run_dir = runs / f"{task_name}_{variant}_seed{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)
     cfg, overrides = compose(task, variant, seed, run_dir, steps, smoke, cache, extra)
+    # Resumable: a run folder whose checkpoint was written with the same overrides continues from it
+    # (the trainer restores weights, optimiser, schedule, RNG streams and history); any other is replaced.
+    spec_path = run_dir / "run_overrides.json"
+    resumable = spec_path.is_file() and json.loads(spec_path.read_text()) == overrides
+    if not resumable:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        spec_path.write_text(json.dumps(overrides, indent=1) + "\n")
+
+    last = run_dir / "checkpoints" / "last.pt"
+    resumed_from = (
+        int(torch.load(last, map_location="cpu", weights_only=False)["step"]) if last.is_file() else 0
+    )
 
     start = time.perf_counter()
     trainer = build(cfg)
@@ -406,7 +498,12 @@ def run_one(
     best = run_dir / "checkpoints" / "best.pt"
     model = ForceField.from_checkpoint(best, device="cpu")
     best_step = int(torch.load(best, map_location="cpu", weights_only=False)["step"])
-    test = evaluate(model, _test_set(task, cfg, cache, smoke), batch_size=task.eval_batch_size)
+    test_set = _test_set(task, cfg, cache, smoke)
+    test = evaluate(model, test_set, batch_size=task.eval_batch_size)
+    denoising = None
+    if model.uses_dens and cfg.dens.enabled:
+        dens_cfg = OmegaConf.to_container(cfg.dens, resolve=True)
+        denoising = denoising_errors(model, test_set, dens_cfg, task.eval_batch_size)
     eval_s = time.perf_counter() - start
 
     curve = [
@@ -417,11 +514,7 @@ def run_one(
         }
         for r in history
     ]
-    train_log = [
-        {k: v for k, v in r.items() if k == "step" or k.startswith("train/") or k in ("lr", "epoch")}
-        for r in trainer.history
-        if any(k.startswith("train/") for k in r)
-    ]
+    train_log = window_means(trainer.history, int(cfg.trainer.eval_every))
     result = {
         "task": task_name,
         "variant": variant,
@@ -441,6 +534,9 @@ def run_one(
         "best_step": best_step,
         "best_val_forces_mae_meV_A": min(c["forces_mae_meV_A"] for c in curve),
         "test": {"energy_mae_meV": test["energy_mae"], "forces_mae_meV_A": test["forces_mae"]},
+        "test_denoising": denoising,
+        "noise_zero_l2mae": NOISE_ZERO_L2MAE,
+        "resumed_from_step": resumed_from,
         "wall_s": {"train": train_s, "test_eval": eval_s, "total": train_s + eval_s},
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -510,8 +606,8 @@ def summary_table(results: list[dict[str, Any]]) -> str:
     """Markdown table: mean ± sample std over seeds of test energy / force MAE, and run times."""
     lines = [
         "| Task | Variant | Params | Steps | Seeds | Test energy MAE (meV) | Test force MAE (meV/Å) "
-        "| Best val force MAE (meV/Å) | Time per run (min) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| Best val force MAE (meV/Å) | Time per run (min) | Best val step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for (task, variant), runs in _groups(results).items():
         e = _mean_std([r["test"]["energy_mae_meV"] for r in runs])
@@ -523,7 +619,7 @@ def summary_table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {label} | {VARIANT_LABELS.get(variant, variant)} | {runs[0]['parameters']:,} | {runs[0]['steps']} "
             f"| {seeds} | {e[0]:.1f} ± {e[1]:.1f} | {f[0]:.1f} ± {f[1]:.1f} | {v[0]:.1f} ± {v[1]:.1f} "
-            f"| {t[0]:.1f} |"
+            f"| {t[0]:.1f} | {', '.join(str(r.get('best_step', '?')) for r in runs)} |"
         )
     return "\n".join(lines)
 
@@ -541,19 +637,24 @@ def paired_differences(results: list[dict[str, Any]]) -> str:
             continue
         df = [100 * (r["test"]["forces_mae_meV_A"] / b["test"]["forces_mae_meV_A"] - 1) for r, b in pairs]
         de = [100 * (r["test"]["energy_mae_meV"] / b["test"]["energy_mae_meV"] - 1) for r, b in pairs]
+        dfa = [r["test"]["forces_mae_meV_A"] - b["test"]["forces_mae_meV_A"] for r, b in pairs]
         label = TASKS[task].label if task in TASKS else task
+        mf, sf = _mean_std(df)
+        ma, sa = _mean_std(dfa)
+        me, se = _mean_std(de)
         lines.append(
             f"| {label} | {VARIANT_LABELS.get(variant, variant)} | "
             + ", ".join(f"{x:+.1f}" for x in df)
-            + " | "
+            + f" | {mf:+.1f} ± {sf:.1f} | {ma:+.2f} ± {sa:.2f} | "
             + ", ".join(f"{x:+.1f}" for x in de)
-            + " |"
+            + f" | {me:+.1f} ± {se:.1f} |"
         )
     if not lines:
         return ""
     head = [
-        "| Task | Variant | Force MAE vs baseline, per seed (%) | Energy MAE vs baseline, per seed (%) |",
-        "|---|---|---|---|",
+        "| Task | Variant | Force MAE vs baseline, per seed (%) | mean ± std (%) | mean ± std (meV/Å) "
+        "| Energy MAE vs baseline, per seed (%) | mean ± std (%) |",
+        "|---|---|---|---:|---:|---|---:|",
     ]
     return "\n".join(head + lines)
 
@@ -613,6 +714,112 @@ def plot_curves(
     return path
 
 
+def denoising_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table: whether denoising was learned, per DeNS variant (mean ± std over seeds).
+
+    The training noise term (``l2mae``) over the first and the last validation interval of the run, and the
+    noise head's error on the test structures corrupted as in training (:func:`denoising_errors`), against
+    the noise term of predicting zero (``NOISE_ZERO_L2MAE``; on the test draws: that of the same draws).
+    """
+    lines = []
+    for (task, variant), runs in _groups(results).items():
+        logs = [
+            [w["train/noise"] for w in r.get("train_log", []) if w.get("train/noise") is not None]
+            for r in runs
+        ]
+        if not all(logs):
+            continue
+        first, last = _mean_std([x[0] for x in logs]), _mean_std([x[-1] for x in logs])
+        held = [r["test_denoising"] for r in runs if r.get("test_denoising")]
+        held_cell = zero_cell = "–"
+        if held:
+            m, sd = _mean_std([h["noise_l2mae"] for h in held])
+            held_cell, zero_cell = f"{m:.3f} ± {sd:.3f}", f"{np.mean([h['zero_l2mae'] for h in held]):.3f}"
+        label = TASKS[task].label if task in TASKS else task
+        lines.append(
+            f"| {label} | {VARIANT_LABELS.get(variant, variant)} | {len(runs)} | {first[0]:.3f} ± {first[1]:.3f} "
+            f"| {last[0]:.3f} ± {last[1]:.3f} | {held_cell} | {zero_cell} |"
+        )
+    if not lines:
+        return ""
+    head = [
+        "| Task | Variant | Seeds | Train noise term, first interval | last interval | Test noise term "
+        "| Test, predicting zero |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    return "\n".join(head + lines)
+
+
+def plot_noise(results: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training noise term over training (mean over seeds, min-max band), one panel per task, against the
+    noise term of predicting zero."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot")
+        return None
+    groups = {
+        k: v
+        for k, v in _groups(results).items()
+        if all(any(w.get("train/noise") is not None for w in r.get("train_log", [])) for r in v)
+    }
+    tasks = sorted({k[0] for k in groups})
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
+    colors = {"dens": "tab:blue", "dens_no_fe": "tab:orange"}
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for (t, variant), runs in groups.items():
+            if t != task:
+                continue
+            curves = [
+                [(w["step"], w["train/noise"]) for w in r["train_log"] if w.get("train/noise") is not None]
+                for r in runs
+            ]
+            n = min(len(c) for c in curves)
+            x = [p[0] for p in curves[0][:n]]
+            arr = np.array([[p[1] for p in c[:n]] for c in curves])
+            color = colors.get(variant)
+            ax.plot(
+                x, arr.mean(0), color=color, label=f"{VARIANT_LABELS.get(variant, variant)} (n={len(runs)})"
+            )
+            ax.fill_between(x, arr.min(0), arr.max(0), color=color, alpha=0.2, linewidth=0)
+        ax.axhline(NOISE_ZERO_L2MAE, color="k", linestyle="--", linewidth=0.8, label="predicting zero")
+        ax.set_title(TASKS[task].label if task in TASKS else task, fontsize=10)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("training noise term |pred - n/σ|")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def progress(runs: Path) -> str:
+    """One line per run folder under ``runs``: last step, last and best validation force MAE (running or not)."""
+    lines = []
+    for metrics in sorted(runs.glob("*/metrics.jsonl")):
+        step, val = 0, []
+        for line in metrics.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written
+            step = max(step, int(r.get("step", 0)))
+            if "val/forces_mae_meV_A" in r:
+                val.append((r["step"], r["val/forces_mae_meV_A"]))
+        last = f"{val[-1][1]:.1f} (step {val[-1][0]})" if val else "–"
+        best = min(val, key=lambda v: v[1]) if val else None
+        best_cell = f"{best[1]:.1f} (step {best[0]})" if best else "–"
+        lines.append(f"{metrics.parent.name}: step {step}; val force MAE last {last}, best {best_cell}")
+    return "\n".join(lines) or f"no run folders in {runs}"
+
+
 def report(out: Path, plot_name: str = "val_force_mae.png") -> str:
     """Write ``summary.md`` (and the PNG) from the run JSONs in ``out``; returns the Markdown."""
     results = load_results(out)
@@ -648,6 +855,12 @@ def report(out: Path, plot_name: str = "val_force_mae.png") -> str:
     if diffs:
         text += ["Paired by seed (same initial seed, data order and steps): relative test error of each DeNS "
                  "variant against the baseline (negative: DeNS better).", "", diffs, ""]  # fmt: skip
+    noise = denoising_table(results)
+    if noise:
+        text += [f"Was denoising learned? The DeNS noise term (mean over corrupted atoms of |pred - n/σ|); "
+                 f"predicting zero gives E|z| = 2 sqrt(2/π) = {NOISE_ZERO_L2MAE:.3f} for z ~ N(0, I_3). Training: "
+                 "mean over each validation interval of the steps with corrupted atoms. Test: every test "
+                 "structure corrupted as in training (seeded draws), best checkpoint.", "", noise, ""]  # fmt: skip
     total = sum(r["wall_s"]["total"] for r in results)
     text += [f"Runs: {len(results)}; total wall time {total / 60:.1f} min.", ""]
     png = plot_curves(
@@ -655,6 +868,8 @@ def report(out: Path, plot_name: str = "val_force_mae.png") -> str:
     )
     if png is not None:
         text += [f"![validation force MAE over training]({png.name})", ""]
+    if noise and (png := plot_noise(results, out / "train_noise.png")) is not None:
+        text += [f"![training noise term]({png.name})", ""]
     md = "\n".join(text)
     (out / "summary.md").write_text(md)
     return md
@@ -668,6 +883,27 @@ def _all_runs(tasks: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
     return [(t, v, s) for s in seeds for t in tasks for v in TASKS[t].experiments]
 
 
+def _claim(lock: Path) -> Path | None:
+    """Create ``lock`` holding this process id, unless a live process holds it; None when one does."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text().strip() or 0), 0)
+                return None  # held by a live process
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # a killed queue's lock
+                continue
+            except PermissionError:
+                return None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return lock
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", help=f"task to run: {', '.join(TASKS)} or 'all' (with --data: the template)")
@@ -678,7 +914,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-train", type=int, default=950, help="training structures of --data")
     ap.add_argument("--n-val", type=int, default=50, help="validation structures of --data")
     ap.add_argument("--n-test", type=int, default=None, help="test structures of --data (default: the rest)")
-    ap.add_argument("--variant", default="all", help="baseline | dens | dens_no_fe | all")
+    ap.add_argument(
+        "--variant", nargs="+", default=["all"], help="baseline, dens, dens_no_fe (several) or all"
+    )
     ap.add_argument("--seed", type=int, default=None, help="one seed (default: --seeds)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=None, help="override the task's number of steps")
@@ -689,6 +927,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     ap.add_argument("--skip-existing", action="store_true", help="do not repeat runs whose JSON exists")
     ap.add_argument("--report", action="store_true", help="aggregate the results in --out")
+    ap.add_argument("--progress", action="store_true", help="print the state of every run folder in --runs")
     ap.add_argument(
         "--reference",
         action="store_true",
@@ -717,17 +956,22 @@ def main(argv: list[str] | None = None) -> int:
         tasks = list(TASKS) if args.task == "all" else [args.task]
         seeds = [args.seed] if args.seed is not None else args.seeds
         runs = [
-            (t, v, s) for t, v, s in _all_runs(tasks, seeds) if args.variant == "all" or v == args.variant
+            (t, v, s) for t, v, s in _all_runs(tasks, seeds) if "all" in args.variant or v in args.variant
         ]
         if not runs:
-            ap.error(f"no runs for --task {args.task} --variant {args.variant}")
-        if len(runs) == 1:
+            ap.error(f"no runs for --task {args.task} --variant {' '.join(args.variant)}")
+        if len(runs) == 1 and not args.skip_existing:
             run_one(*runs[0], out=args.out, runs=args.runs, cache=args.cache, steps=args.steps, smoke=args.smoke,
                     extra=args.override)  # fmt: skip
         else:
-            # one fresh single-threaded process per run, one at a time
+            # one fresh single-threaded process per run, one at a time; several copies of this command share
+            # the queue (a run claimed by a live process is left to it)
             for t, v, s in runs:
                 if args.skip_existing and (args.out / f"{t}_{v}_seed{s}.json").is_file():
+                    continue
+                lock = _claim(args.runs / f"{t}_{v}_seed{s}.lock")
+                if lock is None:
+                    logger.info("%s/%s seed %d: run by another process", t, v, s)
                     continue
                 cmd = [sys.executable, __file__, "--task", args.template if data_args else t, *data_args,
                        "--variant", v, "--seed", str(s), "--out", str(args.out), "--runs", str(args.runs),
@@ -739,7 +983,10 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += [f"--override={o}" for o in args.override]
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
                 logger.info("running %s", " ".join(cmd))
-                rc = subprocess.call(cmd, env=env)
+                try:
+                    rc = subprocess.call(cmd, env=env)
+                finally:
+                    lock.unlink(missing_ok=True)
                 if rc:
                     logger.error("run %s/%s seed %d failed (exit %d)", t, v, s, rc)
     if args.reference:
@@ -748,7 +995,9 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "reference.json").write_text(json.dumps(refs, indent=1) + "\n")
     if args.report:
         print(report(args.out))
-    if args.task is None and not args.report and not args.reference:
+    if args.progress:
+        print(progress(args.runs))
+    if args.task is None and not (args.report or args.reference or args.progress):
         ap.error("give --task (to run), --reference and/or --report (to aggregate)")
     return 0
 

@@ -42,6 +42,30 @@ def test_smoke_run(small_scale, shared_dir, one_thread, tmp_path, task, variant)
     # the schedule spans exactly the run: the last logged learning rate is the cosine floor
     lr_min = saved["config"]["optim"]["lr"] * saved["config"]["optim"]["lr_min_factor"]
     assert saved["train_log"][-1]["lr"] == pytest.approx(lr_min)
+    # the held-out denoising check: every test structure corrupted, the zero predictor on the same draws
+    held = saved["test_denoising"]
+    assert held["atoms"] > 0 and 0 < held["zero_l2mae"] < 10 and held["noise_l2mae"] > 0
+
+
+def test_window_means(small_scale):
+    """Training terms averaged per validation interval; the noise term over steps with corrupted atoms only."""
+    history = [{"step": 0, "val/forces_mae_meV_A": 5.0}]
+    history += [
+        {
+            "step": s,
+            "epoch": 0,
+            "lr": 0.1 * s,
+            "train/loss": float(s),
+            "train/noise": 0.0 if s % 2 else 2.0 * s,
+        }
+        for s in range(1, 7)
+    ]
+    rows = small_scale.window_means(history, 3)
+    assert [r["step"] for r in rows] == [3, 6] and rows[1]["lr"] == pytest.approx(0.6)
+    assert rows[0]["train/loss"] == pytest.approx(2.0) and rows[1]["train/loss"] == pytest.approx(5.0)
+    assert rows[0]["train/noise"] == pytest.approx(4.0) and rows[0]["noise_steps"] == 1
+    assert rows[1]["train/noise"] == pytest.approx(10.0) and rows[1]["noise_steps"] == 2
+    assert small_scale.NOISE_ZERO_L2MAE == pytest.approx(1.5957691216057308)
 
 
 def _fake(task, variant, seed, force, energy, steps=100):
