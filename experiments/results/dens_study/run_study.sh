@@ -6,6 +6,10 @@
 #   experiments/results/dens_study/run_study.sh            # launch (background; logs in $LOGS)
 #   experiments/results/dens_study/run_study.sh progress   # state of every run
 #   experiments/results/dens_study/run_study.sh report     # summary.md + PNGs from the finished runs
+# Then (optional) the same pairs trained twice as long, baseline and DeNS only, in steps4000/ (runs/logs *4000):
+#   experiments/results/dens_study/run_study.sh long       # two workers, each starts once a main worker is done
+#   experiments/results/dens_study/run_study.sh progress4000 | report4000
+#   experiments/results/dens_study/run_study.sh stop       # end every worker and its runs (by recorded PID)
 set -euo pipefail
 PY=${PY:-/work/main/.venv/bin/python}
 LOGS=${LOGS:-/tmp/dens_study}
@@ -19,6 +23,25 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 case "${1:-launch}" in
   progress) exec "$PY" experiments/small_scale.py --progress --runs "$RUNS" ;;
   report) exec "$PY" experiments/small_scale.py --report --out "$OUT" ;;
+  progress4000) exec "$PY" experiments/small_scale.py --progress --runs "${RUNS}4000" ;;
+  report4000) exec "$PY" experiments/small_scale.py --report --out "$OUT/steps4000" ;;
+  long-worker)
+    LONG=("${ARGS[@]/#2000/4000}")
+    LONG=("${LONG[@]/#$OUT/$OUT/steps4000}")
+    LONG=("${LONG[@]/#$RUNS/${RUNS}4000}")
+    "$PY" experiments/small_scale.py "${LONG[@]}" --variant baseline dens
+    "$PY" experiments/small_scale.py "${LONG[@]}" --variant baseline --reference --report ;;
+  long)  # wait for the main workers (one each), then the longer runs: never more than two runs at a time
+    mkdir -p "$LOGS"
+    mapfile -t MAIN < "$LOGS/workers.pid"
+    for w in 1 2; do
+      pid=${MAIN[$((w - 1))]}
+      nohup nice -n 10 bash -c "while kill -0 $pid 2>/dev/null; do sleep 15; done; exec '$0' long-worker" \
+        > "$LOGS/long_worker$w.log" 2>&1 &
+      echo $! >> "$LOGS/long_workers.pid"
+      echo "long worker $w: PID $! (after PID $pid; log $LOGS/long_worker$w.log)"
+      sleep 1
+    done ;;
   worker)  # the main comparison first (complete pairs early), then Table 6 Index 3, then the reference
     "$PY" experiments/small_scale.py "${ARGS[@]}" --variant baseline dens
     "$PY" experiments/small_scale.py "${ARGS[@]}" --variant dens_no_fe
@@ -31,5 +54,15 @@ case "${1:-launch}" in
       echo "worker $w: PID $! (log $LOGS/worker$w.log)"
       sleep 20  # the second worker claims the next run in the queue
     done ;;
-  *) echo "usage: $0 [launch|progress|report]" >&2; exit 2 ;;
+  stop)  # the recorded workers and their process trees; a killed run resumes from its last checkpoint
+    tree() { local c; echo "$1"; for c in $(pgrep -P "$1"); do tree "$c"; done; }
+    for f in "$LOGS/workers.pid" "$LOGS/long_workers.pid"; do
+      [ -f "$f" ] || continue
+      while read -r pid; do
+        pids=$(tree "$pid")  # listed first, then ended parent first: a queue cannot start another run
+        for p in $pids; do kill "$p" 2>/dev/null || true; done
+      done < "$f"
+    done
+    rm -f "$RUNS"/*.lock "${RUNS}4000"/*.lock ;;
+  *) echo "usage: $0 [launch|progress|report|long|progress4000|report4000|stop]" >&2; exit 2 ;;
 esac
