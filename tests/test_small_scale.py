@@ -130,3 +130,33 @@ def test_any_data_file(small_scale, shared_dir, one_thread, tmp_path):
     assert saved["config"]["data"]["path"] == str(data.resolve()) and saved["test_structures"] > 0
     with pytest.raises(SystemExit):
         small_scale.main(["--data", str(data), "--task", "oc20", "--variant", "dens", "--seed", "0"])
+
+
+def test_report_denoising(small_scale, tmp_path):
+    """The report says whether denoising was learned: the training noise term per interval (first, last) and
+    the held-out noise error against predicting zero; the run folders' progress is readable mid-run."""
+    for seed, (first, last, held) in enumerate([(1.6, 1.0, 1.1), (1.6, 1.2, 1.3)]):
+        for variant in ("baseline", "dens"):
+            run = _fake("ethanol", variant, seed, 10.0, 4.0)
+            run["train_log"] = [{"step": 50, "train/forces": 1.0}, {"step": 100, "train/forces": 0.5}]
+            if variant == "dens":
+                run["train_log"][0]["train/noise"], run["train_log"][1]["train/noise"] = first, last
+                run["test_denoising"] = {"noise_l2mae": held, "zero_l2mae": 1.59, "atoms": 10, "seed": 0}
+            (tmp_path / f"ethanol_{variant}_seed{seed}.json").write_text(json.dumps(run))
+    md = small_scale.report(tmp_path)
+    row = next(
+        line for line in md.splitlines() if line.startswith("| MD17 ethanol") and "| 2 | 1.600" in line
+    )
+    assert "| 1.600 ± 0.000 | 1.100 ± 0.141 | 1.200 ± 0.141 | 1.590 |" in row
+    assert "without DeNS | 2 |" not in md  # no noise term without DeNS
+    runs = tmp_path / "runs" / "ethanol_dens_seed0"
+    runs.mkdir(parents=True)
+    records = [
+        {"step": 0, "val/forces_mae_meV_A": 9.0},
+        {"step": 7},
+        {"step": 10, "val/forces_mae_meV_A": 4.0},
+    ]
+    (runs / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + '\n{"step": 1')
+    assert small_scale.progress(tmp_path / "runs") == (
+        "ethanol_dens_seed0: step 10; val force MAE last 4.0 (step 10), best 4.0 (step 10)"
+    )
