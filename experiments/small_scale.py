@@ -934,6 +934,10 @@ def main(argv: list[str] | None = None) -> int:
         help="write the trivial predictor's errors to --out/reference.json",
     )
     args = ap.parse_args(argv)
+    # this repository's dens, not whichever one the environment installed (the runs are subprocesses of the
+    # script, whose sys.path starts at experiments/)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     data_args: list[str] = []  # passed on to the per-run processes

@@ -29,6 +29,8 @@ case "${1:-launch}" in
     LONG=("${ARGS[@]/#2000/4000}")
     LONG=("${LONG[@]/#$OUT/$OUT/steps4000}")
     LONG=("${LONG[@]/#$RUNS/${RUNS}4000}")
+    # first any main run that failed (e.g. at its evaluation): it resumes from its checkpoint
+    "$PY" experiments/small_scale.py "${ARGS[@]}" --variant baseline dens dens_no_fe --reference --report
     "$PY" experiments/small_scale.py "${LONG[@]}" --variant baseline dens
     "$PY" experiments/small_scale.py "${LONG[@]}" --variant baseline --reference --report ;;
   long)  # wait for the main workers (one each), then the longer runs: never more than two runs at a time
