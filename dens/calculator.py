@@ -16,9 +16,9 @@ Examples
 >>> from dens.models import EquiformerV2, ForceField
 >>> backbone = EquiformerV2(num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8,
 ...                         num_heads=2, attn_alpha_channels=4, attn_value_channels=4,
-...                         ffn_hidden_channels=8, edge_channels=8, grid_resolution=8)
+...                         ffn_hidden_channels=8, edge_channels=8, grid_resolution=8, cutoff=5.0)
 >>> atoms = molecule("H2O")
->>> atoms.calc = DeNSCalculator(ForceField(backbone, cutoff=5.0, max_neighbors=20))
+>>> atoms.calc = DeNSCalculator(ForceField(backbone, max_neighbors=20))
 >>> atoms.get_forces().shape
 (3, 3)
 """
@@ -56,7 +56,7 @@ def element_limit(model: nn.Module) -> int | None:
     >>> from dens.models import EquiformerV2, ForceField
     >>> element_limit(ForceField(EquiformerV2(num_layers=1, lmax=1, mmax=1, sphere_channels=4,
     ...     attn_hidden_channels=4, num_heads=1, attn_alpha_channels=2, attn_value_channels=2,
-    ...     ffn_hidden_channels=4, edge_channels=4, grid_resolution=4), cutoff=4.0))
+    ...     ffn_hidden_channels=4, edge_channels=4, grid_resolution=4)))
     90
     """
     for module in (getattr(model, "backbone", None), model):

@@ -18,16 +18,20 @@ Over the four OC20 validation splits (ID, OOD-ads, OOD-cat, OOD-both) the paper 
 the per-split numbers: :func:`average_metrics`.
 
 Prediction files (:func:`write_predictions`) follow the layout of the OCP ``predict`` mode: ``ids``
-(``"sid_fid"`` strings, de-duplicated and sorted as ``np.unique`` does), ``energy`` [S], ``forces`` (the
-free atoms of every structure, concatenated) and ``chunk_idx`` (the cumulative free-atom counts without
-the last, so that ``np.split(forces, chunk_idx)`` gives the per-structure arrays), float16 unless asked
-otherwise. :func:`merge_submission` merges the split files into the one file the evaluation server takes:
+(``"sid_fid"`` strings), ``energy`` [S], ``forces`` (the free atoms of every structure, concatenated) and
+``chunk_idx`` (the cumulative free-atom counts without the last, so that ``np.split(forces, chunk_idx)``
+gives the per-structure arrays). The command line writes them in float32 and in the order of the file,
+except for the OC20/OC22 test splits, which go to the evaluation server as it wants them: float16, ids
+de-duplicated and sorted as ``np.unique`` does (the function's defaults). A ``.extxyz`` prediction path
+(:func:`write_extxyz_predictions`) writes every structure with its labels and ``dens_energy`` /
+``dens_forces`` (all atoms, float64, file order), as MACE's ``eval_configs`` does. :func:`merge_submission` merges the split files into the one file the evaluation server takes:
 every key prefixed with its split, ``id``, ``ood_ads``, ``ood_cat``, ``ood_both`` (OC20) or ``id``,
 ``ood`` (OC22).
 
 Command line::
 
     python -m dens.evaluate --checkpoint runs/demo/checkpoints/best.pt --data val_id.lmdb --split-name val_id
+    dens-predict --checkpoint best.pt --data mine.extxyz --energy-key REF_energy --out predictions.extxyz
 
 Examples
 --------
@@ -75,6 +79,7 @@ __all__ = [
     "prepare_batch",
     "s2ef_metrics",
     "structure_id",
+    "write_extxyz_predictions",
     "write_predictions",
 ]
 
@@ -259,6 +264,7 @@ def write_predictions(
     energy: Sequence[float] | np.ndarray,
     forces: Sequence[np.ndarray] | None = None,
     dtype: str | np.dtype = "float16",
+    sort: bool = True,
 ) -> Path:
     """Write an OCP-layout prediction file.
 
@@ -274,11 +280,14 @@ def write_predictions(
         Per structure, the ``[n_free, 3]`` forces of its free atoms (eV/Å).
     dtype : str or numpy dtype
         Precision of energies and forces (official default float16; OC22 float32).
+    sort : bool
+        Drop duplicated ids (first kept) and sort the rest as ``np.unique`` orders (the evaluation
+        server's layout); False keeps every structure in the given order.
 
     Returns
     -------
     Path
-        The file. Duplicated ids are dropped (first kept) and the rest sorted, as ``np.unique`` orders.
+        The file.
 
     Examples
     --------
@@ -293,7 +302,10 @@ def write_predictions(
     energy_arr = np.asarray(energy, dtype=np.float64).reshape(-1)
     if len(ids_arr) != len(energy_arr):
         raise ValueError(f"{len(ids_arr)} ids but {len(energy_arr)} energies")
-    _, keep = np.unique(ids_arr, return_index=True)  # sorted unique ids, first occurrence of each
+    if sort:
+        _, keep = np.unique(ids_arr, return_index=True)  # sorted unique ids, first occurrence of each
+    else:
+        keep = np.arange(len(ids_arr))
     out: dict[str, np.ndarray] = {"ids": ids_arr[keep], "energy": energy_arr[keep].astype(dtype)}
     if forces is not None:
         if len(forces) != len(ids_arr):
@@ -305,6 +317,39 @@ def write_predictions(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez_compressed(tmp, **out)
+    os.replace(tmp, path)
+    return path
+
+
+def write_extxyz_predictions(path: str | Path, structures: Sequence[Mapping[str, Any]],
+                             energy: Sequence[float], forces: Sequence[np.ndarray]) -> Path:  # fmt: skip
+    """Write structures with their labels (``energy`` / ``forces``, eV) and predictions (``dens_energy`` /
+    ``dens_forces``, eV and eV/Å, every atom) to an extended XYZ file, in the given order.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch, ase.io
+    >>> from dens.data import make_structure
+    >>> s = make_structure(torch.zeros(1, 3), [8], energy=-2.0)
+    >>> p = write_extxyz_predictions(os.path.join(tempfile.mkdtemp(), "p.extxyz"), [s], [-1.5], [np.zeros((1, 3))])
+    >>> a = ase.io.read(p)
+    >>> a.info["dens_energy"], a.get_potential_energy()
+    (-1.5, -2.0)
+    """
+    import ase.io
+
+    from .data.ase_io import structure_to_atoms
+
+    frames = []
+    for s, e, f in zip(structures, energy, forces, strict=True):
+        atoms = structure_to_atoms(dict(s))
+        atoms.info["dens_energy"] = float(e)
+        atoms.arrays["dens_forces"] = np.asarray(f, dtype=np.float64).reshape(len(atoms), 3)
+        frames.append(atoms)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    ase.io.write(str(tmp), frames, format="extxyz")
     os.replace(tmp, path)
     return path
 
@@ -459,6 +504,7 @@ def evaluate(
     progress: bool = False,
     desc: str = "eval",
     num_workers: int = 0,
+    sort_ids: bool = True,
 ) -> dict[str, float]:
     """Predict a dataset, return its S2EF metrics (when labelled) and optionally write its prediction file.
 
@@ -473,9 +519,12 @@ def evaluate(
     device : str or torch.device, optional
         Where to run (default: where the model is).
     predictions_path : str or Path, optional
-        Write the OCP-layout prediction file there.
+        Write the OCP-layout prediction file there (``.npz``), or an extended XYZ file of the structures
+        with their predictions (``.extxyz`` / ``.xyz``: :func:`write_extxyz_predictions`).
     prediction_dtype : str
-        Precision of that file.
+        Precision of the ``.npz`` file.
+    sort_ids : bool
+        ``.npz``: de-duplicate and sort the ids (evaluation-server layout); False keeps the file order.
     progress : bool
         Show a tqdm bar.
 
@@ -502,6 +551,8 @@ def evaluate(
     ids: list[str] = []
     energies: list[np.ndarray] = []
     forces: list[np.ndarray] = []
+    extxyz = predictions_path is not None and Path(predictions_path).suffix.lower() in (".extxyz", ".xyz")
+    kept: list[Mapping[str, Any]] = []
     direct = getattr(model, "direct_forces", True)
     for batch in _progress(loader, len(loader), desc, progress):
         start = len(ids)
@@ -516,10 +567,15 @@ def evaluate(
             free = ~batch.fixed.cpu()
             for chunk, m in zip(torch.split(f, batch.natoms.tolist()), torch.split(free, batch.natoms.tolist()),
                                 strict=True):  # fmt: skip
-                forces.append(chunk[m].numpy())
+                forces.append(chunk.numpy() if extxyz else chunk[m].numpy())
+            if extxyz:
+                kept.extend(batch.to("cpu").structure(i) for i in range(batch.num_graphs))
     if predictions_path is not None:
-        write_predictions(predictions_path, ids, np.concatenate(energies) if energies else [], forces,
-                          prediction_dtype)  # fmt: skip
+        energy = np.concatenate(energies) if energies else []
+        if extxyz:
+            write_extxyz_predictions(predictions_path, kept, energy, forces)
+        else:
+            write_predictions(predictions_path, ids, energy, forces, prediction_dtype, sort=sort_ids)
     return metrics.compute()
 
 
@@ -566,9 +622,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N structures")
     parser.add_argument("--max-force", type=float, default=None, help="drop frames with |F| above this")
-    parser.add_argument("--prediction-dtype", default="float16", choices=["float16", "float32", "float64"])
+    parser.add_argument(
+        "--prediction-dtype", default=None, choices=["float16", "float32", "float64"],
+        help="precision of the .npz files (default: float16 for the OC20/OC22 test splits, as the evaluation "
+        "server wants, else float32)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prediction-format", default="npz", choices=["npz", "extxyz"],
+        help="npz: OCP layout (free atoms; file order, or sorted ids for the test splits); extxyz: the "
+        "structures with dens_energy / dens_forces (MACE eval_configs style)",
+    )  # fmt: skip
     parser.add_argument("--no-predictions", action="store_true", help="do not write prediction files")
     parser.add_argument("--no-progress", action="store_true")
+    _reader_options(parser)
     args = parser.parse_args(argv)
 
     from .data import Subset, open_dataset
@@ -579,21 +645,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     names = names + [Path(p).stem for p in args.data[len(names) :]]
     if len(set(names)) != len(names):
         parser.error(f"split names must be distinct: {names}")
+    submission = any({_submission_prefix(n) for n in names} == set(s) for s in SUBMISSION_SPLITS.values())
+    dtype = args.prediction_dtype or ("float16" if submission else "float32")
+    suffix = "extxyz" if args.prediction_format == "extxyz" else "npz"
     model = load_model(args.checkpoint, device=args.device, use_ema=not args.no_ema)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, float]] = {}
     prediction_files: dict[str, Path] = {}
     for name, path in zip(names, args.data, strict=True):
-        dataset = open_dataset(path, max_force=args.max_force)
+        dataset = open_dataset(path, max_force=args.max_force, **_options_of(args, path))
         if args.limit is not None:
             dataset = Subset(dataset, list(range(min(args.limit, len(dataset)))))
-        pred_path = None if args.no_predictions else out / f"{name}_predictions.npz"
+        pred_path = None if args.no_predictions else out / f"{name}_predictions.{suffix}"
         results[name] = evaluate(
-            model, dataset, args.batch_size, args.device, pred_path, args.prediction_dtype,
-            progress=not args.no_progress, desc=name, num_workers=args.num_workers,
+            model, dataset, args.batch_size, args.device, pred_path, dtype,
+            progress=not args.no_progress, desc=name, num_workers=args.num_workers, sort_ids=submission,
         )  # fmt: skip
-        if pred_path is not None:
+        if pred_path is not None and suffix == "npz":
             prediction_files[name] = pred_path
     labelled = {k: v for k, v in results.items() if "energy_mae" in v or "forces_mae" in v}
     report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "ema": not args.no_ema, "splits": results}
@@ -614,6 +683,54 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"wrote {out / 'metrics.json'}" + (f" and {report['submission']}" if "submission" in report else "")
     )
     return report
+
+
+def _reader_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("reading files that do not state their units or use other label names")
+    group.add_argument(
+        "--energy-unit", help="energy unit of the data (forces: per Å): eV, meV, kcal/mol, ..."
+    )
+    group.add_argument("--energy-key", help="energy field (e.g. REF_energy; default energy, then REF_energy)")
+    group.add_argument("--forces-key", help="forces field (e.g. REF_forces; default forces, then REF_forces)")
+
+
+def _options_of(args: argparse.Namespace, path: str) -> dict[str, Any]:
+    """Reader options given on the command line (an MD17 .npz is kcal/mol unless told)."""
+    options = {k: getattr(args, k) for k in ("energy_unit", "energy_key", "forces_key") if getattr(args, k)}
+    suffix = Path(path).suffix.lower()
+    if "energy_unit" not in options and suffix in (".xyz", ".extxyz"):
+        logger.info("%s states no energy unit: reading eV (--energy-unit to say otherwise)", path)
+    return options
+
+
+def predict_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``dens-predict``: predictions of a checkpoint for one file (metrics too when it has labels)."""
+    parser = argparse.ArgumentParser(
+        prog="dens-predict",
+        description="Predict total energies (eV) and forces (eV/Å) of every structure of a file with a dens (or "
+        "imported official) checkpoint. --out *.extxyz: the structures with dens_energy / dens_forces; "
+        "*.npz: OCP layout (float32, file order).",
+    )
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", required=True, help="any readable file (extxyz, traj, LMDB, .npz, ...)")
+    parser.add_argument("--out", default="predictions.extxyz", help="*.extxyz / *.xyz or *.npz")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
+    parser.add_argument("--prediction-dtype", default="float32", choices=["float16", "float32", "float64"])
+    _reader_options(parser)
+    args = parser.parse_args(argv)
+
+    from .data import open_dataset
+
+    model = load_model(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+    dataset = open_dataset(args.data, **_options_of(args, args.data))
+    metrics = evaluate(model, dataset, args.batch_size, args.device, args.out, args.prediction_dtype,
+                       sort_ids=False)  # fmt: skip
+    if "energy_mae" in metrics or "forces_mae" in metrics:
+        print(_format_table({Path(args.data).stem: metrics}))
+    print(f"wrote {args.out} ({len(dataset)} structures)")
+    return {"metrics": metrics, "predictions": str(args.out)}
 
 
 if __name__ == "__main__":

@@ -4,22 +4,39 @@ With no arguments it trains a small EquiformerV2 + DeNS on the embedded demo dat
 frames) on the CPU. ``+experiment=oc20_2m`` (and the other files of ``dens/conf/experiment``) select a
 paper setting; any value can be overridden on the command line (``trainer.max_steps=100``). For many
 GPUs: ``torchrun --nproc_per_node=8 -m dens.train +experiment=oc20_2m``.
+
+One file of your own (``dens-train``, :func:`cli`)::
+
+    dens-train --train-file mydata.extxyz [--valid-file v.extxyz | --valid-fraction 0.05] \
+        [--energy-key REF_energy --forces-key REF_forces] [--energy-unit eV] [--steps 2000] [overrides]
+
+selects the ``data=file`` config: total energies with per-element reference energies fitted from the
+data (stored with the model: predictions are total energies), forces normalised by their own RMS, label
+plausibility checks, and a validation split of the file when no validation file is given.
+``trainer.init_from=CKPT`` starts from the weights of a dens or official checkpoint (fine-tuning).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import difflib
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .data import ConcatDataset, SetFields, compute_statistics, md17_splits, open_dataset
+from .data import ConcatDataset, SetFields, Subset, compute_statistics, md17_splits, open_dataset, save_split
 from .data.demo import demo_path
+from .data.references import DEGENERATE_STD, check_labels, element_references, label_statistics
+from .feedback import ValidationTable, learning_curve, next_steps, summary_metrics
 from .losses import DeNSSettings
 from .trainer import OptimSettings, Trainer, TrainerSettings
 
@@ -56,30 +73,101 @@ def _dataset(spec: Any, common: dict[str, Any]) -> Any:
     return open_dataset(spec.path, **options)
 
 
-def _normalizer(cfg: DictConfig, train_set: Any) -> dict[str, float]:
-    """Explicit constants, or statistics of the training set.
+def _normalizer(cfg: DictConfig, train_set: Any) -> dict[str, Any]:
+    """Per-element references (``data.references``) and explicit constants or statistics of the training set.
 
     ``auto``: energy mean and std of the training set, and forces divided by the same energy std, the
     convention of the official OC20 (2.887 for both) and MD17 normalisers, for which the paper's force
-    coefficients were chosen. ``auto_rms``: forces divided by their own RMS instead.
+    coefficients were chosen. ``auto_rms``: forces divided by their own RMS instead. With references the
+    statistics are those of ``E - Σ E0`` (:func:`dens.data.references.label_statistics`); degenerate
+    stds (below 1e-6) are replaced, with a warning, in every case.
     """
     norm = cfg.data.normalizer
+    method = cfg.data.get("references") or "none"
+    method = OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else method
+    refs, info = element_references(train_set, method)
+    free_only = cfg.optim.train_on_free_atoms
+    if refs:
+        logger.info("element reference energies (%s): %s", info["method"], _named(refs))
+    if cfg.data.get("checks", False):
+        check_labels(train_set, refs, name=str(_path_of(cfg.data.get("train") or cfg.data)))
     if norm in ("auto", "auto_rms"):
-        stats = compute_statistics(train_set, free_atoms_only=cfg.optim.train_on_free_atoms)
+        if refs:
+            stats = label_statistics(train_set, refs, free_atoms_only=free_only)
+        else:
+            stats = compute_statistics(train_set, free_atoms_only=free_only)
+            for key, other in (("energy_std", "forces_rms"), ("forces_rms", "energy_std")):
+                if not (math.isfinite(stats[key]) and stats[key] > DEGENERATE_STD):
+                    fallback = (
+                        stats[other] if math.isfinite(stats[other]) and stats[other] > DEGENERATE_STD else 1.0
+                    )
+                    logger.warning(
+                        "training-set %s = %.3g is degenerate: using %.3g", key, stats[key], fallback
+                    )
+                    stats[key] = fallback
         force_std = stats["forces_rms"] if norm == "auto_rms" else stats["energy_std"]
-        return {
+        result: dict[str, Any] = {
             "energy_mean": stats["energy_mean"],
             "energy_std": stats["energy_std"],
             "force_std": force_std,
         }
-    return {k: float(norm[k]) for k in ("energy_mean", "energy_std", "force_std")}
+    else:
+        result = {k: float(norm[k]) for k in ("energy_mean", "energy_std", "force_std")}
+    if refs:
+        table = [0.0] * (max(refs) + 1)
+        for z, value in refs.items():
+            table[z] = value
+        result["element_references"] = table
+    return result
+
+
+def _named(refs: dict[int, float]) -> dict[str, float]:
+    from ase.data import chemical_symbols
+
+    return {chemical_symbols[z]: round(v, 6) for z, v in sorted(refs.items())}
+
+
+def _path_of(spec: Any) -> Any:
+    return spec.get("path") if hasattr(spec, "get") else spec
+
+
+def _md17_unit(cfg: DictConfig, common: dict[str, Any]) -> None:
+    """MD17 configs: ``.npz`` files are kcal/mol; other files state no unit, so it must be given."""
+    if common.get("energy_unit") is not None:
+        return
+    if Path(str(cfg.data.path)).suffix.lower() == ".npz":
+        common["energy_unit"] = "kcal/mol"
+        return
+    raise ValueError(
+        f"{cfg.data.path}: this file does not state its energy unit; set data.options.energy_unit (rMD17 "
+        f"extxyz files as written by dens/MACE: eV; the original MD17 values: kcal/mol)"
+    )
+
+
+def _split_fraction(whole: Any, fraction: float, seed: int, run_dir: Path, source: str) -> tuple[Any, Any]:
+    """A seeded validation split of one file (at least one structure each), recorded in ``split.npz``."""
+    n = len(whole)
+    n_val = max(1, round(fraction * n))
+    if not 0 < fraction < 1 or n_val >= n:
+        raise ValueError(f"{source}: cannot split {n} structures with valid_fraction={fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    parts = {"train": np.sort(perm[n_val:]), "val": np.sort(perm[:n_val]), "seed": np.array(seed)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_split(run_dir / "split.npz", parts)
+    logger.info("validation: %d of the %d structures of %s (seed %d; %s)", n_val, n, source, seed,
+                run_dir / "split.npz")  # fmt: skip
+    return Subset(whole, parts["train"]), Subset(whole, parts["val"])
 
 
 def datasets(cfg: DictConfig) -> tuple[Any, Any]:
-    """Training and validation sets: separate paths, or one file split (``data.split``, MD17)."""
+    """Training and validation sets: separate paths, one file split (``data.split``, MD17), or a file and a
+    validation fraction of it (``data.valid_fraction`` when ``data.val.path`` is null)."""
     common = OmegaConf.to_container(cfg.data.get("options", {}), resolve=True) or {}
+    common = {k: v for k, v in common.items() if v is not None}
     split = cfg.data.get("split")
+    run_dir = Path(cfg.trainer.run_dir)
     if split is not None:
+        _md17_unit(cfg, common)
         whole = open_dataset(cfg.data.path, **common)
         record = Path(cfg.trainer.run_dir) / "split.npz"
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -88,25 +176,132 @@ def datasets(cfg: DictConfig) -> tuple[Any, Any]:
     train_set = _dataset(cfg.data.train, common)
     if train_set is None or (isinstance(cfg.data.train, DictConfig) and cfg.data.train.get("path") is None):
         raise ValueError("data.train.path is not set: pick a data config or set data.train.path=...")
-    return train_set, _dataset(cfg.data.get("val"), common)
+    val_spec = cfg.data.get("val")
+    fraction = cfg.data.get("valid_fraction")
+    train_path = _path_of(cfg.data.train)
+    if (
+        isinstance(train_path, str)
+        and train_path != str(demo_path("train"))
+        and isinstance(val_spec, DictConfig)
+    ):
+        if val_spec.get("path") == str(demo_path("val")):
+            # the demo's validation set says nothing about another file: never validate on it silently
+            logger.warning(
+                "data.train.path=%s but data.val.path is the embedded demo set: validating on %s of the "
+                "training file instead (set data.val.path, or use `dens-train --train-file` / data=file)",
+                train_path, fraction or 0.05,
+            )  # fmt: skip
+            val_spec, fraction = None, fraction or 0.05
+    if (val_spec is None or val_spec.get("path") is None) and fraction:
+        seed = int(cfg.data.get("split_seed", 0))
+        return _split_fraction(train_set, float(fraction), seed, run_dir, str(train_path))
+    return train_set, _dataset(val_spec, common)
+
+
+def _settings(cls: type, group: str, values: dict[str, Any]) -> Any:
+    """``cls(**values)``, with a clear error naming unknown keys of the ``group`` config (Hydra's ``+key=``)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            hints.append(f"{group}.{key}" + (f" (did you mean {group}.{close[0]}?)" if close else ""))
+        raise ValueError(
+            f"unknown config key(s): {', '.join(hints)}; the {group} keys are: {', '.join(sorted(fields))}"
+        )
+    return cls(**values)
+
+
+def _initial_model(cfg: DictConfig, normalizer: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
+    """The model to train: ``cfg.model`` with fresh weights, or the weights of ``trainer.init_from``.
+
+    A dens checkpoint brings its architecture (its ``config.model``) and weights (EMA when it has them);
+    an official one its backbone weights, loaded into ``cfg.model`` (which must match it). With
+    ``trainer.init_normalizer=refit`` the normaliser and references are those of the new data; ``keep``
+    keeps the checkpoint's. Returns the model and, for a dens checkpoint, its model config.
+    """
+    from .evaluate import load_model
+
+    init = cfg.trainer.get("init_from")
+    torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank and every run
+    if not init:
+        backbone = instantiate(cfg.model.backbone)
+        if not getattr(backbone, "direct_forces", True):
+            # gradient forces: the force labels are scaled by the energy std (as the official MD17 code)
+            normalizer["force_std"] = normalizer["energy_std"]
+        return instantiate(cfg.model, backbone=backbone, **normalizer), None
+    mode = cfg.trainer.get("init_normalizer", "refit")
+    if mode not in ("refit", "keep"):
+        raise ValueError(f"trainer.init_normalizer must be 'refit' or 'keep', got {mode!r}")
+    source = load_model(init, device="cpu", use_ema=True)
+    state = torch.load(init, map_location="cpu", weights_only=False)
+    dens_config = (state.get("config") or {}) if isinstance(state, dict) else {}
+    if "resolved_normalizer" in dens_config:
+        model, model_config = source, dens_config["model"]
+        if mode == "keep":
+            normalizer.clear()
+            normalizer.update(dens_config["resolved_normalizer"])
+            logger.info("init_from %s: weights, normaliser and references of the checkpoint", init)
+            return model, model_config
+    else:
+        model, model_config = instantiate(cfg.model, backbone=instantiate(cfg.model.backbone)), None
+        try:
+            model.backbone.load_state_dict(source.backbone.state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"trainer.init_from={init}: its weights do not fit model={cfg.model.backbone._target_} "
+                             f"as configured; choose the model config of that checkpoint ({err})") from err  # fmt: skip
+        if mode == "keep":
+            normalizer.clear()
+            normalizer.update(
+                {k: float(getattr(source, k)) for k in ("energy_mean", "energy_std", "force_std")}
+            )
+    if not model.direct_forces:
+        normalizer["force_std"] = normalizer["energy_std"]
+    # refit (or an official checkpoint's constants): rebuild the wrapper's buffers around the same weights
+    fresh = type(model)(
+        model.backbone, model.cutoff, model.max_neighbors, model.strict_max_neighbors, **normalizer
+    )
+    logger.info("init_from %s: weights of the checkpoint; normaliser and references %s", init,
+                "refitted to this data" if mode == "refit" else "of the checkpoint")  # fmt: skip
+    return fresh, model_config
 
 
 def build(cfg: DictConfig) -> Trainer:
     """Datasets, model and trainer of a composed configuration."""
+    settings = _settings(TrainerSettings, "trainer", OmegaConf.to_container(cfg.trainer, resolve=True))
+    optim = _settings(OptimSettings, "optim", OmegaConf.to_container(cfg.optim, resolve=True))
+    dens = DeNSSettings.from_dict(OmegaConf.to_container(cfg.dens, resolve=True))
     train_set, val_set = datasets(cfg)
     normalizer = _normalizer(cfg, train_set)
-    torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank and every run
-    backbone = instantiate(cfg.model.backbone)
-    if not getattr(backbone, "direct_forces", True):
-        # gradient forces: the force labels are scaled by the energy std (as the official MD17 code)
-        normalizer["force_std"] = normalizer["energy_std"]
-    model = instantiate(cfg.model, backbone=backbone, **normalizer)
-    settings = TrainerSettings(**OmegaConf.to_container(cfg.trainer, resolve=True))
-    optim = OptimSettings(**OmegaConf.to_container(cfg.optim, resolve=True))
-    dens = DeNSSettings.from_dict(OmegaConf.to_container(cfg.dens, resolve=True))
+    model, model_config = _initial_model(cfg, normalizer)
     config = OmegaConf.to_container(cfg, resolve=True)
+    if model_config is not None:
+        config["model"] = model_config  # the architecture of init_from, so that the checkpoint rebuilds it
     config["resolved_normalizer"] = normalizer
+    refs = normalizer.get("element_references")
+    options = config["data"].get("options") or {}
+    config["units"] = {
+        "energy": "eV",
+        "forces": "eV/Å",
+        "length": "Å",
+        "data_energy_unit": options.get("energy_unit") or "eV",
+        "energy_target": "total energy: model residual + Σ element_references[Z]"
+        if refs
+        else "the data's energy labels as read (no element references)",
+    }
+    if refs:
+        config["element_references"] = _named({z: v for z, v in enumerate(refs) if v != 0.0})
     return Trainer(model, train_set, val_set, optim, dens, settings, config=config)
+
+
+def _eval_files(cfg: DictConfig) -> list[str]:
+    val = cfg.data.get("val")
+    path = _path_of(val) if val is not None else None
+    if isinstance(path, str):
+        return [path]
+    train = _path_of(cfg.data.get("train")) if cfg.data.get("train") is not None else cfg.data.get("path")
+    return [str(train)] if isinstance(train, str) else []
 
 
 @hydra.main(config_path="conf", config_name="train", version_base=None)
@@ -117,20 +312,80 @@ def main(cfg: DictConfig) -> None:
         n_params = sum(p.numel() for p in trainer.model.parameters())
         logger.info("%s: %s parameters, %d train steps, run dir %s", cfg.get("name", "run"), f"{n_params:,}",
                     trainer.total_steps, trainer.run_dir)  # fmt: skip
+        trainer.on_validation = ValidationTable(trainer.settings.primary_metric)
     history = trainer.fit()
-    if trainer.is_main and history:
-        first, last = history[0], history[-1]
+    if trainer.is_main:
         weights = " (EMA)" if trainer.ema else ""
-        print(
-            f"validation{weights} energy MAE {first['val/energy_mae_meV']:.1f} -> {last['val/energy_mae_meV']:.1f} meV, "
-            f"force MAE {first['val/forces_mae_meV_A']:.1f} -> {last['val/forces_mae_meV_A']:.1f} meV/Å "
-            f"(step {first['step']} -> {last['step']})"
-        )
+        print(summary_metrics(history).replace("validation", f"validation{weights}", 1))
+        png = learning_curve(trainer.run_dir)
+        if png is not None:
+            print(f"learning curve: {png}")
+        print(next_steps(trainer.run_dir, _eval_files(cfg), trainer.val_loader is not None))
 
 
-def cli() -> None:
-    """Accept ``+experiment=NAME`` as well as ``experiment=NAME`` (the defaults list has ``experiment: null``)."""
-    sys.argv = [a[1:] if a.startswith("+experiment=") else a for a in sys.argv]
+def _file_overrides(args: argparse.Namespace) -> list[str]:
+    """Hydra overrides of the ``dens-train --train-file`` options."""
+
+    def quote(value: str) -> str:
+        return "'" + str(value).replace("'", "\\'") + "'"
+
+    out = ["data=file", f"data.train.path={quote(Path(args.train_file).expanduser().resolve())}"]
+    if args.valid_file:
+        out.append(f"data.val.path={quote(Path(args.valid_file).expanduser().resolve())}")
+    if args.valid_fraction is not None:
+        out.append(f"data.valid_fraction={args.valid_fraction}")
+    for key in ("energy_key", "forces_key", "energy_unit"):
+        if getattr(args, key) is not None:
+            out.append(f"data.options.{key}={quote(getattr(args, key))}")
+    if args.stress_key is not None:
+        logger.warning("--stress-key %s: dens models predict energies and forces only; stress is not trained",
+                       args.stress_key)  # fmt: skip
+    if args.references is not None:
+        out.append(f"data.references={args.references}")
+    if args.steps is not None:
+        out.append(f"trainer.steps={args.steps}")
+    return out
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """``dens-train``: Hydra overrides, plus ``--train-file`` and its options (see the module docstring).
+
+    Accepts ``+experiment=NAME`` as well as ``experiment=NAME`` (the defaults list has ``experiment: null``).
+    """
+    parser = argparse.ArgumentParser(
+        prog="dens-train",
+        description="Train a force field. Without --train-file: the Hydra entry point (python -m dens.train). "
+        "Anything else on the line is a Hydra override (+experiment=NAME, trainer.max_steps=N, name=RUN, ...).",
+    )
+    parser.add_argument(
+        "--train-file", help="one ASE-readable file (extxyz, traj, ...) of total energies and forces"
+    )
+    parser.add_argument(
+        "--valid-file", help="validation file (default: --valid-fraction of the training file)"
+    )
+    parser.add_argument("--valid-fraction", type=float, default=None, help="validation share (default 0.05)")
+    parser.add_argument(
+        "--energy-key", help="energy field, e.g. REF_energy (default: energy, then REF_energy)"
+    )
+    parser.add_argument(
+        "--forces-key", help="forces field, e.g. REF_forces (default: forces, then REF_forces)"
+    )
+    parser.add_argument("--stress-key", help="accepted for MACE compatibility; stress is not trained")
+    parser.add_argument(
+        "--energy-unit", help="unit of the file's energies (forces: per Å): eV, meV, kcal/mol, ..."
+    )
+    parser.add_argument("--references", help="element reference energies: fit (default), isolated or none")
+    parser.add_argument("--steps", type=int, help="optimiser steps; the schedule is sized to them")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    overrides = [a[1:] if a.startswith("+experiment=") else a for a in overrides]
+    if args.train_file is None:
+        if any(v is not None for k, v in vars(args).items() if k != "train_file"):
+            parser.error("--valid-file, --energy-key, ... need --train-file (or set data.* overrides)")
+    else:
+        names = [a for a in overrides if a.startswith("name=")]
+        extra = [] if names else [f"name={Path(args.train_file).stem}"]
+        overrides = _file_overrides(args) + extra + overrides
+    sys.argv = [sys.argv[0], *overrides]
     main()
 
 

@@ -71,7 +71,12 @@ class TrainerSettings:
 
     run_dir: str = "runs/default"
     device: str = "auto"  # auto | cpu | cuda
-    max_steps: int | None = None
+    max_steps: int | None = None  # cuts a run; the schedule keeps the length of optim.max_epochs
+    steps: int | None = None  # train exactly this many steps: the schedule (and its warm-up) sized to them
+    init_from: str | None = (
+        None  # start from these weights (dens/official checkpoint; dens.train, fine-tuning)
+    )
+    init_normalizer: str = "refit"  # refit | keep: the normaliser and references of init_from's model
     grad_accumulation: int = 1
     amp: str | None = None  # None | bf16 | fp16
     compile: bool = False  # torch.compile the backbone (dynamic shapes; the wrapper stays eager)
@@ -314,11 +319,16 @@ class Trainer:
                 f"the training set is smaller than one global batch ({optim.batch_size} structures)"
             )
         self.total_steps = max(1, int(optim.max_epochs * self.steps_per_epoch))
+        schedule_steps = max(1, int(optim.max_epochs * self.steps_per_epoch))
+        warmup = int(optim.warmup_epochs * self.steps_per_epoch)
+        if settings.steps is not None:  # the whole schedule, warm-up and milestones scaled to `steps`
+            scale = settings.steps / schedule_steps
+            self.total_steps = schedule_steps = max(1, int(settings.steps))
+            warmup = round(warmup * scale)
+            optim.decay_epochs = [e * scale for e in optim.decay_epochs]
         if settings.max_steps is not None:
             self.total_steps = min(self.total_steps, settings.max_steps)
-        schedule_steps = max(1, int(optim.max_epochs * self.steps_per_epoch))
         self.schedule_steps = schedule_steps
-        warmup = int(optim.warmup_epochs * self.steps_per_epoch)
         if optim.scheduler == "cosine":
             lam = lambda s: cosine_lambda(s, warmup, schedule_steps, optim.warmup_factor, optim.lr_min_factor)  # noqa: E731
         elif optim.scheduler == "multistep":
@@ -333,6 +343,8 @@ class Trainer:
         self.best_metric = math.inf
         self.history: list[dict[str, Any]] = []
         self._writer = None
+        # called with (metrics, step) after every validation on the main rank (dens.feedback.ValidationTable)
+        self.on_validation: Any = None
 
     # -- set-up ------------------------------------------------------------------------------------
     def _setup_distributed(self) -> None:
@@ -556,7 +568,9 @@ class Trainer:
             with open(self.run_dir / "config.json", "w") as fh:
                 json.dump(self.config, fh, indent=2, default=str)
         if self.step == 0:
-            self._log({"step": 0, **self._prefixed("val", self.validate())})
+            metrics = self.validate()
+            self._log({"step": 0, **self._prefixed("val", metrics)})
+            self._report(metrics)
         bar = None
         if self.settings.progress_bar and self.is_main:
             from tqdm import tqdm
@@ -586,6 +600,7 @@ class Trainer:
                 metrics = self.validate()
                 if metrics:
                     self._log({"step": self.step, **self._prefixed("val", metrics)})
+                    self._report(metrics)
                     if metrics[self.settings.primary_metric] < self.best_metric:
                         self.best_metric = metrics[self.settings.primary_metric]
                         self._save_best()
@@ -593,9 +608,15 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
+        if self.val_loader is None and self.step > 0:
+            self._save_best()  # no validation set: best.pt holds the final weights, so its commands work
         if self._writer is not None:
             self._writer.close()
         return [r for r in self.history if any(k.startswith("val/") for k in r)]
+
+    def _report(self, metrics: dict[str, float]) -> None:
+        if self.is_main and self.on_validation is not None and metrics:
+            self.on_validation(metrics, self.step)
 
     def _save_best(self) -> None:
         """``best.pt``: EMA weights (when used), the normalisation and the config, for evaluation."""

@@ -13,7 +13,7 @@ anything else                               :class:`~dens.data.ase_io.AseDataset
 Common options: ``dtype``, ``transforms``, ``on_error`` (``"raise"`` / ``"skip"``), ``validate``,
 ``max_force`` (drop frames with a larger force norm, count logged), ``linear_reference`` (per-element
 coefficients or an ``.npz``), ``system_reference`` (``{sid: E_ref}`` or the OC20 pickle). Format options:
-``energy_key`` (LMDB), ``energy_unit`` / ``length_unit`` (files that do not state their units; MD17
+``energy_key`` (LMDB, pickles, ASE files), ``forces_key`` (ASE files), ``energy_unit`` / ``length_unit`` (files that do not state their units; MD17
 ``.npz`` default kcal/mol, everything else eV), ``format`` (ASE format name).
 
 Examples
@@ -161,7 +161,16 @@ def open_dataset(
         "aselmdb": {"dtype", "on_error", "validate", "energy_unit", "length_unit"},
         "md17": {"dtype", "on_error", "validate", "energy_unit"},
         "pickle": {"dtype", "on_error", "validate", "energy_key"},
-        "ase": {"dtype", "on_error", "validate", "energy_unit", "length_unit", "format"},
+        "ase": {
+            "dtype",
+            "on_error",
+            "validate",
+            "energy_unit",
+            "length_unit",
+            "format",
+            "energy_key",
+            "forces_key",
+        },
     }[kind]
     unknown = set(options) - allowed
     if unknown:

@@ -2,14 +2,20 @@
 
 The backbone (EquiformerV2, eSCN, Equiformer) sees atoms, positions and a graph, and works in normalised
 units; this wrapper builds the graph when the batch has none (after DeNS corruption, on the device),
-encodes forces for DeNS, and converts predictions back to eV and eV/Å.
+encodes forces for DeNS, and converts predictions back to eV and eV/Å, adding the per-element
+reference energies (E0s) back so that energies are total energies.
+
+``dens.load(path)`` (:func:`dens.evaluate.load_model`) gives a ``ForceField`` from any checkpoint, and
+``model.predict(atoms)`` (one ``ase.Atoms`` or a list) gives energies and forces as NumPy arrays.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -17,7 +23,7 @@ from ..data.batch import Batch
 from ..data.graph import radius_graph_pbc
 from .heads import split_head_edges
 
-__all__ = ["ForceField", "compile_backbone"]
+__all__ = ["ForceField", "backbone_cutoff", "compile_backbone"]
 
 
 class ForceField(nn.Module):
@@ -29,22 +35,27 @@ class ForceField(nn.Module):
         A model with the dens backbone interface: ``backbone(atomic_numbers, pos, batch, edge_index,
         edge_shift, num_graphs, extra_embedding=None, noise_mask=None) -> dict`` with ``energy`` and
         ``forces`` (and ``noise_head`` for DeNS models, which have a ``force_encoder``).
-    cutoff : float
-        Graph cutoff (Å).
+    cutoff : float, optional
+        Graph cutoff (Å); default: the backbone's own ``cutoff`` / ``max_radius``, which it must equal
+        (its radial basis and envelope end there: another graph cutoff would silently change the model).
     max_neighbors : int, optional
         Neighbour cap per atom (OC20: 20); None for no cap (MD17).
     strict_max_neighbors : bool
         Exactly ``max_neighbors`` (OC20) or keep ties at the boundary (OC22).
     energy_mean, energy_std, force_std : float
-        Label normalisation: the backbone predicts ``(E - mean) / energy_std`` and ``F / force_std``.
+        Label normalisation: the backbone predicts ``(E - Σ E0 - mean) / energy_std`` and ``F / force_std``.
+    element_references : sequence of float or mapping, optional
+        Per-element reference energies E0 (eV), indexed by Z (a list) or ``{Z: E0}``: added to every
+        energy, so that the backbone learns the residual and predictions are total energies. Stored in the
+        checkpoint's config (``resolved_normalizer``), not in the state dict (which stays official-compatible).
 
     Examples
     --------
     >>> from dens.models import EquiformerV2
     >>> backbone = EquiformerV2(num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8,
     ...                         num_heads=2, attn_alpha_channels=4, attn_value_channels=4,
-    ...                         ffn_hidden_channels=8, edge_channels=8, grid_resolution=8)
-    >>> model = ForceField(backbone, cutoff=5.0, max_neighbors=20)
+    ...                         ffn_hidden_channels=8, edge_channels=8, grid_resolution=8, cutoff=5.0)
+    >>> model = ForceField(backbone, max_neighbors=20)
     >>> from dens.data import collate, make_structure
     >>> batch = collate([make_structure(torch.randn(4, 3), [1, 6, 8, 1])])
     >>> out = model.predict(batch)
@@ -55,14 +66,25 @@ class ForceField(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        cutoff: float,
+        cutoff: float | None = None,
         max_neighbors: int | None = None,
         strict_max_neighbors: bool = True,
         energy_mean: float = 0.0,
         energy_std: float = 1.0,
         force_std: float = 1.0,
+        element_references: Any = None,
     ) -> None:
         super().__init__()
+        own = backbone_cutoff(backbone)
+        if cutoff is None:
+            if own is None:
+                raise ValueError(f"{type(backbone).__name__} states no cutoff: pass ForceField(cutoff=...)")
+            cutoff = own
+        elif own is not None and abs(float(cutoff) - own) > 1e-6:
+            raise ValueError(
+                f"ForceField cutoff {cutoff} Å differs from the backbone's cutoff {own} Å (its radial basis "
+                f"and envelope): build the backbone with cutoff={cutoff}, or leave ForceField's cutoff out"
+            )
         if not getattr(backbone, "direct_forces", True) and force_std != energy_std:
             # forces are -dE/dx: normalised forces must be -d(E_normalised)/dx, i.e. F / energy_std
             raise ValueError(
@@ -77,6 +99,8 @@ class ForceField(nn.Module):
         self.register_buffer("energy_mean", torch.tensor(float(energy_mean), dtype=torch.float64))
         self.register_buffer("energy_std", torch.tensor(float(energy_std), dtype=torch.float64))
         self.register_buffer("force_std", torch.tensor(float(force_std), dtype=torch.float64))
+        # not persistent: state dicts keep the official names; checkpoints store the list in their config
+        self.register_buffer("element_references", _reference_table(element_references), persistent=False)
 
     @classmethod
     def from_checkpoint(
@@ -98,7 +122,7 @@ class ForceField(nn.Module):
         config = state.get("config") or {}
         if "model" not in config or "resolved_normalizer" not in config:
             raise ValueError(f"{path} is not a dens training checkpoint (no config.model / normaliser)")
-        model = instantiate(config["model"], **config["resolved_normalizer"])
+        model = instantiate(config["model"], **_plain(config["resolved_normalizer"]))
         if not isinstance(model, cls):
             raise ValueError(f"{path}: config.model builds a {type(model).__name__}, not a {cls.__name__}")
         model.load_state_dict(state["model"])
@@ -177,18 +201,106 @@ class ForceField(nn.Module):
             extra = self.backbone.force_encoder(encoded_forces.to(pos.dtype), encode_mask)
         if split_heads and self.uses_dens and getattr(self.backbone, "splits_heads", False):
             kwargs["head_edges"] = split_head_edges(edge_index, noise_mask)
-        return self.backbone(
+        out = self.backbone(
             batch.atomic_numbers, pos, batch.batch, edge_index, shift, batch.num_graphs,
             extra_embedding=extra, noise_mask=noise_mask, **kwargs,
         )  # fmt: skip
+        if self.element_references.numel():
+            # in float64: the references are large (total energies), the learnt residual small
+            ref = self.reference_energy(batch)
+            out = {
+                **out,
+                "energy": out["energy"].to(torch.float64) + (ref / self.energy_std).view_as(out["energy"]),
+            }
+        return out
 
-    def predict(self, batch: Batch) -> dict[str, Tensor]:
-        """Energy (eV) and forces (eV/Å) of a batch, in the batch's float dtype."""
+    def reference_energy(self, batch: Batch) -> Tensor:
+        """``Σ_atoms E0[Z]`` per structure (eV, float64; zeros without references)."""
+        table = self.element_references
+        out = torch.zeros(batch.num_graphs, dtype=torch.float64, device=batch.pos.device)
+        if not table.numel():
+            return out
+        z = batch.atomic_numbers
+        if int(z.max()) >= table.numel():
+            table = torch.cat([table, table.new_zeros(int(z.max()) + 1 - table.numel())])
+        return out.index_add_(0, batch.batch, table[z])
+
+    def predict(self, batch: Batch | Any) -> dict[str, Any]:
+        """Energy (eV, total) and forces (eV/Å) of a batch, in the batch's float dtype.
+
+        Given an ``ase.Atoms`` or a list of them instead, returns NumPy arrays: ``energy`` (a float for one
+        structure, ``[S]`` for a list) and ``forces`` (``[N, 3]``, or a list of them), in float64.
+        """
+        if not isinstance(batch, Batch):
+            return self._predict_atoms(batch)
         with torch.set_grad_enabled(not self.direct_forces):
             out = self(batch, split_heads=True)  # the force head only: the noise head is not read
         energy = out["energy"].to(torch.float64) * self.energy_std + self.energy_mean
         forces = out["forces"].detach() * self.force_std.to(out["forces"].dtype)
         return {"energy": energy.detach(), "forces": forces}
+
+    def _predict_atoms(self, atoms: Any, batch_size: int = 16) -> dict[str, Any]:
+        import ase
+
+        from ..data.ase_io import atoms_to_structure
+        from ..data.batch import collate
+
+        single = isinstance(atoms, ase.Atoms)
+        frames = [atoms] if single else list(atoms)
+        if not all(isinstance(a, ase.Atoms) for a in frames):
+            raise TypeError("ForceField.predict takes a Batch, an ase.Atoms or a list of ase.Atoms")
+        param = next(self.parameters(), None)
+        dtype = param.dtype if param is not None else torch.float32
+        device = param.device if param is not None else torch.device("cpu")
+        was_training = self.training
+        self.eval()
+        energies: list[float] = []
+        forces: list[Any] = []
+        try:
+            for start in range(0, len(frames), batch_size):
+                chunk = frames[start : start + batch_size]
+                items = []
+                for i, a in enumerate(chunk):
+                    s = atoms_to_structure(a, dtype=dtype, where=f"structure {start + i}")
+                    s["energy"] = s["forces"] = None  # labels are not inputs
+                    items.append(s)
+                batch = collate(items).to(device)
+                out = self.predict(batch)
+                energies += out["energy"].detach().cpu().tolist()
+                per_atom = out["forces"].detach().to(torch.float64).cpu()
+                forces += [f.numpy() for f in torch.split(per_atom, batch.natoms.tolist())]
+        finally:
+            self.train(was_training)
+        if single:
+            return {"energy": energies[0], "forces": forces[0]}
+        return {"energy": np.asarray(energies), "forces": forces}
+
+
+def backbone_cutoff(backbone: nn.Module) -> float | None:
+    """The cutoff a backbone was built with (``cutoff`` or Equiformer's ``max_radius``), or None."""
+    for attr in ("cutoff", "max_radius"):
+        value = getattr(backbone, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _reference_table(refs: Any) -> Tensor:
+    """``[max Z + 1]`` float64 table of E0s from a list (indexed by Z), a ``{Z: E0}`` mapping or None."""
+    if refs is None:
+        return torch.zeros(0, dtype=torch.float64)
+    if isinstance(refs, Mapping):
+        pairs = {int(k): float(v) for k, v in refs.items()}
+        table = torch.zeros(max(pairs, default=-1) + 1, dtype=torch.float64)
+        for z, v in pairs.items():
+            table[z] = v
+        return table
+    return torch.tensor([float(v) for v in refs], dtype=torch.float64)
+
+
+def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-style checkpoint values as plain Python (Hydra's ``instantiate`` wraps lists otherwise)."""
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in values.items()}
 
 
 def compile_backbone(backbone: nn.Module, **options: Any) -> nn.Module:
