@@ -8,7 +8,9 @@ not) from ASE, so that ``ase.optimize`` and ``ase.md`` can drive it:
   and hold them in optimisers and integrators, as with any ASE calculator;
 * elements outside the model's embedding table and periodic cells that are degenerate or too thin raise
   a ``ValueError`` that says what is wrong; atoms without neighbours inside the cutoff are allowed (their
-  energy is the model's isolated-atom energy), and are reported once in the log.
+  energy is the model's isolated-atom energy), and are reported once in the log;
+* a direct-force model (EquiformerV2, eSCN) predicts forces that are not the gradient of its energy: the
+  first calculation warns once (``DirectForcesWarning``) that energy is then not conserved in NVE MD.
 
 Examples
 --------
@@ -26,6 +28,7 @@ Examples
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,7 +44,12 @@ from .data.batch import collate, make_structure
 from .data.graph import radius_graph_pbc
 from .evaluate import load_model, model_device, model_dtype
 
-__all__ = ["DeNSCalculator", "element_limit"]
+__all__ = ["DeNSCalculator", "DirectForcesWarning", "element_limit"]
+
+
+class DirectForcesWarning(UserWarning):
+    """A direct-force model drives a simulation: its forces are not conservative."""
+
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +125,7 @@ class DeNSCalculator(Calculator):
         self.min_cell_height = min_cell_height
         self.warn_isolated = warn_isolated
         self._warned_isolated = False
+        self._warned_direct = False
         self.num_edges: int | None = None
 
     @classmethod
@@ -217,6 +226,15 @@ class DeNSCalculator(Calculator):
                     float(cutoff),
                 )
                 self._warned_isolated = True
+        if not self._warned_direct and getattr(self.model, "direct_forces", False):
+            warnings.warn(
+                "DeNSCalculator: this model predicts forces directly (not as -dE/dx): they are not "
+                "conservative, so NVE molecular dynamics drifts in energy; prefer a thermostat (NVT), short "
+                "runs or a gradient-force model (Equiformer) for energy-conserving MD",
+                DirectForcesWarning,
+                stacklevel=2,
+            )
+            self._warned_direct = True
         out = self.model.predict(batch)
         energy = float(out["energy"].detach().reshape(-1)[0])
         forces = out["forces"].detach().to(torch.float64).cpu().numpy()

@@ -333,7 +333,7 @@ def write_extxyz_predictions(path: str | Path, structures: Sequence[Mapping[str,
     >>> s = make_structure(torch.zeros(1, 3), [8], energy=-2.0)
     >>> p = write_extxyz_predictions(os.path.join(tempfile.mkdtemp(), "p.extxyz"), [s], [-1.5], [np.zeros((1, 3))])
     >>> a = ase.io.read(p)
-    >>> a.info["dens_energy"], a.get_potential_energy()
+    >>> float(a.info["dens_energy"]), float(a.get_potential_energy())
     (-1.5, -2.0)
     """
     import ase.io

@@ -133,6 +133,46 @@ class ForceField(nn.Module):
                     p.copy_(shadow)
         return model.to(device).eval()
 
+    @classmethod
+    def from_preset(
+        cls, name: str, family: str = "equiformer_v2", dens: bool = False, **overrides: Any
+    ) -> ForceField:
+        """An untrained paper model, ready for ``predict``: the backbone preset with its graph rule and
+        official normaliser.
+
+        ``family``: ``equiformer_v2`` (``oc20_2m``, ``oc20_all_md``, ``oc20_31m``, ``oc22``), ``escn``
+        (``oc20_2m``) or ``equiformer`` (``md17_l2``, ``md17_l3``). Graph rules: OC20 20 neighbours
+        (strict), OC22 20 (keeping ties), MD17 no cap; normalisers: the official OC20 / OC22 constants (OC22
+        energies are then referenced by the OC22 linear reference, which is data, not part of the model);
+        MD17 models are normalised by their training data, so none here. ``overrides`` go to the backbone.
+
+        Examples
+        --------
+        >>> model = ForceField.from_preset("oc20_2m", num_layers=1, lmax=2, mmax=1, sphere_channels=8,
+        ...     attn_hidden_channels=8, num_heads=2, attn_alpha_channels=4, attn_value_channels=4,
+        ...     ffn_hidden_channels=8, edge_channels=8, grid_resolution=8)
+        >>> model.cutoff, model.max_neighbors, round(float(model.energy_std), 3)
+        (12.0, 20, 2.887)
+        """
+        from ..data.normalize import normalizers
+        from . import ESCN, Equiformer, EquiformerV2
+
+        classes = {"equiformer_v2": EquiformerV2, "escn": ESCN, "equiformer": Equiformer}
+        if family not in classes:
+            raise ValueError(f"unknown model family {family!r}; choose from {sorted(classes)}")
+        backbone = classes[family].from_preset(name, dens=dens, **overrides)
+        dataset = name.split("_")[0]
+        norm: dict[str, float] = {}
+        if dataset in ("oc20", "oc22"):
+            n = normalizers(dataset)
+            norm = {
+                "energy_mean": n["energy"].mean,
+                "energy_std": n["energy"].std,
+                "force_std": n["forces"].std,
+            }
+        max_neighbors = None if dataset == "md17" else 20
+        return cls(backbone, None, max_neighbors, strict_max_neighbors=dataset != "oc22", **norm).eval()
+
     @property
     def uses_dens(self) -> bool:
         """Whether the backbone has a force encoder and a noise head."""
