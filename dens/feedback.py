@@ -91,19 +91,28 @@ def learning_curve(run_dir: str | Path) -> Path | None:
     return out
 
 
-def next_steps(run_dir: str | Path, eval_data: list[str], validated: bool) -> str:
-    """The closing message of a run: checkpoints and the commands that evaluate and use them."""
-    ckpt = Path(run_dir) / "checkpoints" / "best.pt"
+def next_steps(
+    run_dir: str | Path, eval_data: list[str], validated: bool, options: dict[str, Any] | None = None
+) -> str:
+    """The closing message of a run: checkpoints and the commands that evaluate and use them.
+
+    ``options``: the reader options of the data (``energy_unit``, ``energy_key``, ``forces_key``), repeated
+    in the commands.
+    """
+    ckpt = shlex.quote(str(Path(run_dir) / "checkpoints" / "best.pt"))
     which = "best validation" if validated else "final (no validation set)"
+    flags = "".join(
+        f" --{k.replace('_', '-')} {shlex.quote(str(v))}"
+        for k, v in (options or {}).items()
+        if k in ("energy_unit", "energy_key", "forces_key") and v is not None
+    )
+    data = " ".join(f"--data {shlex.quote(d)}" for d in eval_data[:1]) or "--data FILE"
     lines = [
-        f"checkpoints: {ckpt} ({which} weights), {ckpt.with_name('last.pt')} (resumable)",
-        "evaluate:    python -m dens.evaluate --checkpoint "
-        + shlex.quote(str(ckpt))
-        + "".join(f" --data {shlex.quote(d)}" for d in eval_data[:1])
-        + (" [--energy-unit U --energy-key K --forces-key K]" if eval_data else " --data FILE"),
-        f"predict:     dens-predict --checkpoint {shlex.quote(str(ckpt))} --data FILE --out predictions.extxyz",
-        f'python:      model = dens.load("{ckpt}"); model.predict(atoms)  '
-        f'# or DeNSCalculator.from_checkpoint("{ckpt}")',
+        f"checkpoints: {ckpt} ({which} weights), {Path(run_dir) / 'checkpoints' / 'last.pt'} (resumable)",
+        f"evaluate:    python -m dens.evaluate --checkpoint {ckpt} {data}{flags}",
+        f"predict:     dens-predict --checkpoint {ckpt} --data FILE{flags} --out predictions.extxyz",
+        f"python:      model = dens.load({ckpt!r}); model.predict(atoms)  "
+        f"# or DeNSCalculator.from_checkpoint({ckpt!r})",
     ]
     return "\n".join(lines)
 

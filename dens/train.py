@@ -320,7 +320,8 @@ def main(cfg: DictConfig) -> None:
         png = learning_curve(trainer.run_dir)
         if png is not None:
             print(f"learning curve: {png}")
-        print(next_steps(trainer.run_dir, _eval_files(cfg), trainer.val_loader is not None))
+        options = OmegaConf.to_container(cfg.data.get("options") or OmegaConf.create({}), resolve=True)
+        print(next_steps(trainer.run_dir, _eval_files(cfg), trainer.val_loader is not None, options))
 
 
 def _file_overrides(args: argparse.Namespace) -> list[str]:
