@@ -213,6 +213,42 @@ def _settings(cls: type, group: str, values: dict[str, Any]) -> Any:
     return cls(**values)
 
 
+def graph_statistics(dataset: Any, cutoff: float, max_neighbors: int | None, strict: bool = True,
+                     limit: int = 200) -> dict[str, float]:  # fmt: skip
+    """Mean atoms per structure and mean neighbours per atom (under the model's graph rule) of a dataset,
+    from at most ``limit`` evenly spaced structures: the ``avg_num_nodes`` / ``avg_degree`` constants by
+    which EquiformerV2 and eSCN divide their sums (the official values are OC20's, 77.8 and 23.4)."""
+    from .data import collate
+    from .data.graph import radius_graph_pbc
+
+    indices = np.unique(np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).astype(int))
+    atoms = edges = 0
+    for i in indices:
+        item = dataset[int(i)]
+        if item is None:
+            continue
+        b = collate([item])
+        edge_index, _ = radius_graph_pbc(
+            b.pos, b.cell, b.pbc, b.batch, cutoff, max_neighbors, strict, natoms=b.natoms
+        )
+        atoms, edges = atoms + b.num_atoms, edges + edge_index.shape[1]
+    n = max(len(indices), 1)
+    return {"avg_num_nodes": atoms / n, "avg_degree": max(edges / max(atoms, 1), 1.0)}
+
+
+def _fit_graph_constants(cfg: DictConfig, train_set: Any) -> None:
+    """``data.fit_graph_statistics``: set the backbone's ``avg_num_nodes`` / ``avg_degree`` to the data's."""
+    backbone = cfg.model.backbone
+    keys = [k for k in ("avg_num_nodes", "avg_degree") if k in backbone]
+    if not cfg.data.get("fit_graph_statistics", False) or not keys or cfg.trainer.get("init_from"):
+        return
+    stats = graph_statistics(train_set, float(cfg.model.cutoff), cfg.model.get("max_neighbors"),
+                             bool(cfg.model.get("strict_max_neighbors", True)))  # fmt: skip
+    for key in keys:
+        OmegaConf.update(cfg, f"model.backbone.{key}", round(stats[key], 4), merge=False)
+    logger.info("graph constants of the data: %s", {k: round(stats[k], 4) for k in keys})
+
+
 def _initial_model(cfg: DictConfig, normalizer: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
     """The model to train: ``cfg.model`` with fresh weights, or the weights of ``trainer.init_from``.
 
@@ -274,6 +310,7 @@ def build(cfg: DictConfig) -> Trainer:
     dens = DeNSSettings.from_dict(OmegaConf.to_container(cfg.dens, resolve=True))
     train_set, val_set = datasets(cfg)
     normalizer = _normalizer(cfg, train_set)
+    _fit_graph_constants(cfg, train_set)
     model, model_config = _initial_model(cfg, normalizer)
     config = OmegaConf.to_container(cfg, resolve=True)
     if model_config is not None:

@@ -94,9 +94,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def fixtures() -> dict[str, dict]:
-    from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
+    from conftest import shared_path
+
+    folder = shared_path("fixtures/official")
     if not folder.is_dir():
         pytest.skip(f"{folder} is absent: the official Equiformer fixtures live there")
     return {name: torch.load(folder / f"{name}.pt", weights_only=False) for name in FIXTURES}

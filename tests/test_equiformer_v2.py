@@ -1,15 +1,14 @@
 """EquiformerV2: parity with the official fixtures, parameter counts, symmetries, batching, gradients."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import shared_path
 
 from dens.models import convert
 from dens.models.equiformer_v2 import EquiformerV2
 from dens.testing import random_rotation
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "official"
+FIXTURES = shared_path("fixtures/official")
 needs_fixtures = pytest.mark.skipif(not FIXTURES.exists(), reason="../shared/fixtures/official is absent")
 
 

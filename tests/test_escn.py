@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import shared_path
 
 from dens.models import edge_frames, edge_frames_official, spherical_harmonics, wigner_D
 from dens.models._official_escn import (
@@ -19,7 +19,7 @@ from dens.models._official_escn import (
 from dens.models.escn import ESCN, sphere_sample_points
 from dens.testing import random_rotation
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
+FIXTURES = shared_path("fixtures/official")
 FIXTURE_NAMES = ["escn_small", "escn_dens_small"]
 F64 = torch.float64
 

@@ -27,7 +27,7 @@ from dens.evaluate import main as evaluate_main
 from dens.evaluate import write_predictions
 from dens.feedback import ValidationTable
 from dens.models import EquiformerV2, ForceField
-from dens.train import build, datasets
+from dens.train import build, datasets, graph_statistics
 
 E0 = {13: -50.0, 29: -100.0}  # offsets that make EMT energies look like DFT totals
 TINY = [f"model.backbone.{k}={v}" for k, v in TINY_BACKBONE.items()] + ["model.backbone.num_layers=1"]
@@ -187,6 +187,26 @@ def test_training_path_override_never_validates_on_the_demo(emt_file, tmp_path, 
     assert all(str(emt_file) in val.describe(i) for i in range(len(val)))
     demo = _compose([f"trainer.run_dir={tmp_path}/demo"])
     assert len(datasets(demo)[1]) == len(open_dataset(demo_path("val")))
+
+
+def test_graph_constants_come_from_the_data(emt_file, tmp_path):
+    cfg = _compose(
+        [
+            "data=file",
+            f"data.train.path={emt_file}",
+            f"trainer.run_dir={tmp_path}",
+            "trainer.device=cpu",
+            *TINY,
+        ]
+    )
+    trainer = build(cfg)
+    assert trainer.model.backbone.avg_num_nodes == pytest.approx(8.0)  # 2 x 1 x 1 cubic fcc cells
+    assert trainer.config["model"]["backbone"]["avg_num_nodes"] == pytest.approx(
+        8.0
+    )  # rebuilt from the checkpoint
+    degree = trainer.config["model"]["backbone"]["avg_degree"]
+    assert 1.0 < degree <= 12.0  # the demo model's neighbour cap
+    assert graph_statistics(open_dataset(emt_file), 6.0, 12)["avg_degree"] == pytest.approx(degree, rel=1e-3)
 
 
 def test_steps_size_the_schedule(emt_file, tmp_path):

@@ -1,10 +1,9 @@
 """Sphere grids and grid activations."""
 
-from pathlib import Path
-
 import e3nn.o3 as o3
 import pytest
 import torch
+from conftest import shared_path
 
 from dens.models import (
     CoefficientLayout,
@@ -19,7 +18,7 @@ from dens.testing import assert_equivariant, random_rotation
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "official"
+FIXTURES = shared_path("fixtures/official")
 
 
 def y_rotation(angle: float) -> torch.Tensor:

@@ -84,9 +84,12 @@ def element_references(
     structures : iterable of structure dicts
         The training set (labels in eV).
     method : {"fit", "isolated", "none"} or mapping
-        ``"fit"``: least squares of the total energies on the element counts. Elements whose counts are
-        linearly dependent (one composition only, as MD17) cannot be told apart: the minimum-norm solution
-        is used, which reproduces the energies of the compositions seen; a warning says so.
+        ``"fit"``: least squares of the total energies on the element counts, written as the mean energy
+        per atom plus per-element deviations. Where the counts are linearly dependent (one composition
+        only, as MD17, or fewer structures than elements) the elements cannot be told apart: the
+        smallest deviations from the mean energy per atom that fit are used, which reproduce the
+        energies of the compositions seen and keep unseen compositions near the data's energy per atom;
+        a warning says so.
         ``"isolated"``: the energies of one-atom, non-periodic frames (an element without such a frame is
         an error). ``"none"``: no references. A mapping gives them (``{"H": -13.6, "O": -2041.}``).
 
@@ -130,12 +133,14 @@ def element_references(
     counts = np.stack([np.pad(r, (0, width - len(r))) for r in rows]).astype(np.float64)
     elements = np.nonzero(counts.sum(0))[0]
     a, e = counts[:, elements], np.asarray(energies)
-    coef, _, rank, _ = np.linalg.lstsq(a, e, rcond=None)
+    per_atom = float(e.sum() / a.sum())  # the mean energy per atom: the prior of every element
+    delta, _, rank, _ = np.linalg.lstsq(a, e - a.sum(1) * per_atom, rcond=None)
+    coef = per_atom + delta
     if rank < len(elements):
         logger.warning(
             "element references: the %d structures have only %d independent compositions for %d elements; "
-            "the per-element values are not determined (the minimum-norm fit is used, exact for the "
-            "compositions seen); give them, or use isolated-atom frames, to predict other compositions",
+            "the per-element values are not determined (the fit closest to one energy per atom is used, exact "
+            "for the compositions seen); give them, or use isolated-atom frames, to predict other compositions",
             len(e), rank, len(elements),
         )  # fmt: skip
     refs = {int(z): float(c) for z, c in zip(elements, coef, strict=True)}
