@@ -13,8 +13,9 @@ anything else                               :class:`~dens.data.ase_io.AseDataset
 Common options: ``dtype``, ``transforms``, ``on_error`` (``"raise"`` / ``"skip"``), ``validate``,
 ``max_force`` (drop frames with a larger force norm, count logged), ``linear_reference`` (per-element
 coefficients or an ``.npz``), ``system_reference`` (``{sid: E_ref}`` or the OC20 pickle). Format options:
-``energy_key`` (LMDB, pickles, ASE files), ``forces_key`` (ASE files), ``energy_unit`` / ``length_unit`` (files that do not state their units; MD17
-``.npz`` default kcal/mol, everything else eV), ``format`` (ASE format name).
+``energy_key`` (LMDB, pickles, ASE files), ``forces_key`` (ASE files), ``energy_unit`` / ``length_unit``
+(files that do not state their units; MD17 ``.npz`` default kcal/mol, everything else eV), ``format`` (ASE
+format name).
 
 Examples
 --------
