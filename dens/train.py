@@ -30,6 +30,7 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
+from ase.data import chemical_symbols
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -73,14 +74,15 @@ def _dataset(spec: Any, common: dict[str, Any]) -> Any:
     return open_dataset(spec.path, **options)
 
 
-def _normalizer(cfg: DictConfig, train_set: Any) -> dict[str, Any]:
+def _normalizer(cfg: DictConfig, train_set: Any) -> tuple[dict[str, Any], dict[int, float]]:
     """Per-element references (``data.references``) and explicit constants or statistics of the training set.
 
     ``auto``: energy mean and std of the training set, and forces divided by the same energy std, the
     convention of the official OC20 (2.887 for both) and MD17 normalisers, for which the paper's force
     coefficients were chosen. ``auto_rms``: forces divided by their own RMS instead. With references the
     statistics are those of ``E - Σ E0`` (:func:`dens.data.references.label_statistics`); degenerate
-    stds (below 1e-6) are replaced, with a warning, in every case.
+    stds (below 1e-6) are replaced, with a warning, in every case. Returns the normaliser (with the
+    reference table, ``element_references``, when there are references) and the references fitted.
     """
     norm = cfg.data.normalizer
     method = cfg.data.get("references") or "none"
@@ -114,16 +116,17 @@ def _normalizer(cfg: DictConfig, train_set: Any) -> dict[str, Any]:
     else:
         result = {k: float(norm[k]) for k in ("energy_mean", "energy_std", "force_std")}
     if refs:
-        table = [0.0] * (max(refs) + 1)
+        # elements absent from the training data get the mean energy per atom of a fit (0 otherwise), so
+        # that a structure containing one still gets a total energy of the right size
+        default = float(info.get("default", 0.0))
+        table = [default] * (max(max(refs), len(chemical_symbols) - 1) + 1)
         for z, value in refs.items():
             table[z] = value
         result["element_references"] = table
-    return result
+    return result, refs
 
 
 def _named(refs: dict[int, float]) -> dict[str, float]:
-    from ase.data import chemical_symbols
-
     return {chemical_symbols[z]: round(v, 6) for z, v in sorted(refs.items())}
 
 
@@ -309,7 +312,7 @@ def build(cfg: DictConfig) -> Trainer:
     optim = _settings(OptimSettings, "optim", OmegaConf.to_container(cfg.optim, resolve=True))
     dens = DeNSSettings.from_dict(OmegaConf.to_container(cfg.dens, resolve=True))
     train_set, val_set = datasets(cfg)
-    normalizer = _normalizer(cfg, train_set)
+    normalizer, fitted = _normalizer(cfg, train_set)
     _fit_graph_constants(cfg, train_set)
     model, model_config = _initial_model(cfg, normalizer)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -327,8 +330,9 @@ def build(cfg: DictConfig) -> Trainer:
         if refs
         else "the data's energy labels as read (no element references)",
     }
+    keep = cfg.trainer.get("init_from") and cfg.trainer.get("init_normalizer", "refit") == "keep"
     if refs:
-        config["element_references"] = _named({z: v for z, v in enumerate(refs) if v != 0.0})
+        config["element_references"] = f"those of {cfg.trainer.init_from}" if keep else _named(fitted)
     return Trainer(model, train_set, val_set, optim, dens, settings, config=config)
 
 

@@ -255,6 +255,9 @@ def test_single_file_training_writes_a_total_energy_model(trained, emt_file):
     assert config["element_references"]["Cu"] == pytest.approx(-100.0, abs=3.0)
     model = dens.load(ckpt)
     frames = ase.io.read(emt_file, ":5")
+    everything = ase.io.read(emt_file, ":")
+    per_atom = sum(a.info["REF_energy"] for a in everything) / sum(len(a) for a in everything)
+    assert float(model.element_references[8]) == pytest.approx(per_atom, rel=0.02)  # O: unseen, mean per atom
     pred = model.predict(frames)
     labels = np.array([f.info["REF_energy"] for f in frames])
     assert np.abs(pred["energy"] - labels).max() < 0.02 * np.abs(labels).min()  # totals, not residuals

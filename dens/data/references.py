@@ -98,7 +98,8 @@ def element_references(
     refs : dict
         ``{Z: E0}``.
     info : dict
-        ``method``, ``elements`` and, for fits, ``rank`` and the residual RMS per structure (eV).
+        ``method``, ``elements`` and, for fits, ``rank``, the residual RMS per structure (eV) and
+        ``default``: the mean energy per atom, the best guess for elements absent from the data.
     """
     if isinstance(method, Mapping):
         return _given(method), {"method": "given"}
@@ -145,12 +146,8 @@ def element_references(
         )  # fmt: skip
     refs = {int(z): float(c) for z, c in zip(elements, coef, strict=True)}
     rms = float(np.sqrt(np.mean((a @ coef - e) ** 2)))
-    return refs, {
-        "method": "fit",
-        "elements": [int(z) for z in elements],
-        "rank": int(rank),
-        "residual_rms": rms,
-    }
+    info = {"method": "fit", "elements": [int(z) for z in elements], "rank": int(rank), "residual_rms": rms}
+    return refs, {**info, "default": per_atom}
 
 
 def label_statistics(
