@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .data import ConcatDataset, SetFields, compute_statistics, md17_splits, open_dataset
 from .data.demo import demo_path
 from .losses import DeNSSettings
+from .settings import validate_config
 from .trainer import OptimSettings, Trainer, TrainerSettings
 
 logger = logging.getLogger("dens.train")
@@ -61,12 +62,14 @@ def _normalizer(cfg: DictConfig, train_set: Any) -> dict[str, float]:
 
     ``auto``: energy mean and std of the training set, and forces divided by the same energy std, the
     convention of the official OC20 (2.887 for both) and MD17 normalisers, for which the paper's force
-    coefficients were chosen. ``auto_rms``: forces divided by their own RMS instead.
+    coefficients were chosen. ``auto_rms``: forces divided by their own RMS instead, leaving out structures
+    whose force RMS is over 100 x the median structure's (named in a warning).
     """
     norm = cfg.data.normalizer
     if norm in ("auto", "auto_rms"):
         stats = compute_statistics(train_set, free_atoms_only=cfg.optim.train_on_free_atoms)
-        force_std = stats["forces_rms"] if norm == "auto_rms" else stats["energy_std"]
+        # auto_rms: the RMS without outlier structures (named in a warning), which one bad frame cannot skew
+        force_std = stats["forces_rms_robust"] if norm == "auto_rms" else stats["energy_std"]
         return {
             "energy_mean": stats["energy_mean"],
             "energy_std": stats["energy_std"],
@@ -93,6 +96,7 @@ def datasets(cfg: DictConfig) -> tuple[Any, Any]:
 
 def build(cfg: DictConfig) -> Trainer:
     """Datasets, model and trainer of a composed configuration."""
+    validate_config(OmegaConf.to_container(cfg, resolve=True))  # every key checked before any data are read
     train_set, val_set = datasets(cfg)
     normalizer = _normalizer(cfg, train_set)
     torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank and every run

@@ -69,6 +69,8 @@ class ForceField(nn.Module):
                 f"a gradient-force model needs force_std == energy_std (got {force_std} and {energy_std})"
             )
         self.backbone = backbone
+        #: atomic numbers seen in training (from the checkpoint; None when unknown)
+        self.training_elements: list[int] | None = None
         self.cutoff, self.max_neighbors, self.strict_max_neighbors = (
             cutoff,
             max_neighbors,
@@ -91,17 +93,26 @@ class ForceField(nn.Module):
         """
         from hydra.utils import instantiate
 
+        from ..checkpoint import CheckpointError, load_checkpoint
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path} (a run writes runs/<name>/checkpoints/best.pt)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path)
         config = state.get("config") or {}
         if "model" not in config or "resolved_normalizer" not in config:
             raise ValueError(f"{path} is not a dens training checkpoint (no config.model / normaliser)")
         model = instantiate(config["model"], **config["resolved_normalizer"])
         if not isinstance(model, cls):
             raise ValueError(f"{path}: config.model builds a {type(model).__name__}, not a {cls.__name__}")
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"{path}: the weights do not fit the model its config builds ({err})"
+            ) from err
+        # the elements seen in training (None for checkpoints written before dens recorded them)
+        model.training_elements = state.get("training_elements")
         ema = state.get("ema")
         if use_ema and ema:
             with torch.no_grad():
