@@ -348,6 +348,7 @@ class Trainer:
         self.training_elements: set[int] = set()  # atomic numbers in the batches trained on so far
         self.initial_metric: float | None = None  # the untrained model's validation metric (step 0)
         self._lock: RunDirLock | None = None
+        self._purge_step: int | None = None
 
     # -- set-up ------------------------------------------------------------------------------------
     def _setup_distributed(self) -> None:
@@ -501,7 +502,7 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # a resumed run drops the events written after its checkpoint
-                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=record["step"])
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
             except ImportError:
                 logger.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
                 self.settings.tensorboard = False
@@ -639,6 +640,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            self._purge_step = self.step + 1 if self.step > 0 else None  # TensorBoard: the same truncation
             atomic_write_json(self.run_dir / "config.json", self.config)
         if self.step == 0:
             metrics = self.validate()
