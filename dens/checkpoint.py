@@ -107,7 +107,9 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
     atomic_save({**state, CHECKSUM_KEY: checksum(state)}, path)
 
 
-def load_checkpoint(path: str | Path, verify: bool = True, what: str = "checkpoint") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, verify: bool = True, what: str = "checkpoint", mmap: bool = False
+) -> dict[str, Any]:
     """Read a checkpoint on the CPU and verify its checksum; every error names the file.
 
     Parameters
@@ -118,6 +120,9 @@ def load_checkpoint(path: str | Path, verify: bool = True, what: str = "checkpoi
         Check the stored checksum (files without one load, with a note in the log).
     what : str
         What the file is, for messages.
+    mmap : bool
+        Map the tensors instead of reading them (for metadata such as ``step``; use with ``verify=False``,
+        since verifying reads every byte).
 
     Returns
     -------
@@ -140,7 +145,8 @@ def load_checkpoint(path: str | Path, verify: bool = True, what: str = "checkpoi
             f"{path}: the {what} is empty (0 bytes), e.g. an interrupted copy or a full disk"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
+        # RNG states must stay on the CPU
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:
         raise CheckpointError(
             f"{path}: not a readable PyTorch {what} ({size} bytes; {type(err).__name__}: {err}); the file is "

@@ -383,7 +383,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
     state = load_checkpoint(path)
     config = (state.get("config") or {}) if isinstance(state, Mapping) else {}
     if "resolved_normalizer" in config:
-        return ForceField.from_checkpoint(path, device=device, use_ema=use_ema)
+        return ForceField.from_checkpoint(path, device=device, use_ema=use_ema, state=state)
     if not isinstance(config.get("model"), Mapping) or "name" not in config["model"]:
         raise ValueError(f"{path} is neither a dens training checkpoint nor an official OCP/DeNS checkpoint")
     from .models.convert import load_official_checkpoint

@@ -273,20 +273,21 @@ def min_pair_distance(
     >>> min_pair_distance(torch.tensor([[0.0, 0, 0], [0, 0, 0.5], [0, 0, 3]]))
     (0.5, 0, 1)
     """
-    x = pos.detach().to(torch.float64)
+    x = pos.detach().cpu().numpy().astype(np.float64)  # numpy: a few small ops, 2x faster than torch here
     diff = x[:, None, :] - x[None, :, :]
-    periodic = torch.zeros(3, dtype=torch.bool) if pbc is None else pbc.reshape(-1, 3)[0].cpu().to(torch.bool)
-    if bool(periodic.any()) and cell is not None:
-        c = cell.detach().reshape(3, 3).to(torch.float64).cpu()
-        if abs(float(torch.linalg.det(c))) > 1e-12:
-            frac = diff @ torch.linalg.inv(c)
-            frac = torch.where(periodic, frac - torch.round(frac), frac)
+    periodic = (
+        np.zeros(3, dtype=bool) if pbc is None else pbc.detach().cpu().numpy().reshape(-1, 3)[0].astype(bool)
+    )
+    if periodic.any() and cell is not None:
+        c = cell.detach().cpu().numpy().reshape(3, 3).astype(np.float64)
+        if abs(np.linalg.det(c)) > 1e-12:
+            frac = diff @ np.linalg.inv(c)
+            frac[..., periodic] -= np.round(frac[..., periodic])
             diff = frac @ c
-    d = torch.linalg.vector_norm(diff, dim=-1)
-    d.fill_diagonal_(math.inf)
-    k = int(torch.argmin(d))
-    i, j = divmod(k, d.shape[1])
-    return float(d[i, j]), i, j
+    d2 = np.einsum("ijk,ijk->ij", diff, diff)
+    np.fill_diagonal(d2, np.inf)
+    i, j = divmod(int(np.argmin(d2)), d2.shape[1])
+    return math.sqrt(float(d2[i, j])), i, j
 
 
 def check_requirements(

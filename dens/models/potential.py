@@ -82,10 +82,17 @@ class ForceField(nn.Module):
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        use_ema: bool = True,
+        state: dict[str, Any] | None = None,
     ) -> ForceField:
         """A trained model from a dens checkpoint (``best.pt``: EMA weights; ``last.pt``: the EMA
         weights when ``use_ema`` and the run used an EMA, else the raw weights), in eval mode.
+
+        The file is read and verified by :func:`dens.checkpoint.load_checkpoint` (``state``: its contents
+        when already read that way). ``model.training_elements`` lists the elements trained on.
 
         Examples
         --------
@@ -96,9 +103,12 @@ class ForceField(nn.Module):
         from ..checkpoint import CheckpointError, load_checkpoint
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path} (a run writes runs/<name>/checkpoints/best.pt)")
-        state = load_checkpoint(path)
+        if state is None:
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"no checkpoint at {path} (a run writes runs/<name>/checkpoints/best.pt)"
+                )
+            state = load_checkpoint(path)
         config = state.get("config") or {}
         if "model" not in config or "resolved_normalizer" not in config:
             raise ValueError(f"{path} is not a dens training checkpoint (no config.model / normaliser)")
