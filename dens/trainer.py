@@ -392,6 +392,7 @@ class Trainer:
 
     def save(self, name: str = "last.pt") -> Path | None:
         path = self.run_dir / "checkpoints" / name
+        self._gather_elements()
         if self.is_main:
             save_checkpoint(self.state_dict(), path)
         else:  # every rank keeps its own DeNS-noise and dropout streams
@@ -723,8 +724,19 @@ class Trainer:
             )
         self.training_elements.update(int(z) for z in present)
 
+    def _gather_elements(self) -> None:
+        """The union of the elements every rank trained on (called by all ranks before a save)."""
+        if self.world_size == 1:
+            return
+        seen = torch.zeros(128, dtype=torch.float32, device=self.device)
+        if self.training_elements:
+            seen[sorted(self.training_elements)] = 1.0
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        self.training_elements = {int(z) for z in torch.nonzero(seen).flatten().tolist()}
+
     def _save_best(self) -> None:
         """``best.pt``: EMA weights (when used), the normalisation, the config and the elements trained on."""
+        self._gather_elements()
         if not self.is_main:
             return
         ctx = self.ema.applied(self.model) if self.ema else contextlib.nullcontext()

@@ -488,3 +488,39 @@ def test_lock_file_names_the_holder(tmp_path):
     assert time.time() - started < 5
     save_checkpoint({"w": torch.ones(1)}, tmp_path / "x.pt")
     assert load_checkpoint(tmp_path / "x.pt")["w"].item() == 1.0
+
+
+def four_systems() -> Subset:
+    """Four demo structures of different systems: each DDP rank of a batch of 4 misses some elements."""
+    return Subset(demo_dataset("val"), [0, 20, 25, 40])
+
+
+def test_12_ddp_ranks_record_the_union_of_their_elements(tmp_path):
+    """Each DDP rank sees its own structures; the checkpoint lists the elements of all of them."""
+    import socket
+
+    single = tiny_trainer(tmp_path / "single", data=four_systems(), steps=1)
+    single.fit()
+    assert len(single.training_elements) == 11
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_faults import four_systems, tiny_trainer
+        tiny_trainer({str(tmp_path / "ddp")!r}, data=four_systems(), steps=1).fit()
+        """
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))  # fmt: skip
+    for p in procs:
+        output = p.communicate(timeout=300)[0].decode()
+        assert p.returncode == 0, output[-3000:]
+    elements = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")["training_elements"]
+    assert elements == sorted(single.training_elements)
