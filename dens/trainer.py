@@ -93,7 +93,7 @@ class TrainerSettings:
     eval_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 20
-    resume: str | None = "auto"  # auto | force | null | a checkpoint path (see Trainer.resolve_resume)
+    resume: str | None = "auto"  # auto | force | null | a checkpoint path (see Trainer._maybe_resume)
     fresh: bool = False  # start anew in a run_dir that holds a run (its files move to run_dir/previous/)
     deterministic: bool = False
     seed: int = 0
@@ -636,7 +636,8 @@ class Trainer:
 
     def _fit(self) -> list[dict[str, Any]]:
         if self.is_main:
-            remove_stale_temporaries(self.run_dir / "checkpoints")
+            for folder in (self.run_dir, self.run_dir / "checkpoints"):  # leftovers of killed writes
+                remove_stale_temporaries(folder)
         self._maybe_resume()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -728,7 +729,7 @@ class Trainer:
         """The union of the elements every rank trained on (called by all ranks before a save)."""
         if self.world_size == 1:
             return
-        seen = torch.zeros(128, dtype=torch.float32, device=self.device)
+        seen = torch.zeros(256, dtype=torch.float32, device=self.device)  # Z <= 118 (validated)
         if self.training_elements:
             seen[sorted(self.training_elements)] = 1.0
         dist.all_reduce(seen, op=dist.ReduceOp.MAX)
