@@ -177,14 +177,16 @@ def check_settings(optim: Any, dens: Any, settings: Any) -> None:
 
 def _check_normalizer(norm: Any) -> None:
     if isinstance(norm, str):
-        if norm not in ("auto", "auto_rms"):
+        if norm not in ("auto", "auto_unbiased", "auto_rms"):
             raise ConfigError(
-                f"data.normalizer={norm!r}: expected auto, auto_rms or {{energy_mean, energy_std, force_std}}"
+                f"data.normalizer={norm!r}: expected auto, auto_unbiased, auto_rms or "
+                f"{{energy_mean, energy_std, force_std}}"
             )
         return
     if not isinstance(norm, Mapping):
         raise ConfigError(
-            f"data.normalizer={norm!r}: expected auto, auto_rms or {{energy_mean, energy_std, force_std}}"
+            f"data.normalizer={norm!r}: expected auto, auto_unbiased, auto_rms or "
+            f"{{energy_mean, energy_std, force_std}}"
         )
     for key in ("energy_mean", "energy_std", "force_std"):
         if key not in norm:
