@@ -450,16 +450,28 @@ def _progress(iterable: Iterable[Any], total: int | None, desc: str, enabled: bo
 
 
 class UnseenElements:
-    """Counts the structures with elements a model never saw in training; warns or raises (``policy``)."""
+    """Counts the structures with elements a model never saw in training; warns or raises (``policy``).
+
+    Elements the model cannot embed at all (``Z >= max_num_elements``) always raise, naming the structures.
+    """
 
     def __init__(self, model: nn.Module, policy: str = "warn", desc: str = "eval") -> None:
+        from .calculator import element_limit
+
         if policy not in ("warn", "error", "ignore"):
             raise ValueError(f"unseen_elements must be 'warn', 'error' or 'ignore', got {policy!r}")
         self.model, self.policy, self.desc = model, policy, desc
+        self.limit = element_limit(model) if isinstance(model, nn.Module) else None
         self.elements: set[int] = set()
         self.structures = 0
 
     def update(self, batch: Batch) -> None:
+        if self.limit is not None and int(batch.atomic_numbers.max()) >= self.limit:
+            big = int(batch.atomic_numbers.max())
+            raise ValueError(
+                f"{self.desc}: {element_names([big])} is beyond the model's embedding (max_num_elements="
+                f"{self.limit}; structures (sid, fid): {list(zip(_ids(batch.sid), _ids(batch.fid), strict=False))})"
+            )
         if self.policy == "ignore" or not getattr(self.model, "training_elements", None):
             return
         new = unseen_elements(self.model, torch.unique(batch.atomic_numbers).tolist())

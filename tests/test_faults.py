@@ -182,6 +182,12 @@ def test_4_elements_the_model_does_not_embed_name_the_frame(tmp_path):
         ValueError, match=r"mixed\.extxyz, structure 5: atomic number 95 \(Am\).*max_num_elements=90"
     ):
         trainer.fit()
+    from dens.evaluate import evaluate
+
+    with pytest.raises(
+        ValueError, match=r"Am \(Z=95\) is beyond the model's embedding \(max_num_elements=90"
+    ):
+        evaluate(trainer.model, InMemoryDataset(frames), batch_size=4)
 
 
 # --------------------------------------------------------------------------- 5. Equiformer, no edges
