@@ -19,8 +19,6 @@ plausibility checks, and a validation split of the file when no validation file 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import logging
 import math
 import sys
@@ -39,6 +37,7 @@ from .data.demo import demo_path
 from .data.references import DEGENERATE_STD, check_labels, element_references, label_statistics
 from .feedback import ValidationTable, learning_curve, next_steps, summary_metrics
 from .losses import DeNSSettings
+from .settings import validate_config
 from .trainer import OptimSettings, Trainer, TrainerSettings
 
 logger = logging.getLogger("dens.train")
@@ -77,9 +76,13 @@ def _dataset(spec: Any, common: dict[str, Any]) -> Any:
 def _normalizer(cfg: DictConfig, train_set: Any) -> tuple[dict[str, Any], dict[int, float]]:
     """Per-element references (``data.references``) and explicit constants or statistics of the training set.
 
-    ``auto``: energy mean and std of the training set, and forces divided by the same energy std, the
-    convention of the official OC20 (2.887 for both) and MD17 normalisers, for which the paper's force
-    coefficients were chosen. ``auto_rms``: forces divided by their own RMS instead. With references the
+    ``auto``: energy mean and (population) std of the training set, and forces divided by the same
+    energy std, the convention of the official OC20 (2.887 for both) and MD17 normalisers, for which the
+    paper's force coefficients were chosen. ``auto_unbiased``: the same with the unbiased std (``n - 1``),
+    as the official MD17 trainer (main_md17_dens.py l.159-161, torch's ``y.std()``; it computes it in
+    float32 from float32 labels, which shifts it by about 6e-6 relative). ``auto_rms``: forces divided by
+    their own RMS instead, leaving out structures whose force RMS is over 100 x the median structure's
+    (named in a warning). With references the
     statistics are those of ``E - Σ E0`` (:func:`dens.data.references.label_statistics`); degenerate
     stds (below 1e-6) are replaced, with a warning, in every case. Returns the normaliser (with the
     reference table, ``element_references``, when there are references) and the references fitted.
@@ -93,11 +96,15 @@ def _normalizer(cfg: DictConfig, train_set: Any) -> tuple[dict[str, Any], dict[i
         logger.info("element reference energies (%s): %s", info["method"], _named(refs))
     if cfg.data.get("checks", False):
         check_labels(train_set, refs, name=str(_path_of(cfg.data.get("train") or cfg.data)))
-    if norm in ("auto", "auto_rms"):
+    if norm in ("auto", "auto_unbiased", "auto_rms"):
         if refs:
             stats = label_statistics(train_set, refs, free_atoms_only=free_only)
         else:
             stats = compute_statistics(train_set, free_atoms_only=free_only)
+            if norm == "auto_unbiased":
+                stats["energy_std"] = stats["energy_std_unbiased"]
+            if norm == "auto_rms":  # the RMS without outlier structures (named in a warning)
+                stats["forces_rms"] = stats["forces_rms_robust"]
             for key, other in (("energy_std", "forces_rms"), ("forces_rms", "energy_std")):
                 if not (math.isfinite(stats[key]) and stats[key] > DEGENERATE_STD):
                     fallback = (
@@ -201,21 +208,6 @@ def datasets(cfg: DictConfig) -> tuple[Any, Any]:
     return train_set, _dataset(val_spec, common)
 
 
-def _settings(cls: type, group: str, values: dict[str, Any]) -> Any:
-    """``cls(**values)``, with a clear error naming unknown keys of the ``group`` config (Hydra's ``+key=``)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(fields), n=1)
-            hints.append(f"{group}.{key}" + (f" (did you mean {group}.{close[0]}?)" if close else ""))
-        raise ValueError(
-            f"unknown config key(s): {', '.join(hints)}; the {group} keys are: {', '.join(sorted(fields))}"
-        )
-    return cls(**values)
-
-
 def graph_statistics(dataset: Any, cutoff: float, max_neighbors: int | None, strict: bool = True,
                      limit: int = 200) -> dict[str, float]:  # fmt: skip
     """Mean atoms per structure and mean neighbours per atom (under the model's graph rule) of a dataset,
@@ -308,8 +300,9 @@ def _initial_model(cfg: DictConfig, normalizer: dict[str, Any]) -> tuple[Any, di
 
 def build(cfg: DictConfig) -> Trainer:
     """Datasets, model and trainer of a composed configuration."""
-    settings = _settings(TrainerSettings, "trainer", OmegaConf.to_container(cfg.trainer, resolve=True))
-    optim = _settings(OptimSettings, "optim", OmegaConf.to_container(cfg.optim, resolve=True))
+    validate_config(OmegaConf.to_container(cfg, resolve=True))  # every key checked before any data are read
+    settings = TrainerSettings(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    optim = OptimSettings(**OmegaConf.to_container(cfg.optim, resolve=True))
     dens = DeNSSettings.from_dict(OmegaConf.to_container(cfg.dens, resolve=True))
     train_set, val_set = datasets(cfg)
     normalizer, fitted = _normalizer(cfg, train_set)
