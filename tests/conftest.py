@@ -46,7 +46,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     count = sum(
         1 for report in skipped if "shared" in str(report.longrepr) and _SKIP_REASON in str(report.longrepr)
     )
-    if not SHARED_DIR.is_dir():
+    if SHARED_DIR.is_dir():
+        terminalreporter.write_line(
+            f"{SHARED_DIR} found: the checks that need it ran ({count} skipped for it)"
+        )
+    else:
         terminalreporter.write_line(f"{count} test(s) skipped because {SHARED_DIR} is absent")
 
 
