@@ -115,12 +115,11 @@ def typed_settings(cls: type, values: Mapping[str, Any], group: str) -> Any:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        hints = [difflib.get_close_matches(k, sorted(fields), n=1) for k in unknown]
-        named = [
-            f"{group}.{k}" + (f" (did you mean {group}.{h[0]}?)" if h else "")
-            for k, h in zip(unknown, hints, strict=True)
-        ]
-        raise ConfigError(f"{', '.join(named)}: not a setting; known: {sorted(fields)}")
+        close = [m for k in unknown for m in difflib.get_close_matches(k, sorted(fields), n=1)]
+        hint = f"; did you mean {', '.join(f'{group}.{m}' for m in close)}?" if close else ""
+        raise ConfigError(
+            f"{', '.join(f'{group}.{k}' for k in unknown)}: not a setting{hint}; known: {sorted(fields)}"
+        )
     converted = {k: _convert(v, hints[k], f"{group}.{k}") for k, v in values.items()}
     try:
         return cls(**converted)

@@ -73,7 +73,19 @@ def _dataset(spec: Any, common: dict[str, Any]) -> Any:
     return open_dataset(spec.path, **options)
 
 
-def _normalizer(cfg: DictConfig, train_set: Any) -> tuple[dict[str, Any], dict[int, float]]:
+def _references(cfg: DictConfig, train_set: Any) -> tuple[dict[int, float], dict[str, Any]]:
+    """The element references of ``data.references`` (none when absent) and what the fit says."""
+    method = cfg.data.get("references") or "none"
+    method = OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else method
+    refs, info = element_references(train_set, method)
+    if refs:
+        logger.info("element reference energies (%s): %s", info["method"], _named(refs))
+    return refs, info
+
+
+def _normalizer(
+    cfg: DictConfig, train_set: Any, references: tuple[dict[int, float], dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """Per-element references (``data.references``) and explicit constants or statistics of the training set.
 
     ``auto``: energy mean and (population) std of the training set, and forces divided by the same
@@ -84,16 +96,13 @@ def _normalizer(cfg: DictConfig, train_set: Any) -> tuple[dict[str, Any], dict[i
     their own RMS instead, leaving out structures whose force RMS is over 100 x the median structure's
     (named in a warning). With references the
     statistics are those of ``E - Σ E0`` (:func:`dens.data.references.label_statistics`); degenerate
-    stds (below 1e-6) are replaced, with a warning, in every case. Returns the normaliser (with the
-    reference table, ``element_references``, when there are references) and the references fitted.
+    stds (below 1e-6) are replaced, with a warning, in every case. Returns the normaliser, with the
+    reference table (``element_references``) when there are references (``references``: those of
+    :func:`_references`, computed here when not given).
     """
     norm = cfg.data.normalizer
-    method = cfg.data.get("references") or "none"
-    method = OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else method
-    refs, info = element_references(train_set, method)
+    refs, info = references if references is not None else _references(cfg, train_set)
     free_only = cfg.optim.train_on_free_atoms
-    if refs:
-        logger.info("element reference energies (%s): %s", info["method"], _named(refs))
     if cfg.data.get("checks", False):
         check_labels(train_set, refs, name=str(_path_of(cfg.data.get("train") or cfg.data)))
     if norm in ("auto", "auto_unbiased", "auto_rms"):
@@ -130,7 +139,7 @@ def _normalizer(cfg: DictConfig, train_set: Any) -> tuple[dict[str, Any], dict[i
         for z, value in refs.items():
             table[z] = value
         result["element_references"] = table
-    return result, refs
+    return result
 
 
 def _named(refs: dict[int, float]) -> dict[str, float]:
@@ -305,7 +314,8 @@ def build(cfg: DictConfig) -> Trainer:
     optim = OptimSettings(**OmegaConf.to_container(cfg.optim, resolve=True))
     dens = DeNSSettings.from_dict(OmegaConf.to_container(cfg.dens, resolve=True))
     train_set, val_set = datasets(cfg)
-    normalizer, fitted = _normalizer(cfg, train_set)
+    fitted, info = _references(cfg, train_set)
+    normalizer = _normalizer(cfg, train_set, (fitted, info))
     _fit_graph_constants(cfg, train_set)
     model, model_config = _initial_model(cfg, normalizer)
     config = OmegaConf.to_container(cfg, resolve=True)

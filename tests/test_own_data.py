@@ -175,7 +175,9 @@ def test_calculator_warns_once_for_direct_forces(emt_file):
 # -- configuration -----------------------------------------------------------------------------------------------
 def test_unknown_trainer_key_is_named(tmp_path):
     cfg = _compose(["+trainer.max_step=1", f"trainer.run_dir={tmp_path}"])
-    with pytest.raises(ValueError, match=r"trainer\.max_step \(did you mean trainer\.max_steps\?\)"):
+    with pytest.raises(
+        ValueError, match=r"trainer\.max_step: not a setting; did you mean trainer\.max_steps\?"
+    ):
         build(cfg)
 
 
