@@ -274,8 +274,10 @@ def _initial_model(cfg: DictConfig, normalizer: dict[str, Any]) -> tuple[Any, di
     mode = cfg.trainer.get("init_normalizer", "refit")
     if mode not in ("refit", "keep"):
         raise ValueError(f"trainer.init_normalizer must be 'refit' or 'keep', got {mode!r}")
+    from .checkpoint import load_checkpoint
+
     source = load_model(init, device="cpu", use_ema=True)
-    state = torch.load(init, map_location="cpu", weights_only=False)
+    state = load_checkpoint(init, what="trainer.init_from checkpoint")
     dens_config = (state.get("config") or {}) if isinstance(state, dict) else {}
     if "resolved_normalizer" in dens_config:
         model, model_config = source, dens_config["model"]
