@@ -27,6 +27,7 @@ from .s2 import SeparableS2Activation, SphereGrid
 from .so2 import EdgeRotation, SO2Convolution, degree_rescale
 from .so3 import CoefficientLayout, SO3Linear, precompute
 from .so3 import edge_frames as default_edge_frames
+from .stress import EquivariantRank2Head, FairchemRank2Head
 
 __all__ = ["PRESETS", "EquiformerV2"]
 
@@ -299,6 +300,12 @@ class EquiformerV2(nn.Module):
         DeNS: build the force encoder (Eq. 5) and the noise head.
     direct_forces : bool
         Forces from the force head; if False, forces are ``-dE/dpos`` (``pos`` must require grad).
+    stress_head : {None, 'equivariant', 'fairchem'}
+        A direct rank-2 stress head (:mod:`dens.models.stress`): dens's equivariant one, or fairchem
+        1.x's (not equivariant; for the OMat24 / MPtrj checkpoints). Its outputs are
+        ``stress_isotropic [B, 1]`` and ``stress_anisotropic [B, 5]`` in normalised units.
+    stress_use_denoising : bool
+        If False the stress outputs are zero on DeNS batches (fairchem's ``use_denoising: False``).
 
     Examples
     --------
@@ -337,6 +344,8 @@ class EquiformerV2(nn.Module):
         avg_degree: float = 23.395238876342773,
         use_force_encoding: bool = False,
         direct_forces: bool = True,
+        stress_head: str | None = None,
+        stress_use_denoising: bool = True,
     ) -> None:
         super().__init__()
         self.lmax, self.mmax, self.sphere_channels = lmax, mmax, sphere_channels
@@ -393,6 +402,14 @@ class EquiformerV2(nn.Module):
         self.force_block = attention_head() if direct_forces else None
         self.force_encoder = ForceEncoder(lmax, sphere_channels) if use_force_encoding else None
         self.denoising_pos_block = attention_head() if use_force_encoding else None
+        if stress_head == "fairchem":
+            self.stress_head = FairchemRank2Head(lmax, sphere_channels, stress_use_denoising)
+        elif stress_head == "equivariant":
+            self.stress_head = EquivariantRank2Head(sphere_channels, use_denoising=stress_use_denoising)
+        elif stress_head is None:
+            self.stress_head = None
+        else:
+            raise ValueError(f"stress_head must be None, 'equivariant' or 'fairchem', got {stress_head!r}")
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -459,8 +476,9 @@ class EquiformerV2(nn.Module):
         edge_frames: Tensor | None = None,
         noise_mask: Tensor | None = None,
         head_edges: tuple[Tensor | None, Tensor | None] | None = None,
+        denoising: bool | None = None,
     ) -> dict[str, Tensor]:
-        """Energy, forces and (DeNS models) noise of a batch of structures.
+        """Energy, forces, (DeNS models) noise and (with a stress head) stress of a batch of structures.
 
         Parameters
         ----------
@@ -491,15 +509,20 @@ class EquiformerV2(nn.Module):
             :func:`~dens.models.heads.split_head_edges`). A head is exact on the targets of its edges and
             zero elsewhere: in DeNS training each atom needs only one of the two, so this halves the
             cost of the heads.
+        denoising : bool, optional
+            Whether this is a DeNS batch (corrupted structures), for ``stress_use_denoising=False``;
+            default: whether a force encoding (``extra_embedding``) is given.
 
         Returns
         -------
         dict
             ``energy [B]``, ``node_energy [N]``, ``forces [N, 3]`` (the noise prediction on
             ``noise_mask`` atoms), ``force_head [N, 3]`` with direct forces, and ``noise_head [N, 3]``
-            for DeNS models.
+            for DeNS models; ``stress_isotropic [B, 1]`` and ``stress_anisotropic [B, 5]`` with a stress
+            head.
         """
         num_atoms = atomic_numbers.shape[0]
+        denoising = extra_embedding is not None if denoising is None else denoising
         src, dst = edge_index
         edge_vec = pos[src] + edge_shift.to(pos.dtype) - pos[dst]
         rbf = self.distance_expansion(edge_vec.norm(dim=-1))
@@ -536,4 +559,6 @@ class EquiformerV2(nn.Module):
             )
             if noise_mask is not None:
                 out["forces"] = assemble_dens_forces(out["forces"], out["noise_head"], noise_mask)
+        if self.stress_head is not None:
+            out.update(self.stress_head(x, edge_vec, edge_index, batch, num_graphs, denoising=denoising))
         return out

@@ -7,6 +7,7 @@ encodes forces for DeNS, and converts predictions back to eV and eV/Å.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..data.graph import radius_graph_pbc
-from .heads import split_head_edges
+from .heads import retain_energy_graph, split_head_edges
+from .stress import assemble_stress
 
 __all__ = ["ForceField", "compile_backbone"]
 
@@ -37,6 +39,13 @@ class ForceField(nn.Module):
         Exactly ``max_neighbors`` (OC20) or keep ties at the boundary (OC22).
     energy_mean, energy_std, force_std : float
         Label normalisation: the backbone predicts ``(E - mean) / energy_std`` and ``F / force_std``.
+    stress_isotropic_mean, stress_isotropic_std, stress_anisotropic_mean, stress_anisotropic_std : float
+        Normalisation of the two parts of a stress head (:mod:`dens.models.stress`), de-normalised as
+        ``x * std + mean`` before assembly (fairchem's convention; the anisotropic mean is added to all
+        five components).
+    element_references : sequence of float, optional
+        Energy per element indexed by atomic number, added to the de-normalised energy (fairchem's
+        ``LinearReferences``); None for none.
 
     Examples
     --------
@@ -61,6 +70,11 @@ class ForceField(nn.Module):
         energy_mean: float = 0.0,
         energy_std: float = 1.0,
         force_std: float = 1.0,
+        stress_isotropic_mean: float = 0.0,
+        stress_isotropic_std: float = 1.0,
+        stress_anisotropic_mean: float = 0.0,
+        stress_anisotropic_std: float = 1.0,
+        element_references: Any = None,
     ) -> None:
         super().__init__()
         if not getattr(backbone, "direct_forces", True) and force_std != energy_std:
@@ -77,6 +91,20 @@ class ForceField(nn.Module):
         self.register_buffer("energy_mean", torch.tensor(float(energy_mean), dtype=torch.float64))
         self.register_buffer("energy_std", torch.tensor(float(energy_std), dtype=torch.float64))
         self.register_buffer("force_std", torch.tensor(float(force_std), dtype=torch.float64))
+        # not persistent: they come from the constructor (config), so checkpoints written before load
+        stress_norm = [
+            stress_isotropic_mean,
+            stress_isotropic_std,
+            stress_anisotropic_mean,
+            stress_anisotropic_std,
+        ]
+        self.register_buffer(
+            "stress_normalizer", torch.tensor(stress_norm, dtype=torch.float64), persistent=False
+        )
+        refs = (
+            None if element_references is None else torch.as_tensor(element_references, dtype=torch.float64)
+        )
+        self.register_buffer("element_references", refs, persistent=False)
 
     @classmethod
     def from_checkpoint(
@@ -84,6 +112,10 @@ class ForceField(nn.Module):
     ) -> ForceField:
         """A trained model from a dens checkpoint (``best.pt``: EMA weights; ``last.pt``: the EMA
         weights when ``use_ema`` and the run used an EMA, else the raw weights), in eval mode.
+
+        A fairchem 1.x EquiformerV2 checkpoint (``state_dict`` + ``config['model']`` of a hydra model) is
+        recognised and imported with its normalisers and element references
+        (:func:`dens.models.fairchem.load_fairchem_checkpoint`).
 
         Examples
         --------
@@ -95,6 +127,10 @@ class ForceField(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path} (a run writes runs/<name>/checkpoints/best.pt)")
         state = torch.load(path, map_location="cpu", weights_only=False)
+        from .fairchem import is_fairchem_checkpoint, load_fairchem_checkpoint
+
+        if is_fairchem_checkpoint(state):  # a fairchem 1.x EquiformerV2 (OMat24 / MPtrj) checkpoint
+            return load_fairchem_checkpoint(state, use_ema=use_ema).to(device).eval()
         config = state.get("config") or {}
         if "model" not in config or "resolved_normalizer" not in config:
             raise ValueError(f"{path} is not a dens training checkpoint (no config.model / normaliser)")
@@ -145,6 +181,7 @@ class ForceField(nn.Module):
         encode_mask: Tensor | None = None,
         noise_mask: Tensor | None = None,
         split_heads: bool = False,
+        strain: Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Tensor]:
         """Outputs in normalised units.
@@ -165,11 +202,17 @@ class ForceField(nn.Module):
             only for atoms in it (exact there, zero elsewhere), for backbones that support it
             (``backbone.splits_heads``). The DeNS loss reads nothing else, so the noise head then costs
             almost nothing.
+        strain : Tensor, optional
+            ``[B, 3, 3]`` symmetric strain applied to positions and cell (``x -> (1 + strain) x``), for the
+            conservative stress; the graph is that of the unstrained structure.
         """
         pos = batch.pos if pos is None else pos
         if not self.direct_forces and not pos.requires_grad:
             pos = pos.detach().requires_grad_(True)
         edge_index, shift = self.graph(batch, pos)
+        if strain is not None:
+            pos = pos + torch.einsum("nij,nj->ni", strain[batch.batch], pos)
+            shift = shift + torch.einsum("eij,ej->ei", strain[batch.batch[edge_index[0]]], shift)
         extra = None
         if encoded_forces is not None:
             if not self.uses_dens:
@@ -182,13 +225,53 @@ class ForceField(nn.Module):
             extra_embedding=extra, noise_mask=noise_mask, **kwargs,
         )  # fmt: skip
 
-    def predict(self, batch: Batch) -> dict[str, Tensor]:
-        """Energy (eV) and forces (eV/Å) of a batch, in the batch's float dtype."""
-        with torch.set_grad_enabled(not self.direct_forces):
-            out = self(batch, split_heads=True)  # the force head only: the noise head is not read
+    @property
+    def has_stress_head(self) -> bool:
+        """Whether the backbone predicts stress directly (a rank-2 head)."""
+        return getattr(self.backbone, "stress_head", None) is not None
+
+    def predict(self, batch: Batch, stress: bool | None = None) -> dict[str, Tensor]:
+        """Energy (eV), forces (eV/Å) and stress (eV/Å³) of a batch, in the batch's float dtype.
+
+        Parameters
+        ----------
+        stress : bool, optional
+            Also return ``stress [B, 3, 3]`` (ASE's sign: ``(1/V) dE/d strain``, negative under
+            compression). Default: when the backbone has a stress head. A gradient-force model without one
+            gives the conservative stress from a symmetric strain of positions and cell (one more
+            backward pass); a direct-force model without one raises ``ValueError``.
+        """
+        want_stress = self.has_stress_head if stress is None else stress
+        conservative = want_stress and not self.has_stress_head
+        if conservative and self.direct_forces:
+            raise ValueError("this model has neither a stress head nor gradient forces: no stress")
+        kwargs: dict[str, Any] = {}
+        if conservative:
+            strain = torch.zeros(batch.num_graphs, 3, 3, dtype=batch.pos.dtype, device=batch.pos.device)
+            kwargs["strain"] = strain.requires_grad_(True)
+        with (
+            torch.set_grad_enabled(not self.direct_forces),
+            retain_energy_graph() if conservative else nullcontext(),
+        ):
+            out = self(batch, split_heads=True, **kwargs)  # the force head only: the noise head is not read
         energy = out["energy"].to(torch.float64) * self.energy_std + self.energy_mean
+        if self.element_references is not None:
+            refs = self.element_references.to(energy.device)[batch.atomic_numbers]
+            energy = energy + torch.zeros_like(energy).index_add_(0, batch.batch, refs)
         forces = out["forces"].detach() * self.force_std.to(out["forces"].dtype)
-        return {"energy": energy.detach(), "forces": forces}
+        result = {"energy": energy.detach(), "forces": forces}
+        if conservative:
+            (de_dstrain,) = torch.autograd.grad(out["energy"].sum(), kwargs["strain"])
+            volume = torch.linalg.det(batch.cell.to(torch.float64)).abs()
+            # symmetrise: dE/d(strain) of a symmetric strain
+            de_dstrain = 0.5 * (de_dstrain + de_dstrain.transpose(1, 2)).to(torch.float64)
+            result["stress"] = (de_dstrain * self.energy_std / volume[:, None, None]).to(forces.dtype)
+        elif want_stress:
+            mean_iso, std_iso, mean_aniso, std_aniso = self.stress_normalizer.tolist()
+            iso = out["stress_isotropic"].detach().to(torch.float64) * std_iso + mean_iso
+            aniso = out["stress_anisotropic"].detach().to(torch.float64) * std_aniso + mean_aniso
+            result["stress"] = assemble_stress(iso, aniso).to(forces.dtype)
+        return result
 
 
 def compile_backbone(backbone: nn.Module, **options: Any) -> nn.Module:
