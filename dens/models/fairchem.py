@@ -96,9 +96,9 @@ for _size, _preset in (("31M", "omat24_s"), ("86M", "omat24_m"), ("153M", "omat2
                    f"eqV2_{_size}_omat_mp_salex"):  # fmt: skip
         FAIRCHEM_PRETRAINED[_alias] = (_preset, False)
     for _alias in (f"EquiformerV2-DeNS-{_size}-MP", f"eqV2_dens_{_size}_mp"):
-        FAIRCHEM_PRETRAINED[_alias] = (_preset, True)
+        FAIRCHEM_PRETRAINED[_alias] = (_preset.replace("omat24", "mptrj_dens"), True)
 for _alias in ("eqV2-S-DeNS-MP", "eqV2 S DeNS", "eqV2-S-DeNS"):
-    FAIRCHEM_PRETRAINED[_alias] = ("omat24_s", True)
+    FAIRCHEM_PRETRAINED[_alias] = ("mptrj_dens_s", True)
 
 
 def _unwrap(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
