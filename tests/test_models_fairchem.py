@@ -259,3 +259,17 @@ def test_published_names(fixtures, tmp_path):
     torch.save(_checkpoint(fixtures[FILES[1]]), path)
     with pytest.raises(ValueError, match="does not hold"):  # the 2-layer fixture is not the 8-layer model
         load_pretrained("eqV2-S-DeNS-MP", path)
+
+
+def test_full_import_paths_as_in_the_mptrj_config(fixtures):
+    """configs/omat24/mptrj/eqV2_31M_dens_mptrj.yml names classes by import path, not registry name."""
+    f = fixtures[FILES[1]]
+    cfg = copy.deepcopy(f["config"]["yaml_model"])
+    package = "fairchem.core.models.equiformer_v2.equiformer_v2_dens."
+    cfg["backbone"]["model"] = package + "EqV2DeNSBackbone"
+    for head, cls in (("energy", "DeNSScalarHead"), ("forces", "DeNSVectorHead"), ("stress", "DeNSRank2Head")):
+        cfg["heads"][head]["module"] = package + cls
+    ckpt = {"state_dict": f["state_dict"], "config": {"model": cfg}}
+    assert is_fairchem_checkpoint(ckpt)
+    model = load_fairchem_checkpoint(ckpt)
+    assert model.backbone.uses_dens and model.backbone.stress_head.use_denoising is False

@@ -101,6 +101,12 @@ for _alias in ("eqV2-S-DeNS-MP", "eqV2 S DeNS", "eqV2-S-DeNS"):
     FAIRCHEM_PRETRAINED[_alias] = ("mptrj_dens_s", True)
 
 
+def _registered(name: Any) -> Any:
+    """A registry name, or the class name of a full import path (``fairchem.core.models....EqV2DeNSBackbone``,
+    as ``configs/omat24/mptrj/*.yml`` write them)."""
+    return name.rsplit(".", 1)[-1] if isinstance(name, str) else name
+
+
 def _unwrap(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out = {}
     for key, value in state_dict.items():
@@ -122,7 +128,7 @@ def is_fairchem_checkpoint(checkpoint: Any) -> bool:
     if not isinstance(model, Mapping):
         return False
     backbone = model.get("backbone")
-    return isinstance(backbone, Mapping) and backbone.get("model") in FAIRCHEM_BACKBONES
+    return isinstance(backbone, Mapping) and _registered(backbone.get("model")) in FAIRCHEM_BACKBONES
 
 
 def fairchem_model_config(
@@ -140,14 +146,14 @@ def fairchem_model_config(
         For head options these models never use (naming them).
     """
     backbone = dict(model_cfg.get("backbone") or {})
-    name = backbone.pop("model", None)
+    name = _registered(backbone.pop("model", None))
     if name not in FAIRCHEM_BACKBONES:
         raise ValueError(
             f"fairchem backbone {name!r} is not an EquiformerV2 backbone; known: {sorted(FAIRCHEM_BACKBONES)}"
         )
     heads: dict[str, dict[str, Any]] = {}
     for head_name, head in (model_cfg.get("heads") or {}).items():
-        module = head.get("module")
+        module = _registered(head.get("module"))
         if module not in _HEADS:
             raise ValueError(
                 f"fairchem head {head_name!r}: unknown module {module!r}; known: {sorted(_HEADS)}"
@@ -155,7 +161,7 @@ def fairchem_model_config(
         role = _HEADS[module][0]
         if role in heads:
             raise ValueError(f"fairchem heads {heads[role]['name']!r} and {head_name!r} both predict {role}")
-        heads[role] = {**head, "name": head_name}
+        heads[role] = {**head, "name": head_name, "module": module}
         if role == "energy":
             if head.get("reduce", "sum") != "sum":
                 raise NotImplementedError(f"fairchem energy head reduce={head['reduce']!r} (only 'sum')")
