@@ -267,9 +267,37 @@ def test_full_import_paths_as_in_the_mptrj_config(fixtures):
     cfg = copy.deepcopy(f["config"]["yaml_model"])
     package = "fairchem.core.models.equiformer_v2.equiformer_v2_dens."
     cfg["backbone"]["model"] = package + "EqV2DeNSBackbone"
-    for head, cls in (("energy", "DeNSScalarHead"), ("forces", "DeNSVectorHead"), ("stress", "DeNSRank2Head")):
+    for head, cls in (
+        ("energy", "DeNSScalarHead"),
+        ("forces", "DeNSVectorHead"),
+        ("stress", "DeNSRank2Head"),
+    ):
         cfg["heads"][head]["module"] = package + cls
     ckpt = {"state_dict": f["state_dict"], "config": {"model": cfg}}
     assert is_fairchem_checkpoint(ckpt)
     model = load_fairchem_checkpoint(ckpt)
     assert model.backbone.uses_dens and model.backbone.stress_head.use_denoising is False
+
+
+def test_earlier_dens_head_era(fixtures):
+    """DeNSEnergyHead / DeNSForceHead (energy_block / force_block) with the DeNS flags on the backbone
+    (configs/omat24/mptrj/eqV2_86M_dens_mptrj.yml in an earlier fairchem revision)."""
+    f = fixtures[FILES[1]]
+    cfg = copy.deepcopy(f["config"]["yaml_model"])
+    package = "fairchem.core.models.equiformer_v2.equiformer_v2_dens."
+    cfg["backbone"].update(use_denoising_energy=True, use_denoising_stress=False)
+    cfg["heads"] = {
+        "energy": {"module": package + "DeNSEnergyHead"},
+        "forces": {"module": package + "DeNSForceHead"},
+        "stress": {"module": package + "DeNSRank2Head", "output_name": "stress", "decompose": True,
+                   "use_source_target_embedding": True},
+    }  # fmt: skip
+    renamed = {
+        k.replace(".scalar_block.", ".energy_block.").replace(".vector_block.", ".force_block."): v
+        for k, v in f["state_dict"].items()
+    }
+    model = load_fairchem_checkpoint({"state_dict": renamed, "config": {"model": cfg}})
+    assert model.backbone.stress_head.use_denoising is False
+    cfg["backbone"]["use_denoising_energy"] = False
+    with pytest.raises(NotImplementedError, match="use_denoising"):
+        build_fairchem_model(cfg)

@@ -73,12 +73,19 @@ _HEADS = {
     "EquiformerV2ForceHead": ("forces", "force_block"),
     "eqV2_DeNS_vector_head": ("forces", "vector_block"),
     "DeNSVectorHead": ("forces", "vector_block"),
+    # the earlier DeNS heads (e.g. configs/omat24/mptrj/eqV2_86M_dens_mptrj.yml): plain block names, the
+    # DeNS flags on the backbone (use_denoising_energy / use_denoising_stress)
+    "equiformer_v2_dens_energy_head": ("energy", "energy_block"),
+    "DeNSEnergyHead": ("energy", "energy_block"),
+    "equiformer_v2_dens_force_head": ("forces", "force_block"),
+    "DeNSForceHead": ("forces", "force_block"),
     "rank2_symmetric_head": ("stress", None),
     "Rank2SymmetricTensorHead": ("stress", None),
     "dens_rank2_symmetric_head": ("stress", None),
     "DeNSRank2Head": ("stress", None),
 }
 _DENS_STRESS = {"dens_rank2_symmetric_head", "DeNSRank2Head"}
+_DENS_ENERGY = {"eqV2_DeNS_scalar_head", "DeNSScalarHead", "equiformer_v2_dens_energy_head", "DeNSEnergyHead"}
 # the only rank-2 head options implemented (the OMat24 / MPtrj configurations)
 _STRESS_REQUIRED = {
     "decompose": True,
@@ -162,10 +169,14 @@ def fairchem_model_config(
         if role in heads:
             raise ValueError(f"fairchem heads {heads[role]['name']!r} and {head_name!r} both predict {role}")
         heads[role] = {**head, "name": head_name, "module": module}
+        if role == "stress" and module in _DENS_STRESS and "use_denoising" not in head:
+            # the earlier DeNSRank2Head read the flag from the backbone; fairchem main's default is True
+            heads[role]["use_denoising"] = bool(backbone.get("use_denoising_stress", True))
         if role == "energy":
             if head.get("reduce", "sum") != "sum":
                 raise NotImplementedError(f"fairchem energy head reduce={head['reduce']!r} (only 'sum')")
-            if module in ("eqV2_DeNS_scalar_head", "DeNSScalarHead") and not head.get("use_denoising", True):
+            flag = head.get("use_denoising", backbone.get("use_denoising_energy", True))
+            if module in _DENS_ENERGY and not flag:
                 raise NotImplementedError("fairchem DeNS energy head with use_denoising=False")
         if role == "stress":
             for key, value in _STRESS_REQUIRED.items():
