@@ -47,7 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # fairchem 1.x materials models (OMat24 paper, Barroso-Luque et al. 2024): sizes S/M/L = 8/10/20 layers,
 # lmax 4/6/6, mmax 2/4/3, widths 128/64/8/64/16/128/128, 96 elements, 12 Å, 20 neighbours (non-strict),
 # fairchem's rank-2 stress head (FAIR-Chem/fairchem configs/omat24/all/eqV2_{31M,86M,153M}.yml and
-# configs/omat24/mptrj/eqV2_{31M,86M}_dens_mptrj.yml). Parameter counts: 31,207,434 / 86,589,068 /
+# configs/omat24/mptrj/eqV2_{31M,86M,153M}_dens_mptrj.yml). Parameter counts: 31,207,434 / 86,589,068 /
 # 153,769,868 (the published 31M / 86M / 153M); with DeNS 34,339,083 / 94,033,933 / 160,673,293.
 _OMAT24_SIZES = {"s": (8, 4, 2), "m": (10, 6, 4), "l": (20, 6, 3)}
 for _size, (_layers, _lmax, _mmax) in _OMAT24_SIZES.items():
@@ -55,8 +55,8 @@ for _size, (_layers, _lmax, _mmax) in _OMAT24_SIZES.items():
                    alpha_drop=0.1, stress_head="fairchem")  # fmt: skip
     # configs/omat24/all/eqV2_{31M,86M}.yml: avg_num_nodes 31.17, avg_degree 61.95
     PRESETS[f"omat24_{_size}"] = dict(_common, avg_num_nodes=31.17, avg_degree=61.95)
-    # configs/omat24/mptrj/eqV2_{31M,86M}_dens_mptrj.yml: MPtrj statistics and no stress training on DeNS
-    # batches (use_denoising False). The 153M MPtrj-DeNS config was not read: same values assumed.
+    # configs/omat24/mptrj/eqV2_{31M,86M,153M}_dens_mptrj.yml: MPtrj statistics and no stress training on DeNS
+    # batches (use_denoising False).
     PRESETS[f"mptrj_dens_{_size}"] = dict(
         _common, avg_num_nodes=31.16592360068011, avg_degree=61.94676351484548, stress_use_denoising=False
     )
