@@ -301,3 +301,27 @@ def test_earlier_dens_head_era(fixtures):
     cfg["backbone"]["use_denoising_energy"] = False
     with pytest.raises(NotImplementedError, match="use_denoising"):
         build_fairchem_model(cfg)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_parameter_count_equals_fairchems(fixtures, name):
+    f = fixtures[name]
+    model = build_fairchem_model(f["config"]["yaml_model"])
+    assert sum(p.numel() for p in model.parameters()) == f["meta"]["num_params"]
+
+
+@pytest.mark.parametrize(
+    "preset, dens, count",
+    [
+        ("omat24_s", False, 31_207_434),
+        ("mptrj_dens_s", True, 34_339_083),
+        pytest.param("omat24_m", False, 86_589_068, marks=pytest.mark.slow),
+        pytest.param("omat24_l", False, 153_769_868, marks=pytest.mark.slow),
+    ],
+)
+def test_materials_presets(preset, dens, count):
+    from dens.models import EquiformerV2
+
+    model = EquiformerV2.from_preset(preset, dens=dens)
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert model.max_num_elements == 96 and model.stress_head is not None
