@@ -325,3 +325,32 @@ def test_materials_presets(preset, dens, count):
     model = EquiformerV2.from_preset(preset, dens=dens)
     assert sum(p.numel() for p in model.parameters()) == count
     assert model.max_num_elements == 96 and model.stress_head is not None
+
+
+def test_evaluate_cli_and_calculator_from_pretrained_accept_fairchem_files(fixtures, tmp_path, one_thread):
+    import ase.io
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from dens.calculator import DeNSCalculator
+    from dens.evaluate import main
+
+    path = tmp_path / "fairchem.pt"
+    torch.save(_checkpoint(fixtures[FILES[0]]), path)
+    frames = []
+    for k in range(2):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.rattle(0.05, seed=k)
+        atoms.calc = EMT()
+        atoms.get_forces()
+        frames.append(atoms)
+    data = tmp_path / "cu.extxyz"
+    ase.io.write(data, frames)
+    report = main(["--checkpoint", str(path), "--data", str(data), "--out", str(tmp_path / "eval"),
+                   "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert "forces_mae" in report["splits"]["cu"]
+    with pytest.raises(ValueError, match="does not hold"):
+        DeNSCalculator.from_pretrained("eqV2-31M-OMAT24", path=path)
+    calc = DeNSCalculator(load_fairchem_checkpoint(path))
+    frames[0].calc = calc
+    assert frames[0].get_stress().shape == (6,)
