@@ -192,3 +192,25 @@ def test_calculator_stress(one_thread):
     atoms.get_forces()
     with pytest.raises(PropertyNotImplementedError):
         atoms.get_stress()
+
+
+@pytest.mark.parametrize("use_denoising", [True, False])
+def test_stress_on_dens_batches(use_denoising, one_thread):
+    """A DeNS forward (force encoding given) zeroes the stress only with use_denoising=False (fairchem)."""
+    backbone = tiny_v2(stress_head="equivariant", use_force_encoding=True, stress_use_denoising=use_denoising)
+    model = ForceField(backbone, cutoff=4.0, max_neighbors=None)
+    batch = batch_of(crystal())
+    forces = torch.randn(batch.num_atoms, 3, dtype=F64)
+    with torch.no_grad():
+        clean = model(batch)
+        noisy = model(batch, encoded_forces=forces, encode_mask=torch.ones(batch.num_atoms, dtype=torch.bool))
+    assert clean["stress_isotropic"].abs().max() > 0
+    zeroed = noisy["stress_isotropic"].abs().max() == 0 and noisy["stress_anisotropic"].abs().max() == 0
+    assert zeroed is not use_denoising
+
+
+def test_conservative_stress_needs_a_periodic_cell():
+    model = ForceField(tiny_v2(direct_forces=False), cutoff=4.0)
+    molecule = collate([make_structure(torch.randn(3, 3, dtype=F64), [29, 29, 28], dtype=F64)])
+    with pytest.raises(ValueError, match="periodic"):
+        model.predict(molecule, stress=True)

@@ -263,6 +263,8 @@ class ForceField(nn.Module):
         if conservative:
             (de_dstrain,) = torch.autograd.grad(out["energy"].sum(), kwargs["strain"])
             volume = torch.linalg.det(batch.cell.to(torch.float64)).abs()
+            if bool((volume < 1e-12).any()) or not bool(batch.pbc.all()):
+                raise ValueError("stress needs structures periodic along all three axes, with a cell volume")
             # symmetrise: dE/d(strain) of a symmetric strain
             de_dstrain = 0.5 * (de_dstrain + de_dstrain.transpose(1, 2)).to(torch.float64)
             result["stress"] = (de_dstrain * self.energy_std / volume[:, None, None]).to(forces.dtype)
