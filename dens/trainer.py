@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .data import BalancedBatchSampler, Batch, collate, get_natoms
-from .losses import DeNSSettings, LossSettings, corrupt, step_counts, training_loss
+from .losses import Corruption, DeNSSettings, LossSettings, corrupt, step_counts, training_loss
 from .models.potential import ForceField, compile_backbone
 from .runtime import retain_freed_memory
 
@@ -463,16 +463,30 @@ class Trainer:
             self.epoch += 1
             self.batch_in_epoch = 0
 
-    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
-        """One optimiser step over ``grad_accumulation`` micro-batches (forward, loss, backward, step, EMA)."""
+    def train_step(
+        self, micro_batches: list[Batch], corruptions: list[Corruption | None] | None = None
+    ) -> dict[str, float]:
+        """One optimiser step over ``grad_accumulation`` micro-batches (forward, loss, backward, step, EMA).
+
+        ``corruptions`` replaces the DeNS draws of the micro-batches (one :class:`Corruption` or None
+        each, on this trainer's device): the objective-fixture tests inject the official draws here.
+        """
         self.ddp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        progress = self.step / self.schedule_steps
+        if self.dens.schedule_unit == "epoch":  # official MD17: lambda_DeNS(epoch), constant in an epoch
+            progress = self.epoch / max(self.optim.max_epochs, 1e-12)
+        else:
+            progress = self.step / self.schedule_steps
         totals: dict[str, float] = {}
         use_dens = self.dens.enabled and self.model.uses_dens
+        if corruptions is not None and len(corruptions) != len(micro_batches):
+            raise ValueError(f"{len(corruptions)} corruptions for {len(micro_batches)} micro-batches")
         items = []
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
+            if corruptions is not None:
+                items.append((batch, corruptions[i] if use_dens else None))
+                continue
             # selection='batch': one coin per global batch, from the same generator state on every rank
             coin = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + self.step)
             items.append((batch, corrupt(batch, self.dens, batch_coin=coin) if use_dens else None))
@@ -494,10 +508,11 @@ class Trainer:
                         if encode
                         else torch.zeros_like(batch.forces)
                     )
-                    kwargs["encode_mask"] = corruption.noise_mask if encode else torch.zeros_like(batch.fixed)
+                    # head_mask: the corrupted atoms, and with dens.mask_atoms='all' the masked fixed ones
+                    kwargs["encode_mask"] = corruption.head_mask if encode else torch.zeros_like(batch.fixed)
                     # the loss reads the force head on uncorrupted atoms and the noise head on corrupted
                     # ones: run each head only where it is read (exact, and the noise head costs ~nothing)
-                    kwargs["noise_mask"] = None if corruption is None else corruption.noise_mask
+                    kwargs["noise_mask"] = None if corruption is None else corruption.head_mask
                     kwargs["split_heads"] = True
                 out = self.ddp_model(batch, **kwargs)
                 loss, parts = training_loss(

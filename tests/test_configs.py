@@ -142,6 +142,22 @@ OFFICIAL_MD17_FORCE_ENCODING = {
     "l3": "1x0e+1x1e+1x2e+1x3e",
 }  # official irreps_equivariant_inputs = dens irreps_force_encoding
 OFFICIAL_EVAL_EVERY = {"oc20_2m": 5000, "oc20_all_md": 25000, "oc22": 5000}
+# The objective the official trainers compute (proven on ../shared/fixtures/official/objective by
+# tests/test_objective_fixtures.py). OC20/OC22 DeNS trainer: one coin per batch (denoising_forces_trainer.py
+# l.369), the mask over all atoms with fixed ones encoded (l.56-64, 82-84), forces and noise averaged over the
+# free atoms of the batch (l.204-217, 488-627; OCP loss.py l.48-102).
+OFFICIAL_OC_OBJECTIVE = dict(
+    selection="batch", mask_atoms="all", normalization="atoms", schedule_unit="step", encoding_scale=1.0,
+    free_atoms=True,
+)  # fmt: skip
+# MD17 (main_md17_dens.py): a coin per structure (l.525-530), each term its own mean (l.389-403), lambda_DeNS
+# per epoch (l.375), forces encoded in kcal/mol/Å (1 / 0.04336410390059322 eV), the unbiased std (l.159-161).
+OFFICIAL_MD17_OBJECTIVE = dict(
+    selection="structure", mask_atoms="free", normalization="separate", schedule_unit="epoch",
+    encoding_scale=23.060548012069496,
+)  # fmt: skip
+# Without DeNS, OCP and main_md17.py average forces over the (free) atoms of the batch, energy over structures.
+OFFICIAL_BASELINE_OBJECTIVE = dict(normalization="atoms")
 
 # Where each quantity lives in a composed config.
 KEYS = dict(
@@ -162,6 +178,9 @@ KEYS = dict(
     r_dens="dens.corrupt_ratio", force_encoding="dens.force_encoding",
     energy_on_corrupted="dens.energy_on_corrupted", lambda_schedule="dens.coefficient_schedule",
     selection="dens.selection", model_dens="model.backbone.use_force_encoding",
+    mask_atoms="dens.mask_atoms", normalization="dens.normalization", schedule_unit="dens.schedule_unit",
+    encoding_scale="dens.force_encoding_scale", free_atoms="optim.train_on_free_atoms",
+    normalizer="data.normalizer",
     eval_every="trainer.eval_every", molecule="data.molecule",
     md17_node="model.backbone.irreps_node_embedding",
     md17_feature="model.backbone.irreps_feature", md17_sh="model.backbone.irreps_sh",
@@ -181,23 +200,30 @@ def _dens_rows(dens: bool, **values: Any) -> dict[str, Any]:
     return out
 
 
+def _objective(dens: bool, md17: bool) -> dict[str, Any]:
+    if not dens:
+        return dict(OFFICIAL_BASELINE_OBJECTIVE)
+    return dict(OFFICIAL_MD17_OBJECTIVE if md17 else OFFICIAL_OC_OBJECTIVE)
+
+
 def _oc20_2m(epochs: int, dens: bool) -> dict[str, Any]:
     table = {**TABLE7_2M, **TABLE7_2M_BY_EPOCHS[epochs], "epochs": epochs, **OFFICIAL_OC}
     rows = {k: table.pop(k) for k in DENS_ROWS}
     return {**table, **_dens_rows(dens, **rows, force_encoding=True, energy_on_corrupted=True),
-            "eval_every": OFFICIAL_EVAL_EVERY["oc20_2m"]}  # fmt: skip
+            "eval_every": OFFICIAL_EVAL_EVERY["oc20_2m"], **_objective(dens, md17=False)}  # fmt: skip
 
 
 def _escn(dens: bool) -> dict[str, Any]:
     table = {**OFFICIAL_ESCN, **TABLE1A_ESCN}
     rows = {k: table.pop(k) for k in DENS_ROWS}
-    return {**table, **_dens_rows(dens, **rows), "eval_every": OFFICIAL_EVAL_EVERY["oc20_2m"]}
+    return {**table, **_dens_rows(dens, **rows), "eval_every": OFFICIAL_EVAL_EVERY["oc20_2m"],
+            **_objective(dens, md17=False)}  # fmt: skip
 
 
 def _table(table: dict[str, Any], dens: bool, eval_every: int, **changes: Any) -> dict[str, Any]:
     table = {**table, **OFFICIAL_OC, **changes}
     rows = {k: table.pop(k) for k in DENS_ROWS}
-    return {**table, **_dens_rows(dens, **rows), "eval_every": eval_every}
+    return {**table, **_dens_rows(dens, **rows), "eval_every": eval_every, **_objective(dens, md17=False)}
 
 
 def _ablation(index: int) -> dict[str, Any]:
@@ -230,6 +256,7 @@ def _md17(mol: str, lmax: str, dens: bool, **changes: Any) -> dict[str, Any]:
         out.update(md17_force_irreps=OFFICIAL_MD17_FORCE_ENCODING[lmax])
     else:
         out.update(_dens_rows(False))
+    out.update(_objective(dens, md17=True), normalizer="auto_unbiased")
     out.update(changes)
     return out
 
@@ -449,3 +476,25 @@ def test_settings_fields_cover_the_groups():
             assert keys <= fields, f"{path.name}: unknown keys {sorted(keys - fields)}"
             if group != "trainer":
                 assert keys == fields, f"{path.name}: missing keys {sorted(fields - keys)}"
+
+
+# The objective settings: the rules (not the coefficients, which the tables give per experiment).
+OBJECTIVE_RULES = (
+    "dens.selection", "dens.mask_atoms", "dens.normalization", "dens.schedule_unit", "dens.noise_loss",
+    "dens.coefficient_schedule", "dens.force_encoding_scale", "optim.train_on_free_atoms",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(n for n in EXPECTED if EXPECTED[n][2]["dens"]))
+def test_dens_experiments_share_the_proven_objective(composed, name):
+    """Every DeNS experiment computes its objective with the rules of the experiment that the official
+    objective fixtures prove (tests/test_objective_fixtures.py): md17_ethanol_l2 for MD17, oc20_2m for
+    OC20 and OC22; the Table 1(b)/5/6 variants differ only in their own switches."""
+    proven = composed["md17_ethanol_l2" if name.startswith("md17_") else "oc20_2m"]
+    cfg = composed[name]
+    wrong = [key for key in OBJECTIVE_RULES if _get(cfg, key) != _get(proven, key)]
+    assert not wrong, f"{name}: {[(k, _get(cfg, k), _get(proven, k)) for k in wrong]}"
+    if name.startswith("md17_"):
+        assert cfg.data.normalizer == proven.data.normalizer == "auto_unbiased"
+    else:  # the official constants (OFFICIAL_SETTINGS §4); OC22 has its own after the linear reference
+        assert set(cfg.data.normalizer) == {"energy_mean", "energy_std", "force_std"}

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from dens.data import collate, make_structure
-from dens.losses import DeNSSettings, LossSettings, corrupt, dens_coefficient, training_loss
+from dens.losses import (
+    CorruptionDraws,
+    DeNSSettings,
+    LossSettings,
+    corrupt,
+    dens_coefficient,
+    loss_rows,
+    training_loss,
+)
 
 
 def make_batch(num_structures=40, atoms=30, fixed_fraction=0.3, seed=0, md_split=None):
@@ -185,3 +193,47 @@ def test_linear_decay_and_validation():
         DeNSSettings(selection="atom")
     with pytest.raises(ValueError, match="unknown dens settings"):
         DeNSSettings.from_dict({"sigmaa": 0.1})
+
+
+def test_official_mask_over_all_atoms():
+    """mask_atoms='all' (official OC20): the mask covers fixed atoms, which do not move, are encoded and
+    read from the noise head (head_mask), and count in no loss term."""
+    batch = make_batch(num_structures=6, atoms=40, fixed_fraction=0.4)
+    settings = DeNSSettings(prob=1.0, corrupt_ratio=0.5, mask_atoms="all")
+    c = corrupt(batch, settings, torch.Generator().manual_seed(3))
+    assert c.head_mask[batch.fixed].any() and c.head_mask[~batch.fixed].any()
+    assert torch.equal(c.noise_mask, c.head_mask & ~batch.fixed)
+    assert torch.equal(c.pos[batch.fixed], batch.pos[batch.fixed])
+    assert (c.pos[c.noise_mask] != batch.pos[c.noise_mask]).all(dim=-1).all()
+    _, force_rows, noise_rows, counted = loss_rows(batch, c, LossSettings(), settings)
+    assert not (force_rows & c.head_mask).any() and torch.equal(noise_rows, c.noise_mask)
+    assert torch.equal(force_rows | noise_rows, counted)  # every free atom in exactly one term
+    free = corrupt(batch, DeNSSettings(prob=1.0, corrupt_ratio=0.5), torch.Generator().manual_seed(3))
+    assert free.encode_mask is None and torch.equal(free.head_mask, free.noise_mask)
+    assert not free.noise_mask[batch.fixed].any()
+    with pytest.raises(ValueError, match="mask_atoms"):
+        DeNSSettings(mask_atoms="fixed")
+
+
+@pytest.mark.parametrize("mask_atoms", ["free", "all"])
+def test_explicit_draws(mask_atoms):
+    """CorruptionDraws replaces the random numbers: coin < p selects, uniform < r masks, sigma * normal moves."""
+    batch = make_batch(num_structures=4, atoms=10)
+    n = batch.num_atoms
+    g = torch.Generator().manual_seed(5)
+    draws = CorruptionDraws(
+        torch.tensor([0.1, 0.9, 0.2, 0.6]), torch.rand(n, generator=g), torch.randn(n, 3, generator=g)
+    )
+    settings = DeNSSettings(prob=0.5, sigma=0.2, corrupt_ratio=0.4, mask_atoms=mask_atoms)
+    c = corrupt(batch, settings, draws=draws)
+    assert c.dens_structures.tolist() == [True, False, True, False]
+    mask = c.dens_structures[batch.batch] & (draws.mask_uniform < 0.4)
+    if mask_atoms == "free":
+        mask &= ~batch.fixed
+    assert torch.equal(c.head_mask, mask) and torch.equal(c.noise_mask, mask & ~batch.fixed)
+    moved = c.noise_mask[:, None]
+    assert torch.allclose(c.pos, batch.pos + 0.2 * draws.normal.double() * moved, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match=r"draws.coin must have shape \(1,\)"):
+        corrupt(batch, DeNSSettings(selection="batch"), draws=draws)
+    with pytest.raises(ValueError, match=r"draws\.normal"):
+        corrupt(batch, settings, draws=CorruptionDraws(draws.coin, draws.mask_uniform))

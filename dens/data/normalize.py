@@ -121,6 +121,10 @@ class _Welford:
     def std(self) -> float:
         return math.sqrt(self.m2 / self.n) if self.n else float("nan")
 
+    @property
+    def std_unbiased(self) -> float:
+        return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else float("nan")
+
 
 def compute_statistics(
     structures: Iterable[Mapping[str, Any] | None], free_atoms_only: bool = False
@@ -137,7 +141,8 @@ def compute_statistics(
     Returns
     -------
     dict
-        ``energy_mean``, ``energy_std``, ``energy_per_atom_mean``, ``energy_per_atom_std``,
+        ``energy_mean``, ``energy_std`` (population, ``n``), ``energy_std_unbiased`` (``n - 1``, torch's
+        ``std()``, the official MD17 normaliser), ``energy_per_atom_mean``, ``energy_per_atom_std``,
         ``forces_mean`` (per component), ``forces_std``, ``forces_rms``, ``num_structures``,
         ``num_atoms``.
 
@@ -174,6 +179,7 @@ def compute_statistics(
     return {
         "energy_mean": e.mean if e.n else float("nan"),
         "energy_std": e.std,
+        "energy_std_unbiased": e.std_unbiased,
         "energy_per_atom_mean": epa.mean if epa.n else float("nan"),
         "energy_per_atom_std": epa.std,
         "forces_mean": f.mean if f.n else float("nan"),

@@ -2,6 +2,7 @@
 
 from .dens import (
     Corruption,
+    CorruptionDraws,
     DeNSSettings,
     LossSettings,
     corrupt,
@@ -14,6 +15,7 @@ from .s2ef import energy_errors, force_errors, loss_dtype
 
 __all__ = [
     "Corruption",
+    "CorruptionDraws",
     "DeNSSettings",
     "LossSettings",
     "corrupt",

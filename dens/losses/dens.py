@@ -1,12 +1,16 @@
 """DeNS: corruption of structures and the training objective (paper §3.2, Eq. 6, Algorithm 2).
 
-For each structure, with probability ``p_DeNS`` the DeNS task is optimised, else the original one. In a
-DeNS structure a random subset (ratio ``r_DeNS``) of the *free* atoms is displaced by ``N(0, sigma^2)``
-noise (fixed atoms never move and are never denoised). The model reads the corrupted structure and the
-(raw, eV/Å) forces of the corrupted atoms (force encoding), and predicts the energy of the original
-structure, the noise divided by sigma on corrupted atoms and the forces on the others.
+For each structure (or batch), with probability ``p_DeNS`` the DeNS task is optimised, else the original
+one. In a DeNS structure a random subset (ratio ``r_DeNS``) of the atoms is masked: masked *free* atoms are
+displaced by ``N(0, sigma^2)`` noise (fixed atoms never move and are never denoised). The model reads the
+corrupted structure and the (raw, eV/Å) forces of the masked atoms (force encoding), and predicts the
+energy of the original structure, the noise divided by sigma on corrupted atoms and the forces on the
+others.
 
-Every design choice of Tables 1(b) and 6 is a setting of :class:`DeNSSettings`.
+Every design choice of Tables 1(b) and 6 is a setting of :class:`DeNSSettings`. The paper experiments use
+what the official trainers compute (``dens/conf/dens/*.yaml`` cite the lines); the literal Algorithm 2
+(``selection='structure'``, ``normalization='structure'``, ``mask_atoms='free'``) is the paper's text, not
+the code that produced its numbers, and stays available as options.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .s2ef import energy_errors, force_errors, loss_dtype
 
 __all__ = [
     "Corruption",
+    "CorruptionDraws",
     "DeNSSettings",
     "LossSettings",
     "corrupt",
@@ -37,6 +42,11 @@ __all__ = [
 class DeNSSettings:
     """The DeNS objective's settings (the Hydra ``dens`` group).
 
+    The defaults are Algorithm 2 as the paper writes it: the paper's text, not the code that produced its
+    numbers. The paper experiments (``dens/conf/dens/*.yaml``) set what the official trainers compute:
+    OC20/OC22 ``selection='batch'``, ``mask_atoms='all'``, ``normalization='atoms'``; MD17
+    ``normalization='separate'``, ``schedule_unit='epoch'``.
+
     Parameters
     ----------
     enabled : bool
@@ -46,8 +56,8 @@ class DeNSSettings:
     sigma : float
         Standard deviation of the Gaussian noise (Å).
     corrupt_ratio : float or None
-        ``r_DeNS``, the fraction of free atoms corrupted; None corrupts every free atom (DeNS without
-        partially corrupted structures).
+        ``r_DeNS``, the fraction of the atoms of a DeNS structure that the mask draws (over the atoms
+        that ``mask_atoms`` names); None masks all of them (DeNS without partially corrupted structures).
     coefficient : float
         ``lambda_DeNS``.
     coefficient_schedule : {'constant', 'linear_decay'}
@@ -57,19 +67,27 @@ class DeNSSettings:
     force_encoding : bool
         Encode the forces of the corrupted atoms (Eq. 5).
     selection : {'structure', 'batch'}
-        'structure': one draw per structure (Algorithm 2); 'batch': one draw per batch (the official
-        OC20 trainer).
+        'structure': one draw per structure (Algorithm 2, the official MD17 trainer); 'batch': one draw
+        per global batch (the official OC20/OC22 trainer).
+    mask_atoms : {'free', 'all'}
+        Which atoms the corruption mask is drawn over. 'free' (Algorithm 2): free atoms only. 'all' (the
+        official OC20/OC22 trainer): every atom; masked fixed atoms do not move and never count in the
+        loss, but their forces are encoded and their output is the noise head, as in the official code.
+        Without fixed atoms (MD17, OC22) both are the same.
     noise_loss : {'l2mae', 'mse'}
         Per-atom norm of the noise error (Algorithm 2, official) or its square.
     normalization : {'structure', 'atoms', 'separate'}
         How atom terms are averaged. 'structure' (Algorithm 2): the force and noise sums of a structure
         are divided by its number of (free) atoms ``|S_j|``, and everything by the number of structures
         ``B``. 'atoms' (the official OC20/OC22 trainer): force and noise sums divided by the number of
-        free atoms of the batch, energy by ``B``. 'separate' (the official MD17 trainer): each term is
-        its own mean (forces over uncorrupted atoms, noise over corrupted atoms).
+        (free) atoms of the batch, energy by ``B``. 'separate' (the official MD17 trainer): each term is
+        its own mean (energy over structures, forces over uncorrupted atoms, noise over corrupted atoms).
+    schedule_unit : {'step', 'epoch'}
+        What 'linear_decay' counts: optimiser steps, or whole epochs (``lambda_DeNS`` constant within an
+        epoch, as the official MD17 trainer).
     force_encoding_scale : float
         Factor applied to the (eV/Å) forces before encoding; the official MD17 models encoded forces in
-        kcal/mol/Å (23.0605), the OC20/OC22 ones in eV/Å (1).
+        kcal/mol/Å (23.060548), the OC20/OC22 ones in eV/Å (1).
     exclude_key : str or None
         A per-structure boolean entry of ``batch.extra``; flagged structures are never corrupted (the MD
         split of OC20 All+MD, §B.1).
@@ -88,6 +106,8 @@ class DeNSSettings:
     exclude_key: str | None = "md_split"
     normalization: str = "structure"
     force_encoding_scale: float = 1.0
+    mask_atoms: str = "free"
+    schedule_unit: str = "step"
 
     def __post_init__(self) -> None:
         if self.selection not in ("structure", "batch"):
@@ -100,6 +120,10 @@ class DeNSSettings:
             raise ValueError(
                 f"dens.normalization must be 'structure', 'atoms' or 'separate', got {self.normalization!r}"
             )
+        if self.mask_atoms not in ("free", "all"):
+            raise ValueError(f"dens.mask_atoms must be 'free' or 'all', got {self.mask_atoms!r}")
+        if self.schedule_unit not in ("step", "epoch"):
+            raise ValueError(f"dens.schedule_unit must be 'step' or 'epoch', got {self.schedule_unit!r}")
         if self.noise_loss not in ("l2mae", "mse"):
             raise ValueError(f"dens.noise_loss must be 'l2mae' or 'mse', got {self.noise_loss!r}")
         if self.corrupt_ratio is not None and not 0.0 < self.corrupt_ratio <= 1.0:
@@ -136,15 +160,44 @@ class Corruption:
     noise : Tensor
         ``[N, 3]`` the displacement (zero outside ``noise_mask``).
     noise_mask : Tensor
-        ``[N]`` bool, corrupted (and denoised) atoms.
+        ``[N]`` bool, corrupted (moved and denoised) atoms.
     dens_structures : Tensor
         ``[B]`` bool, structures selected for DeNS.
+    encode_mask : Tensor or None
+        ``[N]`` bool, the atoms whose forces are encoded and whose output is the noise head, when they
+        are more than ``noise_mask`` (``mask_atoms='all'``: masked fixed atoms too); None: ``noise_mask``.
     """
 
     pos: Tensor
     noise: Tensor
     noise_mask: Tensor
     dens_structures: Tensor
+    encode_mask: Tensor | None = None
+
+    @property
+    def head_mask(self) -> Tensor:
+        """Atoms encoded and read from the noise head (a superset of ``noise_mask``)."""
+        return self.noise_mask if self.encode_mask is None else self.encode_mask
+
+
+@dataclass
+class CorruptionDraws:
+    """Explicit random numbers for :func:`corrupt` (instead of drawing them), e.g. an official run's.
+
+    Attributes
+    ----------
+    coin : Tensor
+        Uniforms of the DeNS selection: ``[B]`` (``selection='structure'``) or ``[1]`` (``'batch'``).
+    mask_uniform : Tensor or None
+        ``[N]`` uniforms of the corruption mask, one per atom (all atoms, fixed ones included); needed
+        only when some structure is selected and ``corrupt_ratio < 1``.
+    normal : Tensor or None
+        ``[N, 3]`` standard normal numbers (the noise divided by sigma); needed only when an atom moves.
+    """
+
+    coin: Tensor
+    mask_uniform: Tensor | None = None
+    normal: Tensor | None = None
 
 
 def corrupt(
@@ -152,11 +205,17 @@ def corrupt(
     settings: DeNSSettings,
     generator: torch.Generator | None = None,
     batch_coin: torch.Generator | None = None,
+    draws: CorruptionDraws | None = None,
 ) -> Corruption:
     """Draw the DeNS corruption of a batch (lines 5-20 of Algorithm 2).
 
     ``batch_coin`` draws the one coin of ``selection='batch'``; give every DDP rank the same generator
     state so that the coin is one per global batch, as in the official trainer.
+
+    The draws come in this order: coin(s), mask uniforms ``[N]`` (all atoms), noise ``[N, 3]``. The
+    official trainers draw the noise before the mask (OC20) or use NumPy for the batch coin; the
+    distributions are the same, the streams are not. ``draws`` replaces the random numbers (the
+    objective-fixture tests pass the official ones).
 
     Examples
     --------
@@ -171,25 +230,48 @@ def corrupt(
     def uniform(*shape: int) -> Tensor:
         return torch.rand(*shape, generator=generator, device=device)
 
+    def given(name: str, shape: tuple[int, ...]) -> Tensor:
+        value = getattr(draws, name)
+        if value is None or tuple(value.shape) != shape:
+            got = None if value is None else tuple(value.shape)
+            raise ValueError(f"corrupt: draws.{name} must have shape {shape} for this batch, got {got}")
+        return value.to(device)
+
     if not settings.enabled:
         selected = torch.zeros(num_graphs, dtype=torch.bool, device=device)
-    elif settings.selection == "structure":
-        selected = uniform(num_graphs) < settings.prob
     else:
-        coin = torch.rand(1, generator=batch_coin if batch_coin is not None else generator)
-        selected = (coin.to(device) < settings.prob).expand(num_graphs).clone()
+        if settings.selection == "structure":
+            coin = given("coin", (num_graphs,)) if draws is not None else uniform(num_graphs)
+        elif draws is not None:
+            coin = given("coin", (1,))
+        else:
+            coin = torch.rand(1, generator=batch_coin if batch_coin is not None else generator).to(device)
+        selected = (coin < settings.prob).expand(num_graphs).clone()
     if settings.exclude_key and settings.exclude_key in batch.extra:
         selected &= ~batch.extra[settings.exclude_key].to(device=device, dtype=torch.bool).reshape(-1)
-    mask = selected[batch.batch] & ~batch.fixed
+    mask = selected[batch.batch]
+    if settings.mask_atoms == "free":
+        mask = mask & ~batch.fixed
     if settings.corrupt_ratio is not None and settings.corrupt_ratio < 1.0:
-        mask &= uniform(num_atoms) < settings.corrupt_ratio
-    noise = torch.randn(num_atoms, 3, generator=generator, device=device, dtype=batch.pos.dtype)
-    noise = noise * settings.sigma * mask[:, None]
-    return Corruption(batch.pos + noise, noise, mask, selected)
+        if draws is None:
+            mask &= uniform(num_atoms) < settings.corrupt_ratio
+        elif mask.any():
+            mask &= given("mask_uniform", (num_atoms,)) < settings.corrupt_ratio
+    moved = mask & ~batch.fixed  # official OC20 (l.82-84): masked fixed atoms keep their positions
+    if draws is None:
+        normal = torch.randn(num_atoms, 3, generator=generator, device=device, dtype=batch.pos.dtype)
+    elif moved.any():
+        normal = given("normal", (num_atoms, 3)).to(batch.pos.dtype)
+    else:
+        normal = torch.zeros_like(batch.pos)
+    noise = normal * settings.sigma * moved[:, None]
+    encode = None if settings.mask_atoms == "free" else mask
+    return Corruption(batch.pos + noise, noise, moved, selected, encode)
 
 
 def dens_coefficient(settings: DeNSSettings, progress: float) -> float:
-    """``lambda_DeNS`` at a fraction ``progress`` in [0, 1] of training."""
+    """``lambda_DeNS`` at a fraction ``progress`` in [0, 1] of training (of the steps or of the epochs
+    done, ``settings.schedule_unit``)."""
     if settings.coefficient_schedule == "linear_decay":
         return settings.coefficient * max(0.0, 1.0 - progress)
     return settings.coefficient
@@ -199,16 +281,21 @@ def loss_rows(
     batch: Batch, corruption: Corruption | None, losses: LossSettings, dens: DeNSSettings
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Structures with an energy term, atoms with a force term, atoms with a noise term, and the atoms
-    that count in ``|S_j|`` (free atoms when training on free atoms)."""
+    that count in ``|S_j|`` (free atoms when training on free atoms).
+
+    Atoms that read the noise head without having moved (masked fixed atoms, ``mask_atoms='all'``) have
+    neither a force nor a noise term, as in the official OC20 trainer.
+    """
     device = batch.pos.device
     if corruption is None:
-        noise_mask = torch.zeros(batch.num_atoms, dtype=torch.bool, device=device)
+        noise_mask = head_mask = torch.zeros(batch.num_atoms, dtype=torch.bool, device=device)
         selected = torch.zeros(batch.num_graphs, dtype=torch.bool, device=device)
     else:
-        noise_mask, selected = corruption.noise_mask, corruption.dens_structures
+        noise_mask, head_mask = corruption.noise_mask, corruption.head_mask
+        selected = corruption.dens_structures
     counted = ~batch.fixed if losses.train_on_free_atoms else torch.ones_like(batch.fixed)
     energy_rows = torch.ones_like(selected) if dens.energy_on_corrupted else ~selected
-    return energy_rows, counted & ~noise_mask, noise_mask, counted
+    return energy_rows, counted & ~head_mask, counted & noise_mask, counted
 
 
 def step_counts(
