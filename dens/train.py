@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .data import ConcatDataset, SetFields, compute_statistics, md17_splits, open_dataset
 from .data.demo import demo_path
 from .losses import DeNSSettings
+from .losses.stress import fit_stress_statistics
 from .trainer import OptimSettings, Trainer, TrainerSettings
 
 logger = logging.getLogger("dens.train")
@@ -100,6 +101,14 @@ def build(cfg: DictConfig) -> Trainer:
     if not getattr(backbone, "direct_forces", True):
         # gradient forces: the force labels are scaled by the energy std (as the official MD17 code)
         normalizer["force_std"] = normalizer["energy_std"]
+    materials = cfg.get("materials") or {}
+    explicit = cfg.data.normalizer if isinstance(cfg.data.normalizer, DictConfig) else {}
+    normalizer.update({k: float(v) for k, v in explicit.items() if str(k).startswith("stress_")})
+    if float(materials.get("stress_coefficient", 0.0)) > 0 and "stress_isotropic_std" not in normalizer:
+        # fairchem fits its stress normalisers on a sample of the training set; here: the first N structures
+        normalizer.update(
+            fit_stress_statistics(train_set, int(materials.get("normalizer_structures", 10000)))
+        )
     model = instantiate(cfg.model, backbone=backbone, **normalizer)
     settings = TrainerSettings(**OmegaConf.to_container(cfg.trainer, resolve=True))
     optim = OptimSettings(**OmegaConf.to_container(cfg.optim, resolve=True))

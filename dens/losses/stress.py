@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,8 +28,11 @@ __all__ = [
     "StressLossSettings",
     "energy_per_atom_errors",
     "fit_stress_normalizer",
+    "fit_stress_statistics",
+    "materials_settings",
     "stress_errors",
     "stress_loss",
+    "stress_term",
 ]
 
 
@@ -118,3 +122,78 @@ def fit_stress_normalizer(stress: Tensor) -> dict[str, float]:
         "anisotropic_mean": aniso_mean,
         "anisotropic_std": float(((aniso - aniso_mean) ** 2).mean().sqrt()),
     }
+
+
+_MATERIALS_KEYS = {"stress_coefficient", "stress_on_corrupted", "energy_per_atom", "normalizer_structures"}
+
+
+def materials_settings(model: Any, materials: Mapping[str, Any] | None) -> StressLossSettings | None:
+    """The stress term of a training run from its ``materials`` config section (None: no stress term).
+
+    ``materials``: ``stress_coefficient`` (0: off), ``stress_on_corrupted`` ('skip' | 'clean_target'),
+    ``energy_per_atom`` and ``normalizer_structures`` (read by the trainer and ``dens.train``). The
+    normalisers are the model's (``ForceField.stress_normalizer``).
+
+    Raises
+    ------
+    ValueError
+        For unknown keys, a model without a stress head, or ``clean_target`` with a head that zeroes its
+        output on DeNS structures (``stress_use_denoising=False``).
+    """
+    materials = dict(materials or {})
+    unknown = set(materials) - _MATERIALS_KEYS
+    if unknown:
+        raise ValueError(f"materials: unknown keys {sorted(unknown)}; known: {sorted(_MATERIALS_KEYS)}")
+    coefficient = float(materials.get("stress_coefficient", 0.0))
+    if coefficient == 0.0:
+        return None
+    head = getattr(getattr(model, "backbone", None), "stress_head", None)
+    if head is None:
+        raise ValueError(
+            "materials.stress_coefficient > 0 needs a model with a stress head (backbone.stress_head)"
+        )
+    on_corrupted = materials.get("stress_on_corrupted", "skip")
+    if on_corrupted == "clean_target" and not head.use_denoising:
+        raise ValueError(
+            "stress_on_corrupted='clean_target' with a stress head that zeroes DeNS structures "
+            "(stress_use_denoising=False): set one of them the other way"
+        )
+    mean_iso, std_iso, mean_aniso, std_aniso = model.stress_normalizer.tolist()
+    return StressLossSettings(coefficient, mean_iso, std_iso, mean_aniso, std_aniso, on_corrupted)
+
+
+def stress_term(
+    out: Mapping[str, Tensor],
+    stress: Tensor | None,
+    settings: StressLossSettings,
+    corrupted: Tensor | None,
+    denominator: Tensor,
+) -> Tensor:
+    """The (unweighted) stress term of a micro-batch: its structures' errors summed and divided by
+    ``denominator`` (the global batch's number of structures, over the world size, as the other terms
+    of :func:`dens.losses.dens.training_loss`); structures without a label or skipped as corrupted add 0.
+    """
+    if stress is None:
+        raise ValueError(
+            "the stress term is on (materials.stress_coefficient) but the batch has no stress labels"
+        )
+    stress = stress.reshape(-1, 3, 3)
+    keep = torch.isfinite(stress.reshape(-1, 9)).all(dim=1)
+    if corrupted is not None and settings.on_corrupted == "skip":
+        keep = keep & ~corrupted
+    errors = stress_errors(out, torch.where(keep[:, None, None], stress, torch.zeros_like(stress)), settings)
+    return (errors * keep.to(errors.dtype)).sum() / denominator.to(errors.dtype).clamp(min=1e-12)
+
+
+def fit_stress_statistics(dataset: Any, limit: int = 10000) -> dict[str, float]:
+    """:func:`fit_stress_normalizer` over the labelled structures among the first ``limit`` of a dataset,
+    as ``ForceField`` keyword arguments (``stress_isotropic_mean``, ...)."""
+    labels = []
+    for i in range(min(len(dataset), limit)):
+        s = dataset[i]
+        if s is not None and s.get("stress") is not None and bool(torch.isfinite(s["stress"]).all()):
+            labels.append(s["stress"].reshape(3, 3).to(torch.float64))
+    if not labels:
+        raise ValueError(f"no stress labels among the first {min(len(dataset), limit)} training structures")
+    norm = fit_stress_normalizer(torch.stack(labels))
+    return {f"stress_{k}": v for k, v in norm.items()}

@@ -494,7 +494,7 @@ class EquiformerV2(nn.Module):
         edge_frames: Tensor | None = None,
         noise_mask: Tensor | None = None,
         head_edges: tuple[Tensor | None, Tensor | None] | None = None,
-        denoising: bool | None = None,
+        denoising: bool | Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Energy, forces, (DeNS models) noise and (with a stress head) stress of a batch of structures.
 
@@ -527,9 +527,10 @@ class EquiformerV2(nn.Module):
             :func:`~dens.models.heads.split_head_edges`). A head is exact on the targets of its edges and
             zero elsewhere: in DeNS training each atom needs only one of the two, so this halves the
             cost of the heads.
-        denoising : bool, optional
-            Whether this is a DeNS batch (corrupted structures), for ``stress_use_denoising=False``;
-            default: whether a force encoding (``extra_embedding``) is given.
+        denoising : bool or Tensor, optional
+            Whether this is a DeNS batch (or a ``[B]`` bool mask of its DeNS structures), for
+            ``stress_use_denoising=False``; default: whether a force encoding (``extra_embedding``) is
+            given.
 
         Returns
         -------

@@ -106,6 +106,18 @@ def stress_from_voigt(voigt: Tensor) -> Tensor:
     return torch.stack(rows, dim=-2)
 
 
+def _zero_on_denoising(
+    out: dict[str, Tensor], denoising: bool | Tensor, use_denoising: bool
+) -> dict[str, Tensor]:
+    """fairchem's ``use_denoising=False``: outputs times 0 on DeNS structures (a bool, or a ``[B]`` mask)."""
+    if use_denoising:
+        return out
+    if isinstance(denoising, Tensor):
+        keep = (~denoising.to(torch.bool)).to(out["stress_isotropic"].dtype)[:, None]
+        return {k: v * keep for k, v in out.items()}
+    return {k: v * 0.0 for k, v in out.items()} if denoising else out
+
+
 def _mlp(channels: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, out))
 
@@ -144,7 +156,8 @@ class FairchemRank2Head(nn.Module):
         The backbone's maximum degree and sphere channels.
     use_denoising : bool
         fairchem's ``DeNSRank2Head`` flag: if False the outputs are multiplied by 0 on DeNS batches
-        (``eqV2_31M_dens_mptrj.yml``), so the stress is not trained on corrupted structures.
+        (``eqV2_31M_dens_mptrj.yml``), so the stress is not trained on corrupted structures. The forward's
+        ``denoising`` is a bool (the batch) or a ``[B]`` bool mask (DeNS structures of the batch).
 
     Notes
     -----
@@ -166,7 +179,7 @@ class FairchemRank2Head(nn.Module):
         edge_index: Tensor,
         batch: Tensor,
         num_graphs: int,
-        denoising: bool = False,
+        denoising: bool | Tensor = False,
     ) -> dict[str, Tensor]:
         src, dst = edge_index
         sh = spherical_harmonics(self.lmax, edge_vec, normalize=False, normalization="integral")
@@ -175,9 +188,8 @@ class FairchemRank2Head(nn.Module):
         x_edge = self.xedge_layer_norm(x_edge)
         iso, aniso = self.block(x_edge, edge_vec, dst, x.shape[0])
         iso, aniso = scatter_mean(iso, batch, num_graphs), scatter_mean(aniso, batch, num_graphs)
-        if denoising and not self.use_denoising:
-            iso, aniso = iso * 0.0, aniso * 0.0
-        return {"stress_isotropic": iso, "stress_anisotropic": aniso}
+        out = {"stress_isotropic": iso, "stress_anisotropic": aniso}
+        return _zero_on_denoising(out, denoising, self.use_denoising)
 
 
 class EquivariantRank2Head(nn.Module):
@@ -215,7 +227,7 @@ class EquivariantRank2Head(nn.Module):
         edge_index: Tensor,
         batch: Tensor,
         num_graphs: int,
-        denoising: bool = False,
+        denoising: bool | Tensor = False,
     ) -> dict[str, Tensor]:
         if x.shape[1] < 9:
             raise ValueError("EquivariantRank2Head needs node features with lmax >= 2")
@@ -225,6 +237,5 @@ class EquivariantRank2Head(nn.Module):
             ..., 0
         ]
         iso, aniso = scatter_mean(iso, batch, num_graphs), scatter_mean(aniso, batch, num_graphs)
-        if denoising and not self.use_denoising:
-            iso, aniso = iso * 0.0, aniso * 0.0
-        return {"stress_isotropic": iso, "stress_anisotropic": aniso}
+        out = {"stress_isotropic": iso, "stress_anisotropic": aniso}
+        return _zero_on_denoising(out, denoising, self.use_denoising)
