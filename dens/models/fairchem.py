@@ -20,7 +20,6 @@ What fairchem's modules compute and how they name things is described in
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,6 @@ __all__ = [
     "save_fairchem_checkpoint",
 ]
 
-logger = logging.getLogger(__name__)
 
 # registry and class names of fairchem 1.x (commit aa16078, fairchem-core 1.10): name -> DeNS backbone?
 FAIRCHEM_BACKBONES = {
@@ -325,7 +323,8 @@ def load_fairchem_checkpoint(
     The graph rule (``max_radius``, ``max_neighbors``, ``enforce_max_neighbors_strictly``) comes from
     the backbone config; energy = ``raw * rmsd + mean + sum_atoms ref[Z]``, forces = ``raw * rmsd``,
     stress parts de-normalised with their own normalisers and assembled (fairchem's trainer and
-    ``OCPCalculator``). A missing normaliser leaves that output in normalised units (logged).
+    ``OCPCalculator``). A target without a normaliser is in its own units (the MPtrj recipe normalises no
+    energy: it has element references).
 
     Parameters
     ----------
@@ -359,10 +358,7 @@ def load_fairchem_checkpoint(
         "stress_anisotropic": ("stress_anisotropic_mean", "stress_anisotropic_std"),
     }.items():
         norm = _normalizer(ckpt, target)
-        if norm is None:
-            if target.startswith("stress") and backbone.stress_head is None:
-                continue
-            logger.warning("%s: no %s normaliser; that output stays in normalised units", where, target)
+        if norm is None:  # fairchem trains a target without a normaliser in its own units (MPtrj: energy)
             continue
         if mean_key is None and norm[0] != 0.0:
             raise ValueError(f"{where}: a force normaliser with a non-zero mean ({norm[0]}) is not supported")
