@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .data import ConcatDataset, SetFields, compute_statistics, md17_splits, open_dataset
 from .data.demo import demo_path
 from .losses import DeNSSettings
-from .losses.stress import fit_stress_statistics
+from .losses.stress import fit_element_references, fit_stress_statistics
 from .trainer import OptimSettings, Trainer, TrainerSettings
 
 logger = logging.getLogger("dens.train")
@@ -95,13 +95,18 @@ def datasets(cfg: DictConfig) -> tuple[Any, Any]:
 def build(cfg: DictConfig) -> Trainer:
     """Datasets, model and trainer of a composed configuration."""
     train_set, val_set = datasets(cfg)
+    materials = cfg.get("materials") or {}
+    references = None
+    if materials.get("element_references") == "fit":
+        references = fit_element_references(train_set, int(materials.get("normalizer_structures", 10000)))
     normalizer = _normalizer(cfg, train_set)
+    if references is not None:
+        normalizer["element_references"] = references
     torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank and every run
     backbone = instantiate(cfg.model.backbone)
     if not getattr(backbone, "direct_forces", True):
         # gradient forces: the force labels are scaled by the energy std (as the official MD17 code)
         normalizer["force_std"] = normalizer["energy_std"]
-    materials = cfg.get("materials") or {}
     explicit = cfg.data.normalizer if isinstance(cfg.data.normalizer, DictConfig) else {}
     normalizer.update({k: float(v) for k, v in explicit.items() if str(k).startswith("stress_")})
     if float(materials.get("stress_coefficient", 0.0)) > 0 and "stress_isotropic_std" not in normalizer:

@@ -141,6 +141,7 @@ def test_dens_train_with_stress_on_an_extxyz(tmp_path, one_thread):
         "trainer.device=cpu", "trainer.progress_bar=false", "trainer.tensorboard=false",
         "+model.backbone.stress_head=equivariant", "+model.backbone.stress_use_denoising=false",
         "+materials.stress_coefficient=1.0", "+materials.energy_per_atom=true", "optim.batch_size=2",
+        "+materials.element_references=fit",
     ]  # fmt: skip
     with initialize_config_module("dens.conf", version_base=None):
         cfg = compose("train", overrides=overrides)
@@ -151,3 +152,10 @@ def test_dens_train_with_stress_on_an_extxyz(tmp_path, one_thread):
     assert any("train/stress" in r for r in trainer.history)
     model = ForceField.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert model.stress_normalizer[1].item() == pytest.approx(norm["stress_isotropic_std"])
+    # element references fitted on the training set (Cu only: E / 4 per atom on average), added back by
+    # predict; the training energies are referenced from then on
+    refs = norm["element_references"]
+    energies = [a.get_potential_energy() for a in ase.io.read(path, ":")]
+    assert refs[29] == pytest.approx(np.mean(energies) / 4)
+    assert model.element_references[29].item() == pytest.approx(refs[29])
+    assert abs(norm["energy_mean"]) < 1e-9  # the normaliser saw the referenced energies (mean 0 here)

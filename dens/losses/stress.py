@@ -27,6 +27,7 @@ from .s2ef import loss_dtype
 __all__ = [
     "StressLossSettings",
     "energy_per_atom_errors",
+    "fit_element_references",
     "fit_stress_normalizer",
     "fit_stress_statistics",
     "materials_settings",
@@ -124,15 +125,22 @@ def fit_stress_normalizer(stress: Tensor) -> dict[str, float]:
     }
 
 
-_MATERIALS_KEYS = {"stress_coefficient", "stress_on_corrupted", "energy_per_atom", "normalizer_structures"}
+_MATERIALS_KEYS = {
+    "stress_coefficient",
+    "stress_on_corrupted",
+    "energy_per_atom",
+    "element_references",
+    "normalizer_structures",
+}
 
 
 def materials_settings(model: Any, materials: Mapping[str, Any] | None) -> StressLossSettings | None:
     """The stress term of a training run from its ``materials`` config section (None: no stress term).
 
     ``materials``: ``stress_coefficient`` (0: off), ``stress_on_corrupted`` ('skip' | 'clean_target'),
-    ``energy_per_atom`` and ``normalizer_structures`` (read by the trainer and ``dens.train``). The
-    normalisers are the model's (``ForceField.stress_normalizer``).
+    ``energy_per_atom``, ``element_references`` ('fit': :func:`fit_element_references` in ``dens.train``)
+    and ``normalizer_structures`` (read by the trainer and ``dens.train``). The normalisers are the
+    model's (``ForceField.stress_normalizer``).
 
     Raises
     ------
@@ -197,3 +205,35 @@ def fit_stress_statistics(dataset: Any, limit: int = 10000) -> dict[str, float]:
         raise ValueError(f"no stress labels among the first {min(len(dataset), limit)} training structures")
     norm = fit_stress_normalizer(torch.stack(labels))
     return {f"stress_{k}": v for k, v in norm.items()}
+
+
+def fit_element_references(train_set: Any, limit: int = 10000) -> list[float]:
+    """Fit per-element reference energies by linear regression on the first ``limit`` training structures
+    (fairchem's ``element_references: fit``), and subtract them from the training set's energies from now
+    on (a :class:`~dens.data.normalize.LinearReference` transform appended to ``train_set.transforms``).
+
+    The model predicts the referenced energy; ``ForceField(element_references=...)`` adds the references
+    back in ``predict`` (validation, calculator), so validation sets keep their total energies.
+
+    Returns
+    -------
+    list of float
+        The references indexed by atomic number (0..118).
+
+    Raises
+    ------
+    ValueError
+        When the training set takes no transforms (e.g. a split of one file) or has no energies.
+    """
+    from ..data.normalize import LinearReference, fit_linear_reference
+
+    if not isinstance(getattr(train_set, "transforms", None), list):
+        raise ValueError(
+            f"materials.element_references=fit needs a training set with transforms, not {type(train_set).__name__}"
+        )
+    structures = (train_set[i] for i in range(min(len(train_set), limit)))
+    coeff = fit_linear_reference(structures, max_z=118)
+    if not coeff.any():
+        raise ValueError("materials.element_references=fit: the training structures have no energies")
+    train_set.transforms.append(LinearReference(coeff))
+    return [float(c) for c in coeff]
