@@ -369,7 +369,7 @@ def load_fairchem_checkpoint(
     model = ForceField(
         backbone,
         cutoff=float(bcfg.get("max_radius", 5.0)),
-        max_neighbors=bcfg.get("max_neighbors", 20),
+        max_neighbors=bcfg.get("max_neighbors", 500),  # fairchem EquiformerV2Backbone defaults: 500, 5 Å
         strict_max_neighbors=bool(bcfg.get("enforce_max_neighbors_strictly", True)),
         element_references=refs,
         **kwargs,
