@@ -37,7 +37,8 @@ from ase.data import chemical_symbols
 from torch import nn
 
 from . import runtime
-from .data.batch import collate, make_structure
+from .checkpoint import element_names, unseen_elements
+from .data.batch import DEFAULT_MIN_DISTANCE, collate, make_structure, min_pair_distance
 from .data.graph import radius_graph_pbc
 from .evaluate import load_model, model_device, model_dtype
 
@@ -89,6 +90,13 @@ class DeNSCalculator(Calculator):
         On the CPU, call :func:`dens.runtime.retain_freed_memory`: every MD or relaxation step allocates
         the same large per-edge tensors, which glibc would otherwise unmap and page-fault back each time.
         Off by default, since it changes the allocator of the whole process.
+    unseen_elements : {"warn", "error", "ignore"}
+        What to do with elements that never occurred in the training data (recorded in dens checkpoints
+        since they store ``training_elements``): log a warning once per element, raise ``ValueError``,
+        or nothing.
+    min_distance : float
+        Two atoms closer than this (Å; periodic images included) raise ``ValueError``: a duplicated atom
+        gets no graph edge and would be predicted silently. Checked for up to 5,000 atoms; 0 disables it.
     **kwargs
         Passed to :class:`ase.calculators.calculator.Calculator`.
 
@@ -106,9 +114,16 @@ class DeNSCalculator(Calculator):
         min_cell_height: float = 0.5,
         warn_isolated: bool = True,
         retain_freed_memory: bool = False,
+        unseen_elements: str = "warn",
+        min_distance: float = DEFAULT_MIN_DISTANCE,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if unseen_elements not in ("warn", "error", "ignore"):
+            raise ValueError(f"unseen_elements must be 'warn', 'error' or 'ignore', got {unseen_elements!r}")
+        self.unseen_elements = unseen_elements
+        self.min_distance = min_distance
+        self._warned_elements: set[int] = set()
         self.device = torch.device(device) if device is not None else model_device(model)
         if retain_freed_memory and self.device.type == "cpu":
             runtime.retain_freed_memory()
@@ -172,8 +187,30 @@ class DeNSCalculator(Calculator):
                     f"DeNSCalculator: element(s) {names} outside the model's embedding range: it embeds "
                     f"atomic numbers 1..{limit - 1} (max_num_elements={limit})"
                 )
+        unseen = unseen_elements(self.model, numbers) if self.unseen_elements != "ignore" else []
+        if unseen:
+            message = (
+                f"DeNSCalculator: element(s) {element_names(unseen)} never occurred in the model's training "
+                f"data; its predictions for them are extrapolations"
+            )
+            if self.unseen_elements == "error":
+                raise ValueError(message + " (unseen_elements='error')")
+            if not set(unseen) <= self._warned_elements:
+                logger.warning("%s", message)
+                self._warned_elements.update(unseen)
         if not np.isfinite(atoms.positions).all():
             raise ValueError("DeNSCalculator: positions contain NaN or infinite values")
+        if self.min_distance > 0 and 1 < len(atoms) <= 5000:
+            d, i, j = min_pair_distance(
+                torch.as_tensor(atoms.positions),
+                torch.as_tensor(atoms.cell.array),
+                torch.as_tensor(atoms.pbc),
+            )
+            if d < self.min_distance:
+                raise ValueError(
+                    f"DeNSCalculator: atoms {i} and {j} are {d:.4f} Å apart (closer than min_distance="
+                    f"{self.min_distance} Å; duplicated atoms?)"
+                )
         pbc = np.asarray(atoms.pbc, dtype=bool)
         if pbc.any():
             cell = np.asarray(atoms.cell.array, dtype=np.float64)

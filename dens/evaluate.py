@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import element_names, unseen_elements
 from .data.batch import Batch, collate
 
 __all__ = [
@@ -376,19 +377,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
     --------
     >>> model = load_model("runs/demo/checkpoints/best.pt")  # doctest: +SKIP
     """
+    from .checkpoint import load_checkpoint
     from .models.potential import ForceField
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)
     config = (state.get("config") or {}) if isinstance(state, Mapping) else {}
     from .models.fairchem import is_fairchem_checkpoint, load_fairchem_checkpoint
 
     if is_fairchem_checkpoint(state):
         return load_fairchem_checkpoint(state, use_ema=use_ema).to(device).eval()
     if "resolved_normalizer" in config:
-        return ForceField.from_checkpoint(path, device=device, use_ema=use_ema)
+        return ForceField.from_checkpoint(path, device=device, use_ema=use_ema, state=state)
     if not isinstance(config.get("model"), Mapping) or "name" not in config["model"]:
         raise ValueError(f"{path} is neither a dens training checkpoint nor an official OCP/DeNS checkpoint")
     from .models.convert import load_official_checkpoint
@@ -454,6 +454,61 @@ def _progress(iterable: Iterable[Any], total: int | None, desc: str, enabled: bo
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, file=sys.stderr)
 
 
+class UnseenElements:
+    """Counts the structures with elements a model never saw in training; warns or raises (``policy``).
+
+    Elements the model cannot embed at all (``Z >= max_num_elements``) always raise, naming the structures.
+    """
+
+    def __init__(self, model: nn.Module, policy: str = "warn", desc: str = "eval") -> None:
+        from .calculator import element_limit
+
+        if policy not in ("warn", "error", "ignore"):
+            raise ValueError(f"unseen_elements must be 'warn', 'error' or 'ignore', got {policy!r}")
+        self.model, self.policy, self.desc = model, policy, desc
+        self.limit = element_limit(model) if isinstance(model, nn.Module) else None
+        self.elements: set[int] = set()
+        self.structures = 0
+
+    def update(self, batch: Batch) -> None:
+        if self.limit is not None and int(batch.atomic_numbers.max()) >= self.limit:
+            big = int(batch.atomic_numbers.max())
+            raise ValueError(
+                f"{self.desc}: {element_names([big])} is beyond the model's embedding (max_num_elements="
+                f"{self.limit}; structures (sid, fid): {list(zip(_ids(batch.sid), _ids(batch.fid), strict=False))})"
+            )
+        if self.policy == "ignore" or not getattr(self.model, "training_elements", None):
+            return
+        new = unseen_elements(self.model, torch.unique(batch.atomic_numbers).tolist())
+        if not new:
+            return
+        per_structure = [
+            unseen_elements(self.model, z.tolist()) for z in batch.atomic_numbers.split(batch.natoms.tolist())
+        ]
+        self.structures += sum(bool(u) for u in per_structure)
+        self.elements.update(new)
+        if self.policy == "error":
+            raise ValueError(
+                f"{self.desc}: element(s) {element_names(sorted(new))} never occurred in the model's training data "
+                f"(structures (sid, fid): {list(zip(_ids(batch.sid), _ids(batch.fid), strict=False))}); pass "
+                f"unseen_elements='warn' (--unseen-elements warn) to evaluate them anyway"
+            )
+
+    def report(self) -> None:
+        if self.structures:
+            logger.warning(
+                "%s: %d structure(s) hold element(s) %s that never occurred in the model's training data; "
+                "their predictions are extrapolations",
+                self.desc, self.structures, element_names(sorted(self.elements)),
+            )  # fmt: skip
+
+
+def _ids(ids: Any) -> list[Any]:
+    if ids is None:
+        return []
+    return ids.tolist() if isinstance(ids, Tensor) else list(ids)
+
+
 def evaluate(
     model: nn.Module,
     dataset: Any,
@@ -464,6 +519,7 @@ def evaluate(
     progress: bool = False,
     desc: str = "eval",
     num_workers: int = 0,
+    unseen_elements: str = "warn",
 ) -> dict[str, float]:
     """Predict a dataset, return its S2EF metrics (when labelled) and optionally write its prediction file.
 
@@ -483,6 +539,9 @@ def evaluate(
         Precision of that file.
     progress : bool
         Show a tqdm bar.
+    unseen_elements : {"warn", "error", "ignore"}
+        Structures with elements the model never saw in training (``model.training_elements``): one
+        warning with their count, a ``ValueError``, or nothing.
 
     Returns
     -------
@@ -508,7 +567,9 @@ def evaluate(
     energies: list[np.ndarray] = []
     forces: list[np.ndarray] = []
     direct = getattr(model, "direct_forces", True)
+    unseen = UnseenElements(model, unseen_elements, desc)
     for batch in _progress(loader, len(loader), desc, progress):
+        unseen.update(batch)
         start = len(ids)
         batch = prepare_batch(batch, device, dtype)
         with torch.enable_grad() if not direct else contextlib.nullcontext():
@@ -522,6 +583,7 @@ def evaluate(
             for chunk, m in zip(torch.split(f, batch.natoms.tolist()), torch.split(free, batch.natoms.tolist()),
                                 strict=True):  # fmt: skip
                 forces.append(chunk[m].numpy())
+    unseen.report()
     if predictions_path is not None:
         write_predictions(predictions_path, ids, np.concatenate(energies) if energies else [], forces,
                           prediction_dtype)  # fmt: skip
@@ -574,6 +636,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prediction-dtype", default="float16", choices=["float16", "float32", "float64"])
     parser.add_argument("--no-predictions", action="store_true", help="do not write prediction files")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--unseen-elements", default="warn", choices=["warn", "error", "ignore"],
+        help="structures with elements absent from the training data: warn (default), refuse, or ignore",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     from .data import Subset, open_dataset
@@ -597,6 +663,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results[name] = evaluate(
             model, dataset, args.batch_size, args.device, pred_path, args.prediction_dtype,
             progress=not args.no_progress, desc=name, num_workers=args.num_workers,
+            unseen_elements=args.unseen_elements,
         )  # fmt: skip
         if pred_path is not None:
             prediction_files[name] = pred_path

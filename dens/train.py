@@ -22,6 +22,7 @@ from .data import ConcatDataset, SetFields, compute_statistics, md17_splits, ope
 from .data.demo import demo_path
 from .losses import DeNSSettings
 from .losses.stress import fit_element_references, fit_stress_statistics
+from .settings import validate_config
 from .trainer import OptimSettings, Trainer, TrainerSettings
 
 logger = logging.getLogger("dens.train")
@@ -65,13 +66,15 @@ def _normalizer(cfg: DictConfig, train_set: Any) -> dict[str, float]:
     paper's force coefficients were chosen. ``auto_unbiased``: the same with the unbiased std (``n - 1``),
     as the official MD17 trainer (main_md17_dens.py l.159-161, torch's ``y.std()``; it computes it in
     float32 from float32 labels, which shifts it by about 6e-6 relative). ``auto_rms``: forces divided by
-    their own RMS instead.
+    their own RMS instead, leaving out structures whose force RMS is over 100 x the median structure's
+    (named in a warning).
     """
     norm = cfg.data.normalizer
     if norm in ("auto", "auto_unbiased", "auto_rms"):
         stats = compute_statistics(train_set, free_atoms_only=cfg.optim.train_on_free_atoms)
         energy_std = stats["energy_std_unbiased" if norm == "auto_unbiased" else "energy_std"]
-        force_std = stats["forces_rms"] if norm == "auto_rms" else energy_std
+        # auto_rms: the RMS without outlier structures (named in a warning), which one bad frame cannot skew
+        force_std = stats["forces_rms_robust"] if norm == "auto_rms" else energy_std
         return {"energy_mean": stats["energy_mean"], "energy_std": energy_std, "force_std": force_std}
     return {k: float(norm[k]) for k in ("energy_mean", "energy_std", "force_std")}
 
@@ -94,6 +97,7 @@ def datasets(cfg: DictConfig) -> tuple[Any, Any]:
 
 def build(cfg: DictConfig) -> Trainer:
     """Datasets, model and trainer of a composed configuration."""
+    validate_config(OmegaConf.to_container(cfg, resolve=True))  # every key checked before any data are read
     train_set, val_set = datasets(cfg)
     materials = cfg.get("materials") or {}
     references = None

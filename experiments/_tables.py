@@ -55,6 +55,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import dens.train  # noqa: F401  (registers the demo_path resolver of the configs)
+from dens.checkpoint import load_checkpoint
 from dens.data import (
     MD17_MOLECULES,
     LinearReference,
@@ -672,7 +673,7 @@ def training_summary(
 
 
 def _load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return load_checkpoint(path, verify=False, mmap=True)  # metadata: no need to read every tensor
 
 
 class TotalEnergy(nn.Module):

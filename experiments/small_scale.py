@@ -382,6 +382,7 @@ def run_one(
     import torch
     from omegaconf import OmegaConf
 
+    from dens.checkpoint import load_checkpoint
     from dens.evaluate import evaluate
     from dens.models import ForceField
     from dens.train import build
@@ -405,7 +406,7 @@ def run_one(
     start = time.perf_counter()
     best = run_dir / "checkpoints" / "best.pt"
     model = ForceField.from_checkpoint(best, device="cpu")
-    best_step = int(torch.load(best, map_location="cpu", weights_only=False)["step"])
+    best_step = int(load_checkpoint(best, verify=False, mmap=True)["step"])
     test = evaluate(model, _test_set(task, cfg, cache, smoke), batch_size=task.eval_batch_size)
     eval_s = time.perf_counter() - start
 

@@ -127,8 +127,8 @@ def open_dataset(
     transforms : list of callables, optional
         Further transforms, applied after the references.
     **options
-        Passed to the reader: ``dtype``, ``on_error``, ``validate``, ``energy_key``, ``energy_unit``,
-        ``length_unit``, ``format``.
+        Passed to the reader: ``dtype``, ``on_error``, ``validate``, ``min_distance``, ``energy_key``,
+        ``energy_unit``, ``length_unit``, ``format``.
 
     Returns
     -------
@@ -156,13 +156,14 @@ def open_dataset(
         chain.append(LinearReference(linear_reference))
     chain.extend(transforms or [])
     kind = _kind(p)
+    common = {"dtype", "on_error", "validate", "min_distance"}
     allowed = {
         "lmdb": {"dtype", "on_error", "validate", "energy_key"},
         "aselmdb": {"dtype", "on_error", "validate", "energy_unit", "length_unit"},
         "md17": {"dtype", "on_error", "validate", "energy_unit"},
         "pickle": {"dtype", "on_error", "validate", "energy_key"},
         "ase": {"dtype", "on_error", "validate", "energy_unit", "length_unit", "format"},
-    }[kind]
+    }[kind] | common
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"open_dataset: options {sorted(unknown)} do not apply to {kind} data at {p}")

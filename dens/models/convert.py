@@ -216,7 +216,9 @@ def load_official_checkpoint(
     """
     ckpt = path_or_checkpoint
     if not isinstance(ckpt, Mapping):
-        ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
+        from ..checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(ckpt, what="official checkpoint")  # errors name the file
     state_dict = _strip_prefix(ckpt.get("state_dict", ckpt))
     if config is None or model_name is None:
         model_cfg = dict(ckpt.get("config", {}).get("model", {}))

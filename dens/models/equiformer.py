@@ -242,7 +242,7 @@ class IrrepsLinear(nn.Module):
                     y = torch.einsum("nui,uw->nwi", piece, w[first : first + piece.shape[1]])
                     blocks[o] = y if blocks[o] is None else blocks[o] + y
         parts = [
-            (b.reshape(n, -1) if b is not None else self.weight.new_zeros(n, mul * dim))
+            (b.reshape(n, mul * dim) if b is not None else self.weight.new_zeros(n, mul * dim))
             for b, (mul, dim) in zip(blocks, self.out_blocks, strict=True)
         ]
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
@@ -385,7 +385,8 @@ class DepthwiseTensorProduct(nn.Module):
                 continue
             mul, dim = self.in_blocks[i]
             stack = getattr(self, f"stack_{i}").to(x.dtype)  # [S, 2l1+1, K]
-            coupling = (sh @ stack.reshape(stack.shape[0], -1)).view(n if sh.shape[0] == n else -1, dim, -1)
+            # explicit sizes: a graph without edges (n = 0) leaves no dimension to infer
+            coupling = (sh @ stack.reshape(stack.shape[0], -1)).view(sh.shape[0], dim, stack.shape[2])
             y = torch.bmm(xs[i].reshape(n, mul, dim), coupling.expand(n, -1, -1))  # [E, mul, K]
             w = ws[i].reshape(ws[i].shape[0], len(paths), mul).transpose(1, 2)  # [E, mul, paths]
             y = y * w.index_select(2, getattr(self, f"column_path_{i}"))
@@ -394,7 +395,7 @@ class DepthwiseTensorProduct(nn.Module):
                 out[self.paths[k][2]] = piece
         if as_blocks:
             return out  # type: ignore[return-value]
-        return torch.cat([y.reshape(n, -1) for y in out], dim=1)  # type: ignore[union-attr]
+        return torch.cat([y.reshape(n, y.shape[1] * y.shape[2]) for y in out], dim=1)  # type: ignore[union-attr]
 
     def extra_repr(self) -> str:
         kind = "internal" if self.weight is not None else "external"

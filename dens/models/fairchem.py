@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checkpoint import load_checkpoint
 from .convert import (
     _EQV2_BUFFER,
     _adopt_official_grids,
@@ -334,7 +335,7 @@ def load_fairchem_checkpoint(
     ckpt = path_or_checkpoint
     where = str(path_or_checkpoint) if isinstance(path_or_checkpoint, (str, Path)) else "checkpoint"
     if not isinstance(ckpt, Mapping):
-        ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt)
     if not is_fairchem_checkpoint(ckpt):
         raise ValueError(f"{where} is not a fairchem 1.x hydra EquiformerV2 checkpoint")
     model_cfg = ckpt["config"]["model"]

@@ -83,6 +83,8 @@ class ForceField(nn.Module):
                 f"a gradient-force model needs force_std == energy_std (got {force_std} and {energy_std})"
             )
         self.backbone = backbone
+        #: atomic numbers seen in training (from the checkpoint; None when unknown)
+        self.training_elements: list[int] | None = None
         self.cutoff, self.max_neighbors, self.strict_max_neighbors = (
             cutoff,
             max_neighbors,
@@ -108,11 +110,17 @@ class ForceField(nn.Module):
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        use_ema: bool = True,
+        state: dict[str, Any] | None = None,
     ) -> ForceField:
         """A trained model from a dens checkpoint (``best.pt``: EMA weights; ``last.pt``: the EMA
         weights when ``use_ema`` and the run used an EMA, else the raw weights), in eval mode.
 
+        The file is read and verified by :func:`dens.checkpoint.load_checkpoint` (``state``: its contents
+        when already read that way). ``model.training_elements`` lists the elements trained on.
         A fairchem 1.x EquiformerV2 checkpoint (``state_dict`` + ``config['model']`` of a hydra model) is
         recognised and imported with its normalisers and element references
         (:func:`dens.models.fairchem.load_fairchem_checkpoint`).
@@ -123,10 +131,15 @@ class ForceField(nn.Module):
         """
         from hydra.utils import instantiate
 
+        from ..checkpoint import CheckpointError, load_checkpoint
+
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path} (a run writes runs/<name>/checkpoints/best.pt)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state is None:
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"no checkpoint at {path} (a run writes runs/<name>/checkpoints/best.pt)"
+                )
+            state = load_checkpoint(path)
         from .fairchem import is_fairchem_checkpoint, load_fairchem_checkpoint
 
         if is_fairchem_checkpoint(state):  # a fairchem 1.x EquiformerV2 (OMat24 / MPtrj) checkpoint
@@ -137,7 +150,14 @@ class ForceField(nn.Module):
         model = instantiate(config["model"], **config["resolved_normalizer"])
         if not isinstance(model, cls):
             raise ValueError(f"{path}: config.model builds a {type(model).__name__}, not a {cls.__name__}")
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"{path}: the weights do not fit the model its config builds ({err})"
+            ) from err
+        # the elements seen in training (None for checkpoints written before dens recorded them)
+        model.training_elements = state.get("training_elements")
         ema = state.get("ema")
         if use_ema and ema:
             with torch.no_grad():
