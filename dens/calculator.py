@@ -113,7 +113,7 @@ class DeNSCalculator(Calculator):
     >>> calc = DeNSCalculator.from_checkpoint("runs/demo/checkpoints/best.pt", device="cuda")  # doctest: +SKIP
     """
 
-    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces"]
+    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(
         self,
@@ -154,6 +154,30 @@ class DeNSCalculator(Calculator):
         >>> calc = DeNSCalculator.from_checkpoint("best.pt", device="cpu")  # doctest: +SKIP
         """
         return cls(load_model(path, device=device, use_ema=use_ema), device=device, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        use_ema: bool = True,
+        **kwargs: Any,
+    ) -> DeNSCalculator:
+        """A calculator for a published fairchem 1.x EquiformerV2 model from its local checkpoint file.
+
+        ``name`` is one of ``dens.models.fairchem.FAIRCHEM_PRETRAINED`` (``eqV2-31M-OMAT24``,
+        ``eqV2-86M-OMAT24-MP-sAlex``, ``EquiformerV2-DeNS-153M-MP``, ``eqV2-S-DeNS-MP`` = Matbench
+        Discovery's "eqV2 S DeNS", ...); the file must hold that model (its sizes are checked). The files
+        are gated on Hugging Face (``fairchem/OMAT24``): download them with your own access.
+
+        Examples
+        --------
+        >>> calc = DeNSCalculator.from_pretrained("eqV2-S-DeNS-MP", path="eqV2_dens_31M_mp.pt")  # doctest: +SKIP
+        """
+        from .models.fairchem import load_pretrained
+
+        return cls(load_pretrained(name, path, use_ema=use_ema).to(device).eval(), device=device, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
     def check_atoms(self, atoms: ase.Atoms) -> None:
@@ -231,7 +255,10 @@ class DeNSCalculator(Calculator):
         properties: list[str] | tuple[str, ...] = ("energy",),
         system_changes: list[str] = all_changes,
     ) -> None:
-        """Energy (eV) and forces (eV/Å) of ``atoms`` (the graph is rebuilt for the current positions)."""
+        """Energy (eV), forces (eV/Å) and, for periodic structures, stress (eV/Å³, ASE's sign and Voigt
+        order) of ``atoms`` (the graph is rebuilt for the current positions). Stress comes from the
+        model's stress head, or for gradient-force models (Equiformer) as the conservative
+        ``(1/V) dE/d strain`` when asked for; a direct-force model without a stress head has none."""
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
         self.check_atoms(atoms)
@@ -272,7 +299,25 @@ class DeNSCalculator(Calculator):
                 stacklevel=2,
             )
             self._warned_direct = True
-        out = self.model.predict(batch)
+        out = self._predict(batch, "stress" in properties)
         energy = float(out["energy"].detach().reshape(-1)[0])
         forces = out["forces"].detach().to(torch.float64).cpu().numpy()
         self.results = {"energy": energy, "free_energy": energy, "forces": forces}
+        if "stress" in properties and not np.asarray(atoms.pbc).all():
+            raise ValueError("DeNSCalculator: stress needs a structure periodic along all three axes")
+        if "stress" in out and np.asarray(atoms.pbc).all():
+            stress = out["stress"].detach().to(torch.float64).cpu().numpy()[0]
+            # ASE's Voigt order xx, yy, zz, yz, xz, xy (eV/Å³, ASE's sign)
+            self.results["stress"] = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+
+    def _predict(self, batch: Any, want_stress: bool) -> dict[str, Any]:
+        """The model's predictions; stress when asked for and the model gives it (a stress head, or
+        gradient forces: the conservative stress), or always when it comes at no cost (a stress head)."""
+        predict = self.model.predict
+        has_head = bool(getattr(self.model, "has_stress_head", False))
+        can_strain = not bool(getattr(self.model, "direct_forces", True)) and hasattr(
+            self.model, "has_stress_head"
+        )
+        if has_head or (want_stress and can_strain):
+            return predict(batch, stress=True)
+        return predict(batch)

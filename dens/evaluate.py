@@ -410,7 +410,8 @@ def merge_submission(
 # Models and batches
 # --------------------------------------------------------------------------------------------------
 def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> nn.Module:
-    """A :class:`~dens.models.ForceField` from a dens checkpoint or an official OCP/DeNS checkpoint.
+    """A :class:`~dens.models.ForceField` from a dens checkpoint, an official OCP/DeNS checkpoint or a
+    fairchem 1.x EquiformerV2 checkpoint (OMat24 / MPtrj models, :mod:`dens.models.fairchem`).
 
     Official checkpoints are imported with :func:`dens.models.convert.load_official_checkpoint`; the graph
     settings come from their ``config['model']`` (``max_radius``, ``max_neighbors``,
@@ -427,6 +428,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
     path = Path(path)
     state = load_checkpoint(path)
     config = (state.get("config") or {}) if isinstance(state, Mapping) else {}
+    from .models.fairchem import is_fairchem_checkpoint, load_fairchem_checkpoint
+
+    if is_fairchem_checkpoint(state):
+        return load_fairchem_checkpoint(state, use_ema=use_ema).to(device).eval()
     if "resolved_normalizer" in config:
         return ForceField.from_checkpoint(path, device=device, use_ema=use_ema, state=state)
     if not isinstance(config.get("model"), Mapping) or "name" not in config["model"]:

@@ -34,9 +34,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .data import ConcatDataset, SetFields, Subset, compute_statistics, md17_splits, open_dataset, save_split
 from .data.demo import demo_path
-from .data.references import DEGENERATE_STD, check_labels, element_references, label_statistics
+from .data.references import DEGENERATE_STD, Referenced, check_labels, element_references, label_statistics
 from .feedback import ValidationTable, learning_curve, next_steps, summary_metrics
 from .losses import DeNSSettings
+from .losses.stress import fit_element_references, fit_stress_statistics
 from .settings import validate_config
 from .trainer import OptimSettings, Trainer, TrainerSettings
 
@@ -135,7 +136,7 @@ def _normalizer(
         # elements absent from the training data get the mean energy per atom of a fit (0 otherwise), so
         # that a structure containing one still gets a total energy of the right size
         default = float(info.get("default", 0.0))
-        table = [default] * (max(max(refs), len(chemical_symbols) - 1) + 1)
+        table = [default] * max(max(refs) + 1, len(chemical_symbols))
         for z, value in refs.items():
             table[z] = value
         result["element_references"] = table
@@ -316,10 +317,31 @@ def build(cfg: DictConfig) -> Trainer:
     optim = OptimSettings(**OmegaConf.to_container(cfg.optim, resolve=True))
     dens = DeNSSettings.from_dict(OmegaConf.to_container(cfg.dens, resolve=True))
     train_set, val_set = datasets(cfg)
+    materials = cfg.get("materials") or {}
     fitted, info = _references(cfg, train_set)
+    materials_refs = None
+    if materials.get("element_references") == "fit":
+        if fitted:
+            raise ValueError("set data.references or materials.element_references=fit, not both")
+        # fairchem's recipe: fitted and subtracted from the training set's energies here
+        materials_refs = fit_element_references(train_set, int(materials.get("normalizer_structures", 10000)))
     normalizer = _normalizer(cfg, train_set, (fitted, info))
+    if materials_refs is not None:
+        normalizer["element_references"] = materials_refs
+    explicit = cfg.data.normalizer if isinstance(cfg.data.normalizer, DictConfig) else {}
+    normalizer.update({k: float(v) for k, v in explicit.items() if str(k).startswith("stress_")})
+    if float(materials.get("stress_coefficient", 0.0)) > 0 and "stress_isotropic_std" not in normalizer:
+        # fairchem fits its stress normalisers on a sample of the training set; here: the first N structures
+        normalizer.update(
+            fit_stress_statistics(train_set, int(materials.get("normalizer_structures", 10000)))
+        )
     _fit_graph_constants(cfg, train_set)
     model, model_config = _initial_model(cfg, normalizer)
+    table = normalizer.get("element_references")
+    if table is not None and materials_refs is None:
+        # the model learns E - Σ E0 (ForceField.predict adds the references back): training labels only,
+        # validation keeps its total energies
+        train_set = Referenced(train_set, table)
     config = OmegaConf.to_container(cfg, resolve=True)
     if model_config is not None:
         config["model"] = model_config  # the architecture of init_from, so that the checkpoint rebuilds it

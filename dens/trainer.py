@@ -37,6 +37,7 @@ from .checkpoint import (
 from .data import BalancedBatchSampler, Batch, collate, get_natoms
 from .data.dataset import require_labels
 from .losses import Corruption, DeNSSettings, LossSettings, corrupt, step_counts, training_loss
+from .losses.stress import materials_settings, stress_term
 from .models.potential import ForceField, compile_backbone
 from .rundir import RunDirLock, archive_run, config_differences, format_differences, truncate_metrics
 from .runtime import retain_freed_memory
@@ -262,6 +263,10 @@ class Trainer:
         self.losses = LossSettings(
             optim.energy_coefficient, optim.force_coefficient, optim.train_on_free_atoms
         )
+        # materials (config section `materials`): energy per atom and a stress term (dens.losses.stress)
+        materials = self.config.get("materials") or {}
+        self.losses.energy_per_atom = bool(materials.get("energy_per_atom", False))
+        self.stress = materials_settings(model, materials)
         self._setup_distributed()
         self.run_dir = Path(settings.run_dir)
         if settings.deterministic:
@@ -598,11 +603,22 @@ class Trainer:
                     # ones: run each head only where it is read (exact, and the noise head costs ~nothing)
                     kwargs["noise_mask"] = None if corruption is None else corruption.head_mask
                     kwargs["split_heads"] = True
+                if getattr(self.model.backbone, "stress_head", None) is not None:
+                    # a stress head with use_denoising off zeroes exactly the DeNS structures
+                    kwargs["denoising"] = False if corruption is None else corruption.dens_structures
                 out = self.ddp_model(batch, **kwargs)
                 loss, parts = training_loss(
                     out, batch, corruption, self.losses, self.dens, float(self.model.energy_mean),
                     float(self.model.energy_std), float(self.model.force_std), progress, counts=counts,
                 )  # fmt: skip
+                if self.stress is not None:
+                    term = stress_term(
+                        out, batch.extra.get("stress"), self.stress,
+                        None if corruption is None else corruption.dens_structures,
+                        counts["structures"] / self.world_size,
+                    )  # fmt: skip
+                    loss = loss + self.stress.coefficient * term
+                    parts["stress"] = term.detach()
             if not self._all_finite(loss):
                 ids = list(zip(_as_list(batch.sid), _as_list(batch.fid), strict=False))
                 return self._skip_or_stop(

@@ -7,6 +7,9 @@ when a frame has no label under the standard names. ``fixed`` comes
 from ``FixAtoms`` constraints, a ``fixed`` array, or the inverse of an extxyz ``move_mask``; ``sid`` and
 ``fid`` from ``atoms.info`` (fairchem ``.aselmdb`` rows keep them in ``data`` / ``key_value_pairs``).
 
+Stress (or virial) labels become a per-structure ``stress`` entry (eV/Å³, ASE's sign): see
+:mod:`dens.data.materials`.
+
 Extended XYZ does not state its units: ``energy_unit`` (default ``"eV"``) and ``length_unit`` (default
 ``"Å"``) say what the file holds; forces are in energy unit per length unit.
 
@@ -45,6 +48,7 @@ from ase.db.row import AtomsRow
 from .batch import make_structure
 from .dataset import CorruptEntryError, InMemoryDataset, StructureDataset, energy_factor, length_factor
 from .lmdb import close_lmdb_envs, find_lmdb_files, open_lmdb_env
+from .materials import stress_entry, stress_of_atoms, stress_tensor
 
 try:  # orjson is what fairchem writes with; json reads the same text
     import orjson as _orjson
@@ -154,6 +158,7 @@ def atoms_to_structure(
         sid=_first(info.get("sid"), sid),
         fid=_first(info.get("fid"), fid),
         dtype=dtype,
+        **stress_entry(stress_of_atoms(atoms, ef, lf, where=f"structure {_first(info.get('sid'), sid)}")),
     )
 
 
@@ -185,6 +190,8 @@ def structure_to_atoms(s: dict[str, Any]) -> ase.Atoms:
         results["energy"] = float(s["energy"])
     if s.get("forces") is not None:
         results["forces"] = s["forces"].detach().double().numpy()
+    if s.get("stress") is not None:
+        results["stress"] = stress_tensor(s["stress"].detach().double().numpy())
     if results:
         atoms.calc = SinglePointCalculator(atoms, **results)
     return atoms

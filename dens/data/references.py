@@ -31,11 +31,15 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from ase.data import atomic_numbers as _SYMBOL_TO_Z
 from ase.data import chemical_symbols
 
+from .dataset import StructureDataset
+
 __all__ = [
     "DEGENERATE_STD",
+    "Referenced",
     "check_labels",
     "element_references",
     "label_statistics",
@@ -261,3 +265,41 @@ def check_labels(
     if len(warnings) > 10:
         logger.warning("... %d implausible labels in %s in all", len(warnings), name)
     return warnings
+
+
+class Referenced(StructureDataset):
+    """``dataset`` with every energy minus ``Σ_atoms table[Z]`` (the training labels of a model whose
+    ``ForceField.element_references`` adds the table back); other datasets sharing the parent are untouched.
+
+    Examples
+    --------
+    >>> from dens.data.batch import make_structure
+    >>> ds = Referenced([make_structure(torch.zeros(2, 3), [1, 8], energy=-16.0)], [0.0, -2.0, 0, 0, 0, 0, 0, 0, -14.0])
+    >>> float(ds[0]["energy"])
+    0.0
+    """
+
+    def __init__(self, dataset: Any, table: Any) -> None:
+        super().__init__(validate=False)
+        self.dataset = dataset
+        self.table = torch.as_tensor(np.asarray(table, dtype=np.float64))
+        self.natoms = getattr(dataset, "natoms", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _get(self, index: int) -> dict[str, Any]:
+        return self.dataset[index]
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.dataset[index]
+        if item is None or item.get("energy") is None:
+            return item
+        z = item["atomic_numbers"].long()
+        if int(z.max()) >= self.table.numel():
+            raise ValueError(f"{self.describe(index)}: no reference energy for Z = {int(z.max())}")
+        return {**item, "energy": item["energy"].double() - self.table[z].sum()}
+
+    def describe(self, index: int) -> str:
+        describe = getattr(self.dataset, "describe", None)
+        return describe(index) if describe is not None else f"structure {index}"

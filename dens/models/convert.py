@@ -80,8 +80,11 @@ _EQV2_REQUIRED = {
 }
 
 
-def equiformer_v2_from_official_config(config: Mapping[str, Any], dens: bool) -> EquiformerV2:
-    """Build :class:`EquiformerV2` from an official constructor-kwargs dict.
+def equiformer_v2_from_official_config(
+    config: Mapping[str, Any], dens: bool, **overrides: Any
+) -> EquiformerV2:
+    """Build :class:`EquiformerV2` from an official constructor-kwargs dict (``overrides``: further
+    :class:`EquiformerV2` arguments, e.g. a stress head).
 
     Raises
     ------
@@ -118,6 +121,7 @@ def equiformer_v2_from_official_config(config: Mapping[str, Any], dens: bool) ->
         avg_num_nodes=config.get("avg_num_nodes", 77.81317),
         avg_degree=config.get("avg_degree", 23.395238876342773),
         use_force_encoding=dens and config.get("use_force_encoding", True),
+        **overrides,
     )
 
 
@@ -303,6 +307,10 @@ def run_fixture(
     in float32 with ``outputs`` to the official float32 error (see the fixtures' README).
     """
     model_name = fixture["model"]
+    if isinstance(model_name, Mapping):  # fairchem hydra fixtures name their backbone and heads
+        from .fairchem import run_fairchem_fixture
+
+        return run_fairchem_fixture(fixture, dtype=dtype)
     if model_name in EQUIFORMER_CLASSES:
         return run_equiformer_fixture(fixture, dtype=dtype)
     model = build_official_model(model_name, fixture["config"])

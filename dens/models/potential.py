@@ -2,8 +2,7 @@
 
 The backbone (EquiformerV2, eSCN, Equiformer) sees atoms, positions and a graph, and works in normalised
 units; this wrapper builds the graph when the batch has none (after DeNS corruption, on the device),
-encodes forces for DeNS, and converts predictions back to eV and eV/Å, adding the per-element
-reference energies (E0s) back so that energies are total energies.
+encodes forces for DeNS, and converts predictions back to eV and eV/Å.
 
 ``dens.load(path)`` (:func:`dens.evaluate.load_model`) gives a ``ForceField`` from any checkpoint, and
 ``model.predict(atoms)`` (one ``ase.Atoms`` or a list) gives energies and forces as NumPy arrays.
@@ -12,6 +11,7 @@ reference energies (E0s) back so that energies are total energies.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..data.graph import radius_graph_pbc
-from .heads import split_head_edges
+from .heads import retain_energy_graph, split_head_edges
+from .stress import assemble_stress
 
 __all__ = ["ForceField", "backbone_cutoff", "compile_backbone"]
 
@@ -43,11 +44,15 @@ class ForceField(nn.Module):
     strict_max_neighbors : bool
         Exactly ``max_neighbors`` (OC20) or keep ties at the boundary (OC22).
     energy_mean, energy_std, force_std : float
-        Label normalisation: the backbone predicts ``(E - Σ E0 - mean) / energy_std`` and ``F / force_std``.
-    element_references : sequence of float or mapping, optional
-        Per-element reference energies E0 (eV), indexed by Z (a list) or ``{Z: E0}``: added to every
-        energy, so that the backbone learns the residual and predictions are total energies. Stored in the
-        checkpoint's config (``resolved_normalizer``), not in the state dict (which stays official-compatible).
+        Label normalisation: the backbone predicts ``(E - mean) / energy_std`` and ``F / force_std``.
+    stress_isotropic_mean, stress_isotropic_std, stress_anisotropic_mean, stress_anisotropic_std : float
+        Normalisation of the two parts of a stress head (:mod:`dens.models.stress`), de-normalised as
+        ``x * std + mean`` before assembly (fairchem's convention; the anisotropic mean is added to all
+        five components).
+    element_references : sequence of float, optional
+        Energy per element indexed by atomic number, added to the de-normalised energy (fairchem's
+        ``LinearReferences``; the E0s of ``data.references`` of a dens run), so that predictions are total
+        energies; None for none. The model is trained on the energies minus these.
 
     Examples
     --------
@@ -72,6 +77,10 @@ class ForceField(nn.Module):
         energy_mean: float = 0.0,
         energy_std: float = 1.0,
         force_std: float = 1.0,
+        stress_isotropic_mean: float = 0.0,
+        stress_isotropic_std: float = 1.0,
+        stress_anisotropic_mean: float = 0.0,
+        stress_anisotropic_std: float = 1.0,
         element_references: Any = None,
     ) -> None:
         super().__init__()
@@ -101,8 +110,20 @@ class ForceField(nn.Module):
         self.register_buffer("energy_mean", torch.tensor(float(energy_mean), dtype=torch.float64))
         self.register_buffer("energy_std", torch.tensor(float(energy_std), dtype=torch.float64))
         self.register_buffer("force_std", torch.tensor(float(force_std), dtype=torch.float64))
-        # not persistent: state dicts keep the official names; checkpoints store the list in their config
-        self.register_buffer("element_references", _reference_table(element_references), persistent=False)
+        # not persistent: they come from the constructor (config), so checkpoints written before load
+        stress_norm = [
+            stress_isotropic_mean,
+            stress_isotropic_std,
+            stress_anisotropic_mean,
+            stress_anisotropic_std,
+        ]
+        self.register_buffer(
+            "stress_normalizer", torch.tensor(stress_norm, dtype=torch.float64), persistent=False
+        )
+        refs = (
+            None if element_references is None else torch.as_tensor(element_references, dtype=torch.float64)
+        )
+        self.register_buffer("element_references", refs, persistent=False)
 
     @classmethod
     def from_checkpoint(
@@ -117,6 +138,9 @@ class ForceField(nn.Module):
 
         The file is read and verified by :func:`dens.checkpoint.load_checkpoint` (``state``: its contents
         when already read that way). ``model.training_elements`` lists the elements trained on.
+        A fairchem 1.x EquiformerV2 checkpoint (``state_dict`` + ``config['model']`` of a hydra model) is
+        recognised and imported with its normalisers and element references
+        (:func:`dens.models.fairchem.load_fairchem_checkpoint`).
 
         Examples
         --------
@@ -133,6 +157,10 @@ class ForceField(nn.Module):
                     f"no checkpoint at {path} (a run writes runs/<name>/checkpoints/best.pt)"
                 )
             state = load_checkpoint(path)
+        from .fairchem import is_fairchem_checkpoint, load_fairchem_checkpoint
+
+        if is_fairchem_checkpoint(state):  # a fairchem 1.x EquiformerV2 (OMat24 / MPtrj) checkpoint
+            return load_fairchem_checkpoint(state, use_ema=use_ema).to(device).eval()
         config = state.get("config") or {}
         if "model" not in config or "resolved_normalizer" not in config:
             raise ValueError(f"{path} is not a dens training checkpoint (no config.model / normaliser)")
@@ -230,6 +258,7 @@ class ForceField(nn.Module):
         encode_mask: Tensor | None = None,
         noise_mask: Tensor | None = None,
         split_heads: bool = False,
+        strain: Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Tensor]:
         """Outputs in normalised units.
@@ -250,11 +279,17 @@ class ForceField(nn.Module):
             only for atoms in it (exact there, zero elsewhere), for backbones that support it
             (``backbone.splits_heads``). The DeNS loss reads nothing else, so the noise head then costs
             almost nothing.
+        strain : Tensor, optional
+            ``[B, 3, 3]`` symmetric strain applied to positions and cell (``x -> (1 + strain) x``), for the
+            conservative stress; the graph is that of the unstrained structure.
         """
         pos = batch.pos if pos is None else pos
         if not self.direct_forces and not pos.requires_grad:
             pos = pos.detach().requires_grad_(True)
         edge_index, shift = self.graph(batch, pos)
+        if strain is not None:
+            pos = pos + torch.einsum("nij,nj->ni", strain[batch.batch], pos)
+            shift = shift + torch.einsum("eij,ej->ei", strain[batch.batch[edge_index[0]]], shift)
         extra = None
         if encoded_forces is not None:
             if not self.uses_dens:
@@ -262,45 +297,68 @@ class ForceField(nn.Module):
             extra = self.backbone.force_encoder(encoded_forces.to(pos.dtype), encode_mask)
         if split_heads and self.uses_dens and getattr(self.backbone, "splits_heads", False):
             kwargs["head_edges"] = split_head_edges(edge_index, noise_mask)
-        out = self.backbone(
+        return self.backbone(
             batch.atomic_numbers, pos, batch.batch, edge_index, shift, batch.num_graphs,
             extra_embedding=extra, noise_mask=noise_mask, **kwargs,
         )  # fmt: skip
-        if self.element_references.numel():
-            # in float64: the references are large (total energies), the learnt residual small
-            ref = self.reference_energy(batch)
-            out = {
-                **out,
-                "energy": out["energy"].to(torch.float64) + (ref / self.energy_std).view_as(out["energy"]),
-            }
-        return out
 
-    def reference_energy(self, batch: Batch) -> Tensor:
-        """``Σ_atoms E0[Z]`` per structure (eV, float64; zeros without references)."""
-        table = self.element_references
-        out = torch.zeros(batch.num_graphs, dtype=torch.float64, device=batch.pos.device)
-        if not table.numel():
-            return out
-        z = batch.atomic_numbers
-        if int(z.max()) >= table.numel():
-            table = torch.cat([table, table.new_zeros(int(z.max()) + 1 - table.numel())])
-        return out.index_add_(0, batch.batch, table[z])
+    @property
+    def has_stress_head(self) -> bool:
+        """Whether the backbone predicts stress directly (a rank-2 head)."""
+        return getattr(self.backbone, "stress_head", None) is not None
 
-    def predict(self, batch: Batch | Any) -> dict[str, Any]:
-        """Energy (eV, total) and forces (eV/Å) of a batch, in the batch's float dtype.
+    def predict(self, batch: Batch | Any, stress: bool | None = None) -> dict[str, Any]:
+        """Energy (eV), forces (eV/Å) and stress (eV/Å³) of a batch, in the batch's float dtype.
 
-        Given an ``ase.Atoms`` or a list of them instead, returns NumPy arrays: ``energy`` (a float for one
-        structure, ``[S]`` for a list) and ``forces`` (``[N, 3]``, or a list of them), in float64.
+        Given an ``ase.Atoms`` or a list of them instead of a batch, returns NumPy arrays (float64):
+        ``energy`` (a float for one structure, ``[S]`` for a list), ``forces`` (``[N, 3]``, or a list of
+        them) and ``stress`` where computed (``[3, 3]`` or ``[S, 3, 3]``).
+
+        Parameters
+        ----------
+        stress : bool, optional
+            Also return ``stress [B, 3, 3]`` (ASE's sign: ``(1/V) dE/d strain``, negative under
+            compression). Default: when the backbone has a stress head. A gradient-force model without one
+            gives the conservative stress from a symmetric strain of positions and cell (one more
+            backward pass); a direct-force model without one raises ``ValueError``.
         """
         if not isinstance(batch, Batch):
-            return self._predict_atoms(batch)
-        with torch.set_grad_enabled(not self.direct_forces):
-            out = self(batch, split_heads=True)  # the force head only: the noise head is not read
+            return self._predict_atoms(batch, stress)
+        want_stress = self.has_stress_head if stress is None else stress
+        conservative = want_stress and not self.has_stress_head
+        if conservative and self.direct_forces:
+            raise ValueError("this model has neither a stress head nor gradient forces: no stress")
+        kwargs: dict[str, Any] = {}
+        if conservative:
+            strain = torch.zeros(batch.num_graphs, 3, 3, dtype=batch.pos.dtype, device=batch.pos.device)
+            kwargs["strain"] = strain.requires_grad_(True)
+        with (
+            torch.set_grad_enabled(not self.direct_forces),
+            retain_energy_graph() if conservative else nullcontext(),
+        ):
+            out = self(batch, split_heads=True, **kwargs)  # the force head only: the noise head is not read
         energy = out["energy"].to(torch.float64) * self.energy_std + self.energy_mean
+        if self.element_references is not None:
+            refs = self.element_references.to(energy.device)[batch.atomic_numbers]
+            energy = energy + torch.zeros_like(energy).index_add_(0, batch.batch, refs)
         forces = out["forces"].detach() * self.force_std.to(out["forces"].dtype)
-        return {"energy": energy.detach(), "forces": forces}
+        result = {"energy": energy.detach(), "forces": forces}
+        if conservative:
+            (de_dstrain,) = torch.autograd.grad(out["energy"].sum(), kwargs["strain"])
+            volume = torch.linalg.det(batch.cell.to(torch.float64)).abs()
+            if bool((volume < 1e-12).any()) or not bool(batch.pbc.all()):
+                raise ValueError("stress needs structures periodic along all three axes, with a cell volume")
+            # symmetrise: dE/d(strain) of a symmetric strain
+            de_dstrain = 0.5 * (de_dstrain + de_dstrain.transpose(1, 2)).to(torch.float64)
+            result["stress"] = (de_dstrain * self.energy_std / volume[:, None, None]).to(forces.dtype)
+        elif want_stress:
+            mean_iso, std_iso, mean_aniso, std_aniso = self.stress_normalizer.tolist()
+            iso = out["stress_isotropic"].detach().to(torch.float64) * std_iso + mean_iso
+            aniso = out["stress_anisotropic"].detach().to(torch.float64) * std_aniso + mean_aniso
+            result["stress"] = assemble_stress(iso, aniso).to(forces.dtype)
+        return result
 
-    def _predict_atoms(self, atoms: Any, batch_size: int = 16) -> dict[str, Any]:
+    def _predict_atoms(self, atoms: Any, stress: bool | None = None, batch_size: int = 16) -> dict[str, Any]:
         import ase
 
         from ..data.ase_io import atoms_to_structure
@@ -317,6 +375,7 @@ class ForceField(nn.Module):
         self.eval()
         energies: list[float] = []
         forces: list[Any] = []
+        stresses: list[Any] = []
         try:
             for start in range(0, len(frames), batch_size):
                 chunk = frames[start : start + batch_size]
@@ -326,15 +385,19 @@ class ForceField(nn.Module):
                     s["energy"] = s["forces"] = None  # labels are not inputs
                     items.append(s)
                 batch = collate(items).to(device)
-                out = self.predict(batch)
+                out = self.predict(batch, stress)
                 energies += out["energy"].detach().cpu().tolist()
                 per_atom = out["forces"].detach().to(torch.float64).cpu()
                 forces += [f.numpy() for f in torch.split(per_atom, batch.natoms.tolist())]
+                if "stress" in out:
+                    stresses += list(out["stress"].detach().to(torch.float64).cpu().numpy())
         finally:
             self.train(was_training)
-        if single:
-            return {"energy": energies[0], "forces": forces[0]}
-        return {"energy": np.asarray(energies), "forces": forces}
+        result: dict[str, Any] = {"energy": energies[0], "forces": forces[0]} if single else {
+            "energy": np.asarray(energies), "forces": forces}  # fmt: skip
+        if stresses:
+            result["stress"] = stresses[0] if single else np.stack(stresses)
+        return result
 
 
 def backbone_cutoff(backbone: nn.Module) -> float | None:
@@ -344,19 +407,6 @@ def backbone_cutoff(backbone: nn.Module) -> float | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return None
-
-
-def _reference_table(refs: Any) -> Tensor:
-    """``[max Z + 1]`` float64 table of E0s from a list (indexed by Z), a ``{Z: E0}`` mapping or None."""
-    if refs is None:
-        return torch.zeros(0, dtype=torch.float64)
-    if isinstance(refs, Mapping):
-        pairs = {int(k): float(v) for k, v in refs.items()}
-        table = torch.zeros(max(pairs, default=-1) + 1, dtype=torch.float64)
-        for z, v in pairs.items():
-            table[z] = v
-        return table
-    return torch.tensor([float(v) for v in refs], dtype=torch.float64)
 
 
 def _plain(values: Mapping[str, Any]) -> dict[str, Any]:

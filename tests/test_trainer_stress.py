@@ -1,0 +1,161 @@
+"""Training with stress: the trainer's `materials` section (stress term, energy per atom), DeNS structures
+(skipped or trained on the clean label), the stress normalisers, and `python -m dens.train` on an extxyz."""
+
+from __future__ import annotations
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from hydra import compose, initialize_config_module
+
+from dens.data import collate
+from dens.data.ase_io import atoms_to_structure
+from dens.data.dataset import InMemoryDataset
+from dens.losses import DeNSSettings, LossSettings, training_loss
+from dens.losses.stress import fit_stress_statistics, materials_settings, stress_errors, stress_term
+from dens.models import EquiformerV2, ForceField
+from dens.trainer import OptimSettings, Trainer, TrainerSettings
+
+
+def emt_atoms(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.set_cell(atoms.cell.array * (1 + rng.uniform(-0.03, 0.03, 3))[:, None], scale_atoms=True)
+        atoms.rattle(0.03, seed=int(rng.integers(1000)))
+        atoms.calc = EMT()
+        atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+        frames.append(atoms)
+    return frames
+
+
+def tiny(use_denoising=False, dens=True):
+    torch.manual_seed(0)
+    backbone = EquiformerV2(num_layers=1, lmax=2, mmax=2, sphere_channels=8, attn_hidden_channels=8, num_heads=2,
+                            attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
+                            grid_resolution=8, num_distance_basis=16, cutoff=4.0, alpha_drop=0.0, drop_path_rate=0.0,
+                            avg_num_nodes=4.0, avg_degree=16.0, use_force_encoding=dens, stress_head="equivariant",
+                            stress_use_denoising=use_denoising)  # fmt: skip
+    return backbone
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return InMemoryDataset([atoms_to_structure(a) for a in emt_atoms()], source="emt")
+
+
+def force_field(dataset, **kwargs):
+    energies = np.array([float(dataset[i]["energy"]) for i in range(len(dataset))])
+    return ForceField(tiny(**kwargs), cutoff=4.0, max_neighbors=16, energy_mean=float(energies.mean()),
+                      energy_std=float(energies.std()), force_std=0.3, **fit_stress_statistics(dataset))  # fmt: skip
+
+
+def make_trainer(tmp_path, model, dataset, materials, steps=30, dens=True, lr=5e-3):
+    settings = TrainerSettings(run_dir=str(tmp_path), device="cpu", max_steps=steps, eval_every=1000,
+                               checkpoint_every=1000, log_every=1, progress_bar=False, tensorboard=False,
+                               deterministic=True, seed=0)  # fmt: skip
+    optim = OptimSettings(
+        batch_size=4,
+        lr=lr,
+        max_epochs=1000,
+        warmup_epochs=0.0,
+        ema_decay=None,
+        energy_coefficient=1.0,
+        force_coefficient=1.0,
+    )
+    return Trainer(model, dataset, None, optim, DeNSSettings(enabled=dens, prob=0.5), settings,
+                   config={"materials": materials})  # fmt: skip
+
+
+def test_trainer_trains_the_stress_term(tmp_path, dataset, one_thread):
+    """Overfitting one batch of four cells (one batch, repeated): the stress term falls."""
+    four = InMemoryDataset([dataset[i] for i in range(4)])
+    model = force_field(four)
+    trainer = make_trainer(tmp_path, model, four, {"stress_coefficient": 5.0, "energy_per_atom": True},
+                           steps=40, dens=False, lr=1e-2)  # fmt: skip
+    assert trainer.losses.energy_per_atom and trainer.stress.on_corrupted == "skip"
+    trainer.fit()
+    stress = [r["train/stress"] for r in trainer.history if "train/stress" in r]
+    assert len(stress) == 40
+    assert np.mean(stress[-5:]) < 0.5 * np.mean(stress[:5]), (stress[:5], stress[-5:])
+
+
+def test_dens_structures_zeroed_and_skipped(dataset, one_thread):
+    """use_denoising=False zeroes exactly the DeNS structures of a batch; 'skip' leaves them out of the term,
+    'clean_target' regresses them to the clean label (refused with a zeroing head)."""
+    model = force_field(dataset)
+    batch = collate([dataset[i] for i in range(4)])
+    corrupted = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        out = model(batch, denoising=corrupted)
+    assert (out["stress_isotropic"][corrupted] == 0).all() and (
+        out["stress_isotropic"][~corrupted] != 0
+    ).all()
+    settings = materials_settings(model, {"stress_coefficient": 1.0})
+    term = stress_term(out, batch.extra["stress"], settings, corrupted, torch.tensor(4.0))
+    errors = stress_errors(out, batch.extra["stress"].reshape(-1, 3, 3), settings)
+    assert torch.isclose(term, errors[~corrupted].sum() / 4)
+    with pytest.raises(ValueError, match="clean_target"):
+        materials_settings(model, {"stress_coefficient": 1.0, "stress_on_corrupted": "clean_target"})
+    trained = force_field(dataset, use_denoising=True)
+    settings = materials_settings(trained, {"stress_coefficient": 1.0, "stress_on_corrupted": "clean_target"})
+    with torch.no_grad():
+        out = trained(batch, denoising=corrupted)
+    term = stress_term(out, batch.extra["stress"], settings, corrupted, torch.tensor(4.0))
+    assert torch.isclose(
+        term, stress_errors(out, batch.extra["stress"].reshape(-1, 3, 3), settings).sum() / 4
+    )
+
+
+def test_materials_settings_errors(dataset):
+    with pytest.raises(ValueError, match="unknown keys"):
+        materials_settings(force_field(dataset), {"stress_coef": 1.0})
+    plain = ForceField(EquiformerV2(num_layers=1, lmax=1, mmax=1, sphere_channels=4, attn_hidden_channels=4,
+                                    num_heads=1, attn_alpha_channels=2, attn_value_channels=2, ffn_hidden_channels=4,
+                                    edge_channels=4, grid_resolution=4), cutoff=4.0)  # fmt: skip
+    with pytest.raises(ValueError, match="stress head"):
+        materials_settings(plain, {"stress_coefficient": 1.0})
+    assert materials_settings(plain, {"energy_per_atom": True}) is None
+
+
+def test_energy_per_atom_term(dataset):
+    batch = collate([dataset[0], dataset[1]])
+    out = {"energy": torch.zeros(2), "forces": torch.zeros(batch.num_atoms, 3)}
+    dens = DeNSSettings(enabled=False)
+    _, total = training_loss(out, batch, None, LossSettings(), dens, 0.0, 1.0, 1.0)
+    _, per_atom = training_loss(out, batch, None, LossSettings(energy_per_atom=True), dens, 0.0, 1.0, 1.0)
+    assert torch.isclose(per_atom["energy"], total["energy"] / 4, rtol=1e-6)
+
+
+def test_dens_train_with_stress_on_an_extxyz(tmp_path, one_thread):
+    from dens.train import build
+
+    path = tmp_path / "cu.extxyz"
+    ase.io.write(path, emt_atoms(6))
+    overrides = [
+        f"data.train.path={path}", "~data.val", f"trainer.run_dir={tmp_path / 'run'}", "trainer.max_steps=2",
+        "trainer.device=cpu", "trainer.progress_bar=false", "trainer.tensorboard=false",
+        "+model.backbone.stress_head=equivariant", "+model.backbone.stress_use_denoising=false",
+        "+materials.stress_coefficient=1.0", "+materials.energy_per_atom=true", "optim.batch_size=2",
+        "+materials.element_references=fit",
+    ]  # fmt: skip
+    with initialize_config_module("dens.conf", version_base=None):
+        cfg = compose("train", overrides=overrides)
+    trainer = build(cfg)
+    norm = trainer.config["resolved_normalizer"]
+    assert norm["stress_isotropic_std"] > 0 and trainer.stress is not None
+    trainer.fit()
+    assert any("train/stress" in r for r in trainer.history)
+    model = ForceField.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert model.stress_normalizer[1].item() == pytest.approx(norm["stress_isotropic_std"])
+    # element references fitted on the training set (Cu only: E / 4 per atom on average), added back by
+    # predict; the training energies are referenced from then on
+    refs = norm["element_references"]
+    energies = [a.get_potential_energy() for a in ase.io.read(path, ":")]
+    assert refs[29] == pytest.approx(np.mean(energies) / 4)
+    assert model.element_references[29].item() == pytest.approx(refs[29])
+    assert abs(norm["energy_mean"]) < 1e-9  # the normaliser saw the referenced energies (mean 0 here)
