@@ -15,6 +15,26 @@ SHARED_DIR = REPO_ROOT.parent / "shared"
 _SKIP_REASON = "is absent: "
 
 
+class SharedPath(type(Path())):
+    """A path under the shared folders that resolves every join file by file: the repository's copy when it
+    has the file, else ``../shared``; a file in neither (``../shared`` absent) skips the test that asked."""
+
+    def __truediv__(self, key: str | Path) -> Path:
+        joined = Path(str(self)) / key
+        for base in (REPO_SHARED, SHARED_DIR):
+            try:
+                relative = joined.relative_to(base)
+            except ValueError:
+                continue
+            local, external = REPO_SHARED / relative, SHARED_DIR / relative
+            if local.exists():
+                return SharedPath(local)
+            if not SHARED_DIR.is_dir():
+                pytest.skip(f"{external} {_SKIP_REASON}the repository holds no copy of it")
+            return SharedPath(external)
+        return joined
+
+
 def shared_path(relative: str) -> Path:
     """``tests/shared/<relative>`` when the repository holds it, else ``../shared/<relative>`` (which may not
     exist: check before use)."""
@@ -28,7 +48,7 @@ def shared_dir() -> Path:
     ``../shared`` second; tests are skipped, with the reason, when neither exists."""
     for folder in (REPO_SHARED, SHARED_DIR):
         if folder.is_dir():
-            return folder
+            return SharedPath(folder)
     pytest.skip(f"{SHARED_DIR} {_SKIP_REASON}the real-data samples and fixtures live there")
 
 
