@@ -116,7 +116,7 @@ def test_materials_settings_errors(dataset):
         materials_settings(force_field(dataset), {"stress_coef": 1.0})
     plain = ForceField(EquiformerV2(num_layers=1, lmax=1, mmax=1, sphere_channels=4, attn_hidden_channels=4,
                                     num_heads=1, attn_alpha_channels=2, attn_value_channels=2, ffn_hidden_channels=4,
-                                    edge_channels=4, grid_resolution=4), cutoff=4.0)  # fmt: skip
+                                    edge_channels=4, grid_resolution=4, cutoff=4.0), cutoff=4.0)  # fmt: skip
     with pytest.raises(ValueError, match="stress head"):
         materials_settings(plain, {"stress_coefficient": 1.0})
     assert materials_settings(plain, {"energy_per_atom": True}) is None
