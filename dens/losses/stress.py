@@ -25,12 +25,14 @@ from ..models.stress import decompose_stress
 from .s2ef import loss_dtype
 
 __all__ = [
+    "MATERIALS_KEYS",
     "StressLossSettings",
     "energy_per_atom_errors",
     "fit_element_references",
     "fit_stress_normalizer",
     "fit_stress_statistics",
     "materials_settings",
+    "stress_abs_errors",
     "stress_errors",
     "stress_loss",
     "stress_term",
@@ -125,7 +127,8 @@ def fit_stress_normalizer(stress: Tensor) -> dict[str, float]:
     }
 
 
-_MATERIALS_KEYS = {
+#: the keys of the ``materials`` config group
+MATERIALS_KEYS = {
     "stress_coefficient",
     "stress_on_corrupted",
     "energy_per_atom",
@@ -149,9 +152,9 @@ def materials_settings(model: Any, materials: Mapping[str, Any] | None) -> Stres
         output on DeNS structures (``stress_use_denoising=False``).
     """
     materials = dict(materials or {})
-    unknown = set(materials) - _MATERIALS_KEYS
+    unknown = set(materials) - MATERIALS_KEYS
     if unknown:
-        raise ValueError(f"materials: unknown keys {sorted(unknown)}; known: {sorted(_MATERIALS_KEYS)}")
+        raise ValueError(f"materials: unknown keys {sorted(unknown)}; known: {sorted(MATERIALS_KEYS)}")
     coefficient = float(materials.get("stress_coefficient", 0.0))
     if coefficient == 0.0:
         return None
@@ -191,6 +194,28 @@ def stress_term(
         keep = keep & ~corrupted
     errors = stress_errors(out, torch.where(keep[:, None, None], stress, torch.zeros_like(stress)), settings)
     return (errors * keep.to(errors.dtype)).sum() / denominator.to(errors.dtype).clamp(min=1e-12)
+
+
+def stress_abs_errors(pred: Tensor, labels: Tensor | None) -> tuple[float, int]:
+    """Validation stress error: the sum of ``|S_pred - S|`` over the nine components of the structures that
+    have a (finite) label, and the number of components summed (eV/Å³; fairchem's stress ``mae`` counts
+    the nine components of the 3x3 tensor likewise).
+
+    Parameters
+    ----------
+    pred : Tensor
+        ``[B, 3, 3]`` predicted stress (eV/Å³).
+    labels : Tensor or None
+        ``[B, 3, 3]`` or ``[B, 1, 3, 3]`` labels, NaN rows for structures without one (None: no labels).
+    """
+    if labels is None:
+        return 0.0, 0
+    labels = labels.detach().reshape(-1, 9).to(torch.float64).cpu()
+    pred = pred.detach().reshape(-1, 9).to(torch.float64).cpu()
+    if labels.shape != pred.shape:
+        raise ValueError(f"stress labels {tuple(labels.shape)} and predictions {tuple(pred.shape)} differ")
+    keep = torch.isfinite(labels).all(dim=1)
+    return float((pred[keep] - labels[keep]).abs().sum()), 9 * int(keep.sum())
 
 
 def fit_stress_statistics(dataset: Any, limit: int = 10000) -> dict[str, float]:
