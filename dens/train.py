@@ -147,6 +147,11 @@ def main(cfg: DictConfig) -> None:
             f"validation{weights} energy MAE {first['val/energy_mae_meV']:.1f} -> {last['val/energy_mae_meV']:.1f} meV, "
             f"force MAE {first['val/forces_mae_meV_A']:.1f} -> {last['val/forces_mae_meV_A']:.1f} meV/Å "
             f"(step {first['step']} -> {last['step']})"
+            + (
+                f", stress MAE {first['val/stress_mae_meV_A3']:.2f} -> {last['val/stress_mae_meV_A3']:.2f} meV/Å³"
+                if "val/stress_mae_meV_A3" in last
+                else ""
+            )
         )
 
 
