@@ -27,8 +27,8 @@ FILES = ["eqv2_hydra_stress_small", "eqv2_dens_hydra_stress_small"]
 # float32: the fixtures' README suggests rtol ~3e-5 of the max for forces, ~1e-5 for energy and stress
 # (fairchem's own fp32/fp64 gap: 6.4e-6 forces, 1.4e-6 stress). dens measures at most 8.3e-6 (forces, plain
 # file; force_head 6.6e-6 and noise_head 4.5e-6 DeNS), 1.9e-7 (energy), 1.9e-6 (stress parts): two
-# independent float32 round-offs, dens's own float32 vs float64 gap being 5.2e-6 against fairchem's
-# float64 (fairchem's: 4.2e-6). run_fixture feeds the stored edge vectors as fairchem's reference run
+# independent float32 round-offs, dens's float32 vs float64 force gap being 5.1e-6 / 5.8e-6 (plain / DeNS
+# file; fairchem's own 4.2e-6 / 6.4e-6). run_fixture feeds the stored edge vectors as fairchem's reference run
 # did (`.float()`); recomputing them from float32 positions doubled the force error (1.8e-5), an input
 # rounding that fairchem's own float32 graph builder shares, not a loss inside the model.
 FLOAT32_RTOL = {"forces": 1.5e-5, "force_head": 1.5e-5, "noise_head": 1.5e-5}
