@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -234,6 +235,40 @@ def test_export_round_trip(fixtures, name, tmp_path, one_thread):
     a, b = model.double().predict(batch), again.double().predict(batch)
     for key in ("energy", "forces", "stress"):  # the first model uses the file's float32 grid matrices
         assert torch.allclose(a[key], b[key], atol=1e-6 * a[key].abs().max(), rtol=0), key
+
+
+# fairchem's constant buffers: built by its constructors from the config, never trained
+FAIRCHEM_CONSTANT = re.compile(
+    r"(^|\.)(SO3_rotation|SO3_grid|mappingReduced)\.|\.(expand_index|balance_degree_weight)$"
+)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_export_has_fairchems_keys_and_shapes(fixtures, name):
+    """What fairchem 1.x's ``load_state_dict(strict=False)`` sees on an exported file: the model's full key
+    set is the fixture's state_dict plus ``meta.dropped_state_dict_keys``; every exported key is one of
+    them with fairchem's shape and dtype, nothing is unexpected, and the missing keys are exactly the
+    constant buffers (equal in both fixture files wherever both hold them), which fairchem rebuilds."""
+    f = fixtures[name]
+    reference = f["state_dict"]
+    dropped = set(f["meta"]["dropped_state_dict_keys"])
+    assert not dropped & set(reference)
+    full = set(reference) | dropped
+    model = load_fairchem_checkpoint(_checkpoint(f, prefix=""))
+    exported = export_fairchem_state_dict(model.backbone, f["config"]["yaml_model"])
+    assert set(exported) <= full, sorted(set(exported) - full)[:5]
+    for key, value in exported.items():
+        assert (value.shape, value.dtype) == (reference[key].shape, reference[key].dtype), key
+    missing = full - set(exported)
+    assert missing and all(FAIRCHEM_CONSTANT.search(k) for k in missing), sorted(
+        k for k in missing if not FAIRCHEM_CONSTANT.search(k)
+    )[:5]
+    assert not any(FAIRCHEM_CONSTANT.search(k) for k in exported)
+    other = fixtures[FILES[1 - FILES.index(name)]]["state_dict"]
+    shared = [k for k in missing & set(reference) & set(other)]
+    assert len(shared) > 100
+    for key in shared:
+        assert torch.equal(reference[key], other[key]), key
 
 
 def test_export_of_a_dens_built_model(tmp_path, one_thread):
