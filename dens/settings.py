@@ -247,6 +247,10 @@ def _check_materials(materials: Any) -> None:
         raise ConfigError(
             f"materials.stress_on_corrupted={materials['stress_on_corrupted']!r}: expected skip or clean_target"
         )
+    if materials.get("stress_anisotropic_error", "norm") not in ("norm", "mae"):
+        raise ConfigError(
+            f"materials.stress_anisotropic_error={materials['stress_anisotropic_error']!r}: expected norm or mae"
+        )
     if "energy_per_atom" in materials:
         _convert(materials["energy_per_atom"], bool, "materials.energy_per_atom")
     if materials.get("element_references") not in (None, "fit"):

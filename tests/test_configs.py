@@ -285,7 +285,7 @@ FAIRCHEM_MPTRJ_DENS_S = dict(
     radial_bases=600, dropout=0.1, drop_path=0.1, stress_head="fairchem", stress_use_denoising=False,
     dens=True, model_dens=True, p_dens=0.5, sigma=0.1, r_dens=None, lambda_dens=10, energy_on_corrupted=True,
     force_encoding=True, selection="batch", lambda_E=5, lambda_F=20, stress_coefficient=5,
-    stress_on_corrupted="skip", energy_per_atom=True, element_references="fit", normalizer="forces_rms",
+    stress_on_corrupted="skip", stress_anisotropic_error="mae", energy_per_atom=True, element_references="fit", normalizer="forces_rms",
     lr=2e-4, batch=512, epochs=150, weight_decay=1e-3, scheduler="cosine", warmup_epochs=0.1,
     warmup_factor=0.2, lr_min_factor=0.01, clip=100, ema=0.999, free_atoms=True, eval_every=5000,
 )  # fmt: skip
@@ -296,6 +296,7 @@ KEYS.update(
     avg_degree="model.backbone.avg_degree", strict_max_neighbors="model.strict_max_neighbors",
     stress_head="model.backbone.stress_head", stress_use_denoising="model.backbone.stress_use_denoising",
     stress_coefficient="materials.stress_coefficient", stress_on_corrupted="materials.stress_on_corrupted",
+    stress_anisotropic_error="materials.stress_anisotropic_error",
     energy_per_atom="materials.energy_per_atom", element_references="materials.element_references",
 )  # fmt: skip
 

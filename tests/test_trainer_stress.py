@@ -18,7 +18,13 @@ from dens.data import collate
 from dens.data.ase_io import atoms_to_structure
 from dens.data.dataset import InMemoryDataset
 from dens.losses import DeNSSettings, LossSettings, training_loss
-from dens.losses.stress import fit_stress_statistics, materials_settings, stress_errors, stress_term
+from dens.losses.stress import (
+    StressLossSettings,
+    fit_stress_statistics,
+    materials_settings,
+    stress_errors,
+    stress_term,
+)
 from dens.models import EquiformerV2, ForceField
 from dens.trainer import OptimSettings, Trainer, TrainerSettings
 
@@ -188,6 +194,7 @@ def test_mptrj_dens_s_experiment_trains_two_steps(tmp_path, one_thread):
     trainer = build(cfg)
     assert trainer.dens.corrupt_ratio is None and trainer.stress.on_corrupted == "skip"
     assert trainer.losses.energy_per_atom and trainer.stress.coefficient == 5.0
+    assert trainer.stress.anisotropic_error == "mae"
     norm = trainer.config["resolved_normalizer"]
     assert (norm["energy_mean"], norm["energy_std"]) == (0.0, 1.0)  # forces_rms: energies in eV
     forces = np.concatenate([a.get_forces() for a in frames[:4]])
@@ -239,6 +246,7 @@ def test_validation_stress_mae(dataset, tmp_path, one_thread):
         ({"stress_on_corrupted": "clean"}, "materials.stress_on_corrupted='clean'"),
         ({"element_references": "yes"}, "materials.element_references='yes'"),
         ({"normalizer_structures": 0}, "materials.normalizer_structures=0"),
+        ({"stress_anisotropic_error": "l1"}, "materials.stress_anisotropic_error='l1'"),
     ],
 )
 def test_config_check_names_bad_materials_values(materials, message):
@@ -250,3 +258,34 @@ def test_config_check_names_bad_materials_values(materials, message):
     validate_config(config)
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_config({**config, "materials": materials})
+
+
+def test_fairchem_anisotropic_stress_error(dataset):
+    """anisotropic_error='mae': fairchem's two stress MAEs (the anisotropic one over all five components,
+    reduction 'mean'), so coefficient x term = 5 |iso err| + 5 mean_k |aniso_k err| with coefficient 5."""
+    out = {"stress_isotropic": torch.tensor([[0.5], [-1.0]]), "stress_anisotropic": torch.randn(2, 5)}
+    labels = torch.stack([dataset[0]["stress"].reshape(3, 3), dataset[1]["stress"].reshape(3, 3)])
+    from dens.models.stress import decompose_stress
+
+    iso, aniso = decompose_stress(labels.double())
+    norm = StressLossSettings(
+        isotropic_mean=0.1, isotropic_std=0.2, anisotropic_mean=0.01, anisotropic_std=0.3
+    )
+    mae = StressLossSettings(**{**norm.__dict__, "anisotropic_error": "mae"})
+    iso_err = (out["stress_isotropic"].double() - (iso - 0.1) / 0.2).abs()[:, 0]
+    aniso_err = out["stress_anisotropic"].double() - (aniso - 0.01) / 0.3
+    assert torch.allclose(
+        stress_errors(out, labels, mae).double(), iso_err + aniso_err.abs().mean(-1), atol=1e-6
+    )
+    assert torch.allclose(
+        stress_errors(out, labels, norm).double(), iso_err + aniso_err.norm(dim=-1), atol=1e-6
+    )
+    with pytest.raises(ValueError, match="anisotropic_error"):
+        StressLossSettings(anisotropic_error="l2")
+    model = force_field(dataset)
+    assert (
+        materials_settings(
+            model, {"stress_coefficient": 5.0, "stress_anisotropic_error": "mae"}
+        ).anisotropic_error
+        == "mae"
+    )
