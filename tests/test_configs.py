@@ -289,8 +289,15 @@ FAIRCHEM_MPTRJ_DENS_S = dict(
     lr=2e-4, batch=512, epochs=150, weight_decay=1e-3, scheduler="cosine", warmup_epochs=0.1,
     warmup_factor=0.2, lr_min_factor=0.01, clip=100, ema=0.999, free_atoms=True, eval_every=5000,
 )  # fmt: skip
+# configs/omat24/mptrj/eqV2_{86M,153M}_dens_mptrj.yml: the same but for the size and lambda_E 2.5
+FAIRCHEM_MPTRJ_DENS_M = dict(FAIRCHEM_MPTRJ_DENS_S, layers=10, lmax=6, mmax=4, lambda_E=2.5)
+FAIRCHEM_MPTRJ_DENS_L = dict(FAIRCHEM_MPTRJ_DENS_S, layers=20, lmax=6, mmax=3, lambda_E=2.5)
 # name -> (the fairchem file the header must name, expected values)
-FAIRCHEM_RECIPES = {"mptrj_dens_s": ("configs/omat24/mptrj/eqV2_31M_dens_mptrj.yml", FAIRCHEM_MPTRJ_DENS_S)}
+FAIRCHEM_RECIPES = {
+    "mptrj_dens_s": ("configs/omat24/mptrj/eqV2_31M_dens_mptrj.yml", FAIRCHEM_MPTRJ_DENS_S),
+    "mptrj_dens_m": ("configs/omat24/mptrj/eqV2_86M_dens_mptrj.yml", FAIRCHEM_MPTRJ_DENS_M),
+    "mptrj_dens_l": ("configs/omat24/mptrj/eqV2_153M_dens_mptrj.yml", FAIRCHEM_MPTRJ_DENS_L),
+}
 KEYS.update(
     max_elements="model.backbone.max_num_elements", avg_num_nodes="model.backbone.avg_num_nodes",
     avg_degree="model.backbone.avg_degree", strict_max_neighbors="model.strict_max_neighbors",
