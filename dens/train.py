@@ -95,7 +95,9 @@ def _normalizer(
     as the official MD17 trainer (main_md17_dens.py l.159-161, torch's ``y.std()``; it computes it in
     float32 from float32 labels, which shifts it by about 6e-6 relative). ``auto_rms``: forces divided by
     their own RMS instead, leaving out structures whose force RMS is over 100 x the median structure's
-    (named in a warning). With references the
+    (named in a warning). ``forces_rms``: energies not normalised (mean 0, std 1; fairchem's materials
+    recipes, which fit element references instead) and forces divided by their RMS, as ``auto_rms``. With
+    references the
     statistics are those of ``E - Σ E0`` (:func:`dens.data.references.label_statistics`); degenerate
     stds (below 1e-6) are replaced, with a warning, in every case. Returns the normaliser, with the
     reference table (``element_references``) when there are references (``references``: those of
@@ -104,6 +106,10 @@ def _normalizer(
     norm = cfg.data.normalizer
     refs, info = references if references is not None else _references(cfg, train_set)
     free_only = cfg.optim.train_on_free_atoms
+    if norm == "forces_rms":
+        stats = compute_statistics(train_set, free_atoms_only=free_only)
+        result = {"energy_mean": 0.0, "energy_std": 1.0, "force_std": stats["forces_rms_robust"]}
+        return _with_table(result, refs, info)
     if cfg.data.get("checks", False):
         check_labels(train_set, refs, name=str(_path_of(cfg.data.get("train") or cfg.data)))
     if norm in ("auto", "auto_unbiased", "auto_rms"):
@@ -132,6 +138,11 @@ def _normalizer(
         }
     else:
         result = {k: float(norm[k]) for k in ("energy_mean", "energy_std", "force_std")}
+    return _with_table(result, refs, info)
+
+
+def _with_table(result: dict[str, Any], refs: dict[int, float], info: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with the reference table ``element_references`` (indexed by Z) when there are references."""
     if refs:
         # elements absent from the training data get the mean energy per atom of a fit (0 otherwise), so
         # that a structure containing one still gets a total energy of the right size
@@ -359,7 +370,8 @@ def build(cfg: DictConfig) -> Trainer:
     }
     keep = cfg.trainer.get("init_from") and cfg.trainer.get("init_normalizer", "refit") == "keep"
     if refs:
-        config["element_references"] = f"those of {cfg.trainer.init_from}" if keep else _named(fitted)
+        named = _named(fitted or {z: float(v) for z, v in enumerate(refs) if z and v})
+        config["element_references"] = f"those of {cfg.trainer.init_from}" if keep else named
     return Trainer(model, train_set, val_set, optim, dens, settings, config=config)
 
 
@@ -384,7 +396,11 @@ def main(cfg: DictConfig) -> None:
     history = trainer.fit()
     if trainer.is_main:
         weights = " (EMA)" if trainer.ema else ""
-        print(summary_metrics(history).replace("validation", f"validation{weights}", 1))
+        summary = summary_metrics(history).replace("validation", f"validation{weights}", 1)
+        if history and "val/stress_mae_meV_A3" in history[-1]:
+            first, last = history[0], history[-1]
+            summary += f", stress MAE {first['val/stress_mae_meV_A3']:.2f} -> {last['val/stress_mae_meV_A3']:.2f} meV/Å³"
+        print(summary)
         png = learning_curve(trainer.run_dir)
         if png is not None:
             print(f"learning curve: {png}")
