@@ -423,8 +423,11 @@ def _file_overrides(args: argparse.Namespace) -> list[str]:
         if getattr(args, key) is not None:
             out.append(f"data.options.{key}={quote(getattr(args, key))}")
     if args.stress_key is not None:
-        logger.warning("--stress-key %s: dens models predict energies and forces only; stress is not trained",
-                       args.stress_key)  # fmt: skip
+        logger.warning(
+            "--stress-key %s is ignored: stress labels are read from the standard 'stress' / 'virial' fields "
+            "(dens.data.materials) and trained only by the materials recipes (materials.stress_coefficient)",
+            args.stress_key,
+        )
     if args.references is not None:
         out.append(f"data.references={args.references}")
     if args.steps is not None:
@@ -455,7 +458,7 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--forces-key", help="forces field, e.g. REF_forces (default: forces, then REF_forces)"
     )
-    parser.add_argument("--stress-key", help="accepted for MACE compatibility; stress is not trained")
+    parser.add_argument("--stress-key", help="accepted for MACE compatibility and ignored (see the log)")
     parser.add_argument(
         "--energy-unit", help="unit of the file's energies (forces: per Å): eV, meV, kcal/mol, ..."
     )
