@@ -67,6 +67,7 @@ from torch import Tensor, nn
 
 from .checkpoint import element_names, unseen_elements
 from .data.batch import Batch, collate
+from .data.open import LABEL_OPTIONS
 from .losses.stress import stress_abs_errors
 
 __all__ = [
@@ -784,11 +785,12 @@ def _reader_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--energy-key", help="energy field (e.g. REF_energy; default energy, then REF_energy)")
     group.add_argument("--forces-key", help="forces field (e.g. REF_forces; default forces, then REF_forces)")
+    group.add_argument("--stress-key", help="stress field (e.g. REF_stress; default stress, then virial)")
 
 
 def _options_of(args: argparse.Namespace, path: str) -> dict[str, Any]:
     """Reader options given on the command line (an MD17 .npz is kcal/mol unless told)."""
-    options = {k: getattr(args, k) for k in ("energy_unit", "energy_key", "forces_key") if getattr(args, k)}
+    options = {k: getattr(args, k) for k in LABEL_OPTIONS if getattr(args, k)}
     suffix = Path(path).suffix.lower()
     if "energy_unit" not in options and suffix in (".xyz", ".extxyz"):
         logger.info("%s states no energy unit: reading eV (--energy-unit to say otherwise)", path)

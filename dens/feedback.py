@@ -15,6 +15,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from .data.open import LABEL_OPTIONS
+
 __all__ = ["ValidationTable", "learning_curve", "next_steps"]
 
 logger = logging.getLogger(__name__)
@@ -96,7 +98,7 @@ def next_steps(
 ) -> str:
     """The closing message of a run: checkpoints and the commands that evaluate and use them.
 
-    ``options``: the reader options of the data (``energy_unit``, ``energy_key``, ``forces_key``), repeated
+    ``options``: the reader options of the data (:data:`dens.data.open.LABEL_OPTIONS`), repeated
     in the commands.
     """
     ckpt = shlex.quote(str(Path(run_dir) / "checkpoints" / "best.pt"))
@@ -104,7 +106,7 @@ def next_steps(
     flags = "".join(
         f" --{k.replace('_', '-')} {shlex.quote(str(v))}"
         for k, v in (options or {}).items()
-        if k in ("energy_unit", "energy_key", "forces_key") and v is not None
+        if k in LABEL_OPTIONS and v is not None
     )
     data = " ".join(f"--data {shlex.quote(d)}" for d in eval_data[:1]) or "--data FILE"
     lines = [

@@ -419,15 +419,9 @@ def _file_overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"data.val.path={quote(Path(args.valid_file).expanduser().resolve())}")
     if args.valid_fraction is not None:
         out.append(f"data.valid_fraction={args.valid_fraction}")
-    for key in ("energy_key", "forces_key", "energy_unit"):
+    for key in ("energy_key", "forces_key", "stress_key", "energy_unit"):
         if getattr(args, key) is not None:
             out.append(f"data.options.{key}={quote(getattr(args, key))}")
-    if args.stress_key is not None:
-        logger.warning(
-            "--stress-key %s is ignored: stress labels are read from the standard 'stress' / 'virial' fields "
-            "(dens.data.materials) and trained only by the materials recipes (materials.stress_coefficient)",
-            args.stress_key,
-        )
     if args.references is not None:
         out.append(f"data.references={args.references}")
     if args.steps is not None:
@@ -458,7 +452,11 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--forces-key", help="forces field, e.g. REF_forces (default: forces, then REF_forces)"
     )
-    parser.add_argument("--stress-key", help="accepted for MACE compatibility and ignored (see the log)")
+    parser.add_argument(
+        "--stress-key",
+        help="stress field, e.g. REF_stress (default: the calculator's stress, then stress, then virial); "
+        "stress is trained by the materials recipes (materials.stress_coefficient)",
+    )
     parser.add_argument(
         "--energy-unit", help="unit of the file's energies (forces: per Å): eV, meV, kcal/mol, ..."
     )

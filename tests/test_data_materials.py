@@ -14,7 +14,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.units import GPa
 
-from dens.data import collate
+from dens.data import collate, open_dataset
 from dens.data.ase_io import AseLmdbDataset, read_ase_file, structure_to_atoms, write_aselmdb
 from dens.data.materials import convert_mptrj, mptrj_frames, stress_tensor
 from dens.losses.stress import (
@@ -75,6 +75,24 @@ def test_virial_and_units_in_extxyz(tmp_path):
     ase.io.write(path, plain)
     s = read_ase_file(path, energy_unit="meV")[0]
     assert np.allclose(s["stress"][0].numpy(), stress, atol=1e-12)
+
+
+def test_stress_key_names_the_field(tmp_path):
+    """MACE-style ``REF_stress`` is read when named (``--stress-key``); a frame without it is named."""
+    atoms = emt_frames(1)[0]
+    stress = atoms.get_stress(voigt=False)
+    plain = atoms.copy()
+    plain.info["energy"] = atoms.get_potential_energy()
+    plain.arrays["forces"] = atoms.get_forces()
+    plain.info["REF_stress"] = atoms.get_stress(voigt=True)  # Voigt, ASE order
+    plain.info["stress"] = np.zeros(9)  # a different field that the key must win over
+    path = tmp_path / "ref.extxyz"
+    ase.io.write(path, plain)
+    s = open_dataset(path, stress_key="REF_stress")[0]
+    assert np.allclose(s["stress"][0].numpy(), stress, atol=1e-12)
+    assert np.allclose(read_ase_file(path)[0]["stress"][0].numpy(), 0.0)
+    with pytest.raises(ValueError, match=r"ref.extxyz, frame 0: no stress label 'DFT_stress'"):
+        read_ase_file(path, stress_key="DFT_stress")
 
 
 def test_bad_stress_shape_is_named():

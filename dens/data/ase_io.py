@@ -106,6 +106,7 @@ def atoms_to_structure(
     energy_key: str | None = None,
     forces_key: str | None = None,
     where: str = "structure",
+    stress_key: str | None = None,
 ) -> dict[str, Any]:
     """Convert an ``ase.Atoms`` (with optional calculator results) into a structure dict.
 
@@ -124,6 +125,9 @@ def atoms_to_structure(
         without them raises ``ValueError`` naming ``where``.
     where : str
         Where the frame comes from, for messages.
+    stress_key : str, optional
+        Field of the stress label in ``atoms.info`` (e.g. ``REF_stress``); default: the calculator's
+        stress, then ``info['stress']``, then ``info['virial']`` (:func:`dens.data.materials.stress_of_atoms`).
 
     Returns
     -------
@@ -158,7 +162,7 @@ def atoms_to_structure(
         sid=_first(info.get("sid"), sid),
         fid=_first(info.get("fid"), fid),
         dtype=dtype,
-        **stress_entry(stress_of_atoms(atoms, ef, lf, where=f"structure {_first(info.get('sid'), sid)}")),
+        **stress_entry(stress_of_atoms(atoms, ef, lf, where=where, key=stress_key)),
     )
 
 
@@ -206,6 +210,7 @@ def read_ase_file(
     format: str | None = None,
     energy_key: str | None = None,
     forces_key: str | None = None,
+    stress_key: str | None = None,
 ) -> list[dict[str, Any]]:
     """Read every frame of an ASE-readable file as structure dicts (eV, Å).
 
@@ -223,7 +228,7 @@ def read_ase_file(
         Float dtype.
     format : str, optional
         ASE format name (guessed from the file otherwise).
-    energy_key, forces_key : str, optional
+    energy_key, forces_key, stress_key : str, optional
         Label field names (see :func:`atoms_to_structure`).
 
     Returns
@@ -252,6 +257,7 @@ def read_ase_file(
             energy_key=energy_key,
             forces_key=forces_key,
             where=f"{p}, frame {i}",
+            stress_key=stress_key,
         )
         for i, a in enumerate(frames)
     ]
@@ -270,8 +276,8 @@ class AseDataset(InMemoryDataset):
         Float dtype.
     format : str, optional
         ASE format name.
-    energy_key, forces_key : str, optional
-        Label field names (e.g. ``REF_energy`` / ``REF_forces``).
+    energy_key, forces_key, stress_key : str, optional
+        Label field names (e.g. ``REF_energy`` / ``REF_forces`` / ``REF_stress``).
     **kwargs
         See :class:`~dens.data.dataset.StructureDataset`.
     """
@@ -285,9 +291,12 @@ class AseDataset(InMemoryDataset):
         format: str | None = None,
         energy_key: str | None = None,
         forces_key: str | None = None,
+        stress_key: str | None = None,
         **kwargs: Any,
     ) -> None:
-        structures = read_ase_file(path, ":", energy_unit, length_unit, dtype, format, energy_key, forces_key)
+        structures = read_ase_file(
+            path, ":", energy_unit, length_unit, dtype, format, energy_key, forces_key, stress_key
+        )
         super().__init__(structures, source=str(path), **kwargs)
         self.path = Path(path)
         self.energy_unit = energy_unit

@@ -63,15 +63,24 @@ def stress_tensor(value: Any, where: str = "stress") -> np.ndarray:
 
 
 def stress_of_atoms(
-    atoms: ase.Atoms, energy_factor: float = 1.0, length_factor: float = 1.0, where: str = "structure"
+    atoms: ase.Atoms,
+    energy_factor: float = 1.0,
+    length_factor: float = 1.0,
+    where: str = "structure",
+    key: str | None = None,
 ) -> np.ndarray | None:
     """The stress (eV/Å³, ASE sign, ``[3, 3]``) of ``atoms`` from its labels, or None without one.
 
     ``energy_factor`` / ``length_factor`` convert the file's units to eV / Å (see the module docstring for
-    where the value is read from). A virial needs a periodic cell with a volume.
+    where the value is read from). A virial needs a periodic cell with a volume. ``key`` names the stress
+    field of ``atoms.info`` (e.g. MACE's ``REF_stress``, Voigt or 3x3, ASE sign); every frame must have it.
     """
-    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
     scale = energy_factor / length_factor**3
+    if key is not None:
+        if atoms.info.get(key) is None:
+            raise ValueError(f"{where}: no stress label {key!r} in the frame's info")
+        return stress_tensor(atoms.info[key], f"{where}: info[{key!r}]") * scale
+    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
     if results.get("stress") is not None:
         return stress_tensor(results["stress"], f"{where}: calculator stress") * scale
     if atoms.info.get("stress") is not None:

@@ -40,7 +40,10 @@ from .md17 import MD17Dataset
 from .normalize import LinearReference, SystemReference
 from .pyg_pickle import loads, record_mapping
 
-__all__ = ["PickleDataset", "open_dataset"]
+__all__ = ["LABEL_OPTIONS", "PickleDataset", "open_dataset"]
+
+#: Reader options that say where a file keeps its labels and in which unit (command-line ``--energy-key`` ...).
+LABEL_OPTIONS = ("energy_unit", "energy_key", "forces_key", "stress_key")
 
 _HOW_TO_GET = (
     "Download the public files with `python -m dens.data.download {oc20,oc22,md17} ...`, convert other "
@@ -172,6 +175,7 @@ def open_dataset(
             "format",
             "energy_key",
             "forces_key",
+            "stress_key",
         },
     }[kind] | common
     unknown = set(options) - allowed
