@@ -164,18 +164,29 @@ def import_official_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor
         if key in buffers or key == "force_embedding.expand_index":
             continue
         mapped[key.replace("force_embedding.", "force_encoder.linear.", 1)] = value
+    load_mapped_state_dict(model, mapped, "official")
+
+
+def load_mapped_state_dict(
+    model: nn.Module, mapped: Mapping[str, Tensor], source: str, unknown: list[str] | None = None
+) -> None:
+    """Load a state dict already renamed to ``model``'s names, strictly, with errors that list the keys.
+
+    ``source`` names where it came from (``official``, ``fairchem``); ``unknown``: keys the renaming could
+    not place, reported with the rest.
+    """
     expected = model.state_dict()
-    unknown = sorted(set(mapped) - set(expected))
+    unknown = list(unknown or []) + sorted(set(mapped) - set(expected))
     missing = sorted(set(expected) - set(mapped))
     if unknown or missing:
         raise ValueError(
-            f"official state_dict does not match the dens model: unknown keys {unknown[:20]}"
+            f"{source} state_dict does not match the dens model: unknown keys {unknown[:20]}"
             f"{' ...' if len(unknown) > 20 else ''}, missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}"
         )
     for key, value in mapped.items():
         if value.shape != expected[key].shape:
             raise ValueError(
-                f"official {key} has shape {tuple(value.shape)}, dens expects {tuple(expected[key].shape)}"
+                f"{source} {key} has shape {tuple(value.shape)}, dens expects {tuple(expected[key].shape)}"
             )
     model.load_state_dict(mapped, strict=True)
 

@@ -33,6 +33,7 @@ from .convert import (
     _adopt_official_grids,
     _run_equiformer_v2,
     equiformer_v2_from_official_config,
+    load_mapped_state_dict,
 )
 from .equiformer_v2 import EquiformerV2
 from .potential import ForceField
@@ -248,20 +249,7 @@ def import_fairchem_state_dict(
                 break
         else:
             unknown.append(key)
-    expected = model.state_dict()
-    unknown += sorted(set(mapped) - set(expected))
-    missing = sorted(set(expected) - set(mapped))
-    if unknown or missing:
-        raise ValueError(
-            f"fairchem state_dict does not match the dens model: unknown keys {unknown[:20]}, "
-            f"missing keys {missing[:20]}"
-        )
-    for key, value in mapped.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(
-                f"fairchem {key}: shape {tuple(value.shape)}, dens expects {tuple(expected[key].shape)}"
-            )
-    model.load_state_dict(mapped, strict=True)
+    load_mapped_state_dict(model, mapped, "fairchem", unknown)
 
 
 def export_fairchem_state_dict(model: EquiformerV2, model_cfg: Mapping[str, Any]) -> dict[str, Tensor]:
