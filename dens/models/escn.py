@@ -407,11 +407,18 @@ class ESCN(nn.Module):
     >>> model = ESCN(num_layers=1, lmax=2, mmax=1, sphere_channels=8, hidden_channels=8, edge_channels=8,
     ...              num_sphere_samples=16)
     >>> z = torch.tensor([1, 8, 1])
-    >>> edge_index = torch.tensor([[1, 0, 2, 1], [0, 1, 1, 2]])
-    >>> vec = torch.tensor([[0.0, 0.6, 0.8], [0.0, -0.6, -0.8], [0.9, 0.1, 0.4], [-0.9, -0.1, -0.4]])
-    >>> out = model(z, edge_index, vec, torch.zeros(3, dtype=torch.long), num_graphs=1)
+    >>> pos = torch.tensor([[0.0, 0.6, 0.8], [0.0, 0.0, 0.0], [0.9, 0.1, 0.4]])
+    >>> edge_index = torch.tensor([[1, 0, 2, 1], [0, 1, 1, 2]])  # source (neighbour) row first
+    >>> out = model(z, pos, torch.zeros(3, dtype=torch.long), edge_index, torch.zeros(4, 3), num_graphs=1)
     >>> out["energy"].shape, out["forces"].shape
     (torch.Size([1]), torch.Size([3, 3]))
+
+    :meth:`forward_edges` takes the edge vectors ``pos[j] + shift - pos[i]`` instead of positions:
+
+    >>> vec = pos[edge_index[0]] - pos[edge_index[1]]
+    >>> edges = model.forward_edges(z, edge_index, vec, torch.zeros(3, dtype=torch.long), num_graphs=1)
+    >>> torch.equal(edges["energy"], out["energy"])
+    True
     """
 
     def __init__(
