@@ -60,7 +60,8 @@ import torch
 from torch import Tensor
 
 from .data.batch import Batch, collate
-from .evaluate import _progress, model_device, model_dtype, prepare_batch, structure_id
+from .evaluate import _progress, batch_ids, model_device, model_dtype, prepare_batch, structure_id
+from .ops import scatter_sum
 
 __all__ = [
     "RELAX_PRESETS",
@@ -168,10 +169,6 @@ class RelaxResult:
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-def _segment_sum(x: Tensor, index: Tensor, size: int) -> Tensor:
-    return x.new_zeros(size).index_add_(0, index, x)
-
-
 def _segment_max(x: Tensor, index: Tensor, size: int) -> Tensor:
     return x.new_zeros(size).scatter_reduce(0, index, x, reduce="amax", include_self=True)
 
@@ -258,7 +255,7 @@ class HarmonicPotential:
         close = r < self.cutoff if self.cutoff is not None else torch.ones_like(r, dtype=torch.bool)
         i, j, d, r = i[close], j[close], d[close], r[close]
         e_pair = 0.5 * self.k * (r - self.r0) ** 2
-        energy = _segment_sum(e_pair, batch.batch[i], batch.num_graphs)
+        energy = scatter_sum(e_pair, batch.batch[i], batch.num_graphs)
         g = (self.k * (r - self.r0) / r.clamp_min(1e-12)).unsqueeze(-1) * d  # dE/dpos_j
         forces = torch.zeros_like(pos).index_add_(0, j, -g).index_add_(0, i, g)
         return {"energy": energy, "forces": forces.to(batch.pos.dtype)}
@@ -361,7 +358,7 @@ class BatchedLBFGS:
 
     def _dot(self, a: Tensor, c: Tensor) -> Tensor:
         """Per-structure dot products of two ``[N, 3]`` fields."""
-        return _segment_sum((a * c).sum(-1), self.batch.batch, self.batch.num_graphs)
+        return scatter_sum((a * c).sum(-1), self.batch.batch, self.batch.num_graphs)
 
     def evaluate(self) -> None:
         """Energies and (constrained) forces of the active structures; updates convergence."""
@@ -433,7 +430,7 @@ class BatchedLBFGS:
 
     def results(self, targets: Sequence[float | None] | None = None) -> list[RelaxResult]:
         """One :class:`RelaxResult` per structure (on the CPU)."""
-        ids = _ids(self.batch)
+        ids = batch_ids(self.batch)
         sizes = self.batch.natoms.tolist()
         pos = torch.split(self.pos.cpu(), sizes)
         forces = torch.split(self.forces.cpu(), sizes)
@@ -453,15 +450,6 @@ class BatchedLBFGS:
                 )
             )
         return out
-
-
-def _ids(batch: Batch) -> list[str]:
-    def pick(ids: Any, i: int) -> Any:
-        if ids is None:
-            return None
-        return int(ids[i]) if isinstance(ids, Tensor) else ids[i]
-
-    return [structure_id(pick(batch.sid, i), pick(batch.fid, i), i) for i in range(batch.num_graphs)]
 
 
 _TARGET_KEYS = ("energy_relaxed", "y_relaxed")

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ..ops import scatter_sum, segment_softmax
 from .heads import assemble_dens_forces, gradient_forces, reduce_energy
-from .layers import GraphDropPath
+from .layers import GraphDropPath, smooth_leaky_relu
 
 __all__ = [
     "AVG_DEGREE",
@@ -98,11 +98,6 @@ DENS_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _smooth_leaky_relu(x: Tensor, negative_slope: float = 0.2) -> Tensor:
-    a = negative_slope
-    return 0.5 * (1 + a) * x + 0.5 * (1 - a) * x * (2 * torch.sigmoid(x) - 1)
-
-
 @functools.cache
 def _second_moment_constant(name: str) -> float:
     """e3nn's ``normalize2mom`` constant: ``c`` with ``E[(c f(z))^2] = 1`` for ``z ~ N(0, 1)``.
@@ -112,7 +107,7 @@ def _second_moment_constant(name: str) -> float:
     fn = {
         "silu": torch.nn.functional.silu,
         "sigmoid": torch.sigmoid,
-        "smooth_leaky_relu": _smooth_leaky_relu,
+        "smooth_leaky_relu": smooth_leaky_relu,
     }[name]
     return float(normalize2mom(fn).cst)
 
@@ -679,7 +674,7 @@ class EquivariantGraphAttention(nn.Module):
             else:
                 value = message
         if alpha is not None:
-            alpha = _smooth_leaky_relu(alpha.view(-1, self.num_heads, self.alpha_per_head)) * self.leaky_cst
+            alpha = smooth_leaky_relu(alpha.view(-1, self.num_heads, self.alpha_per_head)) * self.leaky_cst
             logits = (alpha * self.alpha_dot).sum(dim=-1)  # [E, heads]
             weights = segment_softmax(logits, dst, num_nodes)
             if self.alpha_dropout is not None:

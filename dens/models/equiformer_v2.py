@@ -22,7 +22,14 @@ from torch import Tensor, nn
 from ..ops import scatter_sum, segment_softmax
 from .force_encoder import ForceEncoder
 from .heads import assemble_dens_forces, gradient_forces, reduce_energy
-from .layers import EquivariantDropout, GaussianSmearing, GraphDropPath, RadialMLP, get_normalization
+from .layers import (
+    EquivariantDropout,
+    GaussianSmearing,
+    GraphDropPath,
+    RadialMLP,
+    SmoothLeakyReLU,
+    get_normalization,
+)
 from .s2 import SeparableS2Activation, SphereGrid
 from .so2 import EdgeRotation, SO2Convolution, degree_rescale
 from .so3 import CoefficientLayout, SO3Linear, precompute
@@ -30,6 +37,9 @@ from .so3 import edge_frames as default_edge_frames
 from .stress import EquivariantRank2Head, FairchemRank2Head
 
 __all__ = ["PRESETS", "EquiformerV2"]
+
+#: Average number of neighbours of OC20 S2EF-2M (the official EquiformerV2 normaliser of summed messages).
+AVG_DEGREE = 23.395238876342773
 
 
 # Paper configurations (Tables 7 and 8; `../shared/OFFICIAL_SETTINGS.md` for what the paper leaves out).
@@ -60,17 +70,6 @@ for _size, (_layers, _lmax, _mmax) in _OMAT24_SIZES.items():
     PRESETS[f"mptrj_dens_{_size}"] = dict(
         _common, avg_num_nodes=31.16592360068011, avg_degree=61.94676351484548, stress_use_denoising=False
     )
-
-
-class SmoothLeakyReLU(nn.Module):
-    """``((1+a)/2) x + ((1-a)/2) x (2 sigmoid(x) - 1)``: a smooth leaky ReLU with slope ``a`` at -inf."""
-
-    def __init__(self, negative_slope: float = 0.2) -> None:
-        super().__init__()
-        self.alpha = negative_slope
-
-    def forward(self, x: Tensor) -> Tensor:
-        return 0.5 * (1 + self.alpha) * x + 0.5 * (1 - self.alpha) * x * (2 * torch.sigmoid(x) - 1)
 
 
 def _atom_edge_embedding(num_elements: int, channels: int) -> nn.Embedding:
@@ -358,7 +357,7 @@ class EquiformerV2(nn.Module):
         drop_path_rate: float = 0.05,
         proj_drop: float = 0.0,
         avg_num_nodes: float = 77.81317,
-        avg_degree: float = 23.395238876342773,
+        avg_degree: float = AVG_DEGREE,
         use_force_encoding: bool = False,
         direct_forces: bool = True,
         stress_head: str | None = None,
