@@ -34,16 +34,8 @@ import torch
 from e3nn import o3
 from torch import Tensor
 
-from .equiformer import (
-    AVG_DEGREE,
-    AVG_NUM_NODES,
-    PRESETS,
-    DepthwiseTensorProduct,
-    Equiformer,
-    EquivariantGraphAttention,
-    IrrepsLayerNorm,
-    IrrepsLinear,
-)
+from .equiformer import AVG_DEGREE, AVG_NUM_NODES, PRESETS, Equiformer, EquivariantGraphAttention
+from .irreps import DepthwiseTensorProduct, IrrepsLayerNorm, IrrepsLinear
 
 __all__ = [
     "EQUIFORMER_CLASSES",
