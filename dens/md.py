@@ -49,7 +49,7 @@ from torch import Tensor
 from .data.batch import collate
 from .evaluate import _progress, model_device, model_dtype, prepare_batch
 from .ops import scatter_sum
-from .relax import select_structures
+from .lbfgs import select_structures
 
 __all__ = [
     "BatchedMD",
