@@ -12,6 +12,8 @@ key                        unit        definition
 ``forces_magnitude_error`` meV/Å       mean over free atoms of ``| |F_pred| - |F| |``
 ``efwt``                   %           structures with ``|ΔE| < 0.02 eV`` **and** ``max |ΔF| < 0.03 eV/Å``, the
                                        maximum over the free atoms and the three components
+``stress_mae``             meV/Å³      mean over the nine components of ``|S_pred - S|`` (structures with a
+                                       stress label, models with a stress head); ``stress_mae_GPa`` in GPa
 =========================  ==========  ========================================================================
 
 Over the four OC20 validation splits (ID, OOD-ads, OOD-cat, OOD-both) the paper reports the plain mean of
@@ -56,10 +58,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from ase.units import GPa
 from torch import Tensor, nn
 
 from .checkpoint import element_names, unseen_elements
 from .data.batch import Batch, collate
+from .losses.stress import stress_abs_errors
 
 __all__ = [
     "EFWT_ENERGY_THRESHOLD",
@@ -114,7 +118,8 @@ class S2EFMetrics:
     (500.0, 0.0, 1.0, 0.0)
     """
 
-    _KEYS = ("e_abs", "structures", "f_abs_x", "f_abs_y", "f_abs_z", "atoms", "cos", "mag", "efwt", "efwt_n")
+    _KEYS = ("e_abs", "structures", "f_abs_x", "f_abs_y", "f_abs_z", "atoms", "cos", "mag", "efwt", "efwt_n",
+             "s_abs", "s_n")  # fmt: skip
 
     def __init__(
         self,
@@ -170,8 +175,15 @@ class S2EFMetrics:
             s["efwt"] += float(ok.sum())
             s["efwt_n"] += int(ok.numel())
 
+    @torch.no_grad()
+    def update_stress(self, stress: Tensor, batch: Batch) -> None:
+        """Add ``[B, 3, 3]`` predicted stresses (eV/Å³) against the batch's ``stress`` labels, if any."""
+        total, count = stress_abs_errors(stress, batch.extra.get("stress"))
+        self.sums["s_abs"] += total
+        self.sums["s_n"] += count
+
     def compute(self) -> dict[str, float]:
-        """The metrics so far (meV, meV/Å, %); keys whose labels were never seen are absent."""
+        """The metrics so far (meV, meV/Å, %, meV/Å³); keys whose labels were never seen are absent."""
         s = self.sums
         out: dict[str, float] = {}
         if s["structures"]:
@@ -185,6 +197,9 @@ class S2EFMetrics:
             out["forces_magnitude_error"] = 1000.0 * s["mag"] / n
         if s["efwt_n"]:
             out["efwt"] = 100.0 * s["efwt"] / s["efwt_n"]
+        if s["s_n"]:
+            out["stress_mae"] = 1000.0 * s["s_abs"] / s["s_n"]
+            out["stress_mae_GPa"] = s["s_abs"] / s["s_n"] / GPa
         out["structures"] = float(s["structures"] or s["efwt_n"])
         out["free_atoms"] = float(s["atoms"])
         return out
@@ -575,6 +590,8 @@ def evaluate(
         with torch.enable_grad() if not direct else contextlib.nullcontext():
             pred = model.predict(batch)
         metrics.update(pred["energy"], pred["forces"], batch)
+        if "stress" in pred:
+            metrics.update_stress(pred["stress"], batch)
         if predictions_path is not None:
             ids.extend(batch_ids(batch, start))
             energies.append(pred["energy"].detach().double().cpu().numpy())
@@ -600,8 +617,11 @@ def _format_table(results: Mapping[str, Mapping[str, float]]) -> str:
         ("forces_cosine", "F cos"),
         ("forces_magnitude_error", "F mag (meV/Å)"),
         ("efwt", "EFwT (%)"),
+        ("stress_mae", "S MAE (meV/Å³)"),
         ("structures", "structures"),
     ]
+    if not any("stress_mae" in m for m in results.values()):
+        cols = [c for c in cols if c[0] != "stress_mae"]
     width = max(12, *(len(k) for k in results))
     lines = [f"{'split':<{width}}" + "".join(f"{h:>15}" for _, h in cols)]
     for name, m in results.items():

@@ -3,7 +3,8 @@
 :func:`validate_config` checks the Hydra ``optim``, ``trainer`` and ``dens`` groups against the fields and
 types of :class:`~dens.trainer.OptimSettings`, :class:`~dens.trainer.TrainerSettings` and
 :class:`~dens.losses.DeNSSettings` (unknown keys, wrong types), then the values
-(:func:`check_settings`: devices, AMP modes, positive intervals, resume files) and ``data.normalizer``.
+(:func:`check_settings`: devices, AMP modes, positive intervals, resume files), ``data.normalizer`` and the
+``materials`` group.
 Every message names the key, so ``optim.lr=abc`` fails in a second instead of after the data load.
 
 Examples
@@ -177,15 +178,15 @@ def check_settings(optim: Any, dens: Any, settings: Any) -> None:
 
 def _check_normalizer(norm: Any) -> None:
     if isinstance(norm, str):
-        if norm not in ("auto", "auto_unbiased", "auto_rms"):
+        if norm not in ("auto", "auto_unbiased", "auto_rms", "forces_rms"):
             raise ConfigError(
-                f"data.normalizer={norm!r}: expected auto, auto_unbiased, auto_rms or "
+                f"data.normalizer={norm!r}: expected auto, auto_unbiased, auto_rms, forces_rms or "
                 f"{{energy_mean, energy_std, force_std}}"
             )
         return
     if not isinstance(norm, Mapping):
         raise ConfigError(
-            f"data.normalizer={norm!r}: expected auto, auto_unbiased, auto_rms or "
+            f"data.normalizer={norm!r}: expected auto, auto_unbiased, auto_rms, forces_rms or "
             f"{{energy_mean, energy_std, force_std}}"
         )
     for key in ("energy_mean", "energy_std", "force_std"):
@@ -222,4 +223,41 @@ def validate_config(config: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     check_settings(optim, dens, settings)
     if "normalizer" in config["data"]:
         _check_normalizer(config["data"]["normalizer"])
+    if config.get("materials") is not None:
+        _check_materials(config["materials"])
     return optim, dens, settings
+
+
+def _check_materials(materials: Any) -> None:
+    """The ``materials`` group (:func:`dens.losses.stress.materials_settings` reads it)."""
+    from .losses.stress import MATERIALS_KEYS
+
+    if not isinstance(materials, Mapping):
+        raise ConfigError(f"materials={materials!r}: expected a group of settings")
+    unknown = sorted(set(materials) - MATERIALS_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{', '.join(f'materials.{k}' for k in unknown)}: not a setting; known: {sorted(MATERIALS_KEYS)}"
+        )
+    if "stress_coefficient" in materials:
+        value = _convert(materials["stress_coefficient"], float, "materials.stress_coefficient")
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"materials.stress_coefficient={value}: must be a finite number >= 0")
+    if materials.get("stress_on_corrupted", "skip") not in ("skip", "clean_target"):
+        raise ConfigError(
+            f"materials.stress_on_corrupted={materials['stress_on_corrupted']!r}: expected skip or clean_target"
+        )
+    if materials.get("stress_anisotropic_error", "norm") not in ("norm", "mae"):
+        raise ConfigError(
+            f"materials.stress_anisotropic_error={materials['stress_anisotropic_error']!r}: expected norm or mae"
+        )
+    if "energy_per_atom" in materials:
+        _convert(materials["energy_per_atom"], bool, "materials.energy_per_atom")
+    if materials.get("element_references") not in (None, "fit"):
+        raise ConfigError(
+            f"materials.element_references={materials['element_references']!r}: expected fit or null"
+        )
+    if "normalizer_structures" in materials:
+        count = _convert(materials["normalizer_structures"], int, "materials.normalizer_structures")
+        if count < 1:
+            raise ConfigError(f"materials.normalizer_structures={count}: must be at least 1")

@@ -67,9 +67,13 @@ def _normalizer(cfg: DictConfig, train_set: Any) -> dict[str, float]:
     as the official MD17 trainer (main_md17_dens.py l.159-161, torch's ``y.std()``; it computes it in
     float32 from float32 labels, which shifts it by about 6e-6 relative). ``auto_rms``: forces divided by
     their own RMS instead, leaving out structures whose force RMS is over 100 x the median structure's
-    (named in a warning).
+    (named in a warning). ``forces_rms``: energies not normalised (mean 0, std 1; fairchem's materials
+    recipes, which fit element references instead) and forces divided by their RMS, as ``auto_rms``.
     """
     norm = cfg.data.normalizer
+    if norm == "forces_rms":
+        stats = compute_statistics(train_set, free_atoms_only=cfg.optim.train_on_free_atoms)
+        return {"energy_mean": 0.0, "energy_std": 1.0, "force_std": stats["forces_rms_robust"]}
     if norm in ("auto", "auto_unbiased", "auto_rms"):
         stats = compute_statistics(train_set, free_atoms_only=cfg.optim.train_on_free_atoms)
         energy_std = stats["energy_std_unbiased" if norm == "auto_unbiased" else "energy_std"]
@@ -143,6 +147,11 @@ def main(cfg: DictConfig) -> None:
             f"validation{weights} energy MAE {first['val/energy_mae_meV']:.1f} -> {last['val/energy_mae_meV']:.1f} meV, "
             f"force MAE {first['val/forces_mae_meV_A']:.1f} -> {last['val/forces_mae_meV_A']:.1f} meV/Å "
             f"(step {first['step']} -> {last['step']})"
+            + (
+                f", stress MAE {first['val/stress_mae_meV_A3']:.2f} -> {last['val/stress_mae_meV_A3']:.2f} meV/Å³"
+                if "val/stress_mae_meV_A3" in last
+                else ""
+            )
         )
 
 

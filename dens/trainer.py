@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from ase.units import GPa
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -37,7 +38,7 @@ from .checkpoint import (
 from .data import BalancedBatchSampler, Batch, collate, get_natoms
 from .data.dataset import require_labels
 from .losses import Corruption, DeNSSettings, LossSettings, corrupt, step_counts, training_loss
-from .losses.stress import materials_settings, stress_term
+from .losses.stress import materials_settings, stress_abs_errors, stress_term
 from .models.potential import ForceField, compile_backbone
 from .rundir import RunDirLock, archive_run, config_differences, format_differences, truncate_metrics
 from .runtime import retain_freed_memory
@@ -202,9 +203,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def evaluate_s2ef(
     model: ForceField, loader: Any, device: torch.device, max_batches: int | None = None
 ) -> dict[str, float]:
-    """Energy MAE (meV), force MAE (meV/Å, free atoms) and counts over a loader; summed over DDP ranks."""
+    """Energy MAE (meV), force MAE (meV/Å, free atoms) and counts over a loader; summed over DDP ranks.
+
+    With a stress head and stress labels also the stress MAE over the nine components of the labelled
+    structures: ``stress_mae_meV_A3`` (meV/Å³) and ``stress_mae_GPa``.
+    """
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # |dE| sum, structures, |dF| sum, components
+    # |dE| sum, structures, |dF| sum, components, |dS| sum, stress components
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    with_stress = bool(getattr(model, "has_stress_head", False))
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -216,13 +223,21 @@ def evaluate_s2ef(
         sums[1] += batch.num_graphs
         sums[2] += (pred["forces"][free].double() - batch.forces[free].double()).abs().sum()
         sums[3] += 3 * free.sum()
+        if with_stress:
+            sums[4:6] += torch.tensor(
+                stress_abs_errors(pred["stress"], batch.extra.get("stress")), device=device
+            )
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
-    return {
+    metrics = {
         "energy_mae_meV": 1000 * (sums[0] / sums[1].clamp(min=1)).item(),
         "forces_mae_meV_A": 1000 * (sums[2] / sums[3].clamp(min=1)).item(),
         "structures": int(sums[1].item()),
     }
+    if sums[5] > 0:
+        stress_mae = (sums[4] / sums[5]).item()  # eV/Å³
+        metrics.update(stress_mae_meV_A3=1000 * stress_mae, stress_mae_GPa=stress_mae / GPa)
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------------

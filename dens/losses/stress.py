@@ -25,12 +25,14 @@ from ..models.stress import decompose_stress
 from .s2ef import loss_dtype
 
 __all__ = [
+    "MATERIALS_KEYS",
     "StressLossSettings",
     "energy_per_atom_errors",
     "fit_element_references",
     "fit_stress_normalizer",
     "fit_stress_statistics",
     "materials_settings",
+    "stress_abs_errors",
     "stress_errors",
     "stress_loss",
     "stress_term",
@@ -49,6 +51,11 @@ class StressLossSettings:
         Normalisers of the two parts (fit them on the training labels with :func:`fit_stress_normalizer`).
     on_corrupted : {'skip', 'clean_target'}
         The stress target of DeNS structures (module docstring).
+    anisotropic_error : {'norm', 'mae'}
+        The anisotropic part's error per structure: 'norm', the Euclidean norm of the five-component
+        error (rotation invariant, dens's default); 'mae', the mean of its five absolute errors
+        (fairchem's ``stress_anisotropic: {fn: mae, reduction: mean}``, so that ``coefficient`` times the
+        term equals fairchem's two stress terms when both have that coefficient).
     """
 
     coefficient: float = 1.0
@@ -57,8 +64,11 @@ class StressLossSettings:
     anisotropic_mean: float = 0.0
     anisotropic_std: float = 1.0
     on_corrupted: str = "skip"
+    anisotropic_error: str = "norm"
 
     def __post_init__(self) -> None:
+        if self.anisotropic_error not in ("norm", "mae"):
+            raise ValueError(f"anisotropic_error must be 'norm' or 'mae', got {self.anisotropic_error!r}")
         if self.on_corrupted not in ("skip", "clean_target"):
             raise ValueError(f"on_corrupted must be 'skip' or 'clean_target', got {self.on_corrupted!r}")
         if self.isotropic_std <= 0 or self.anisotropic_std <= 0:
@@ -74,13 +84,18 @@ def energy_per_atom_errors(pred: Tensor, energy: Tensor, natoms: Tensor, mean: f
 
 
 def stress_errors(out: Mapping[str, Tensor], stress: Tensor, settings: StressLossSettings) -> Tensor:
-    """Per structure ``|iso - iso*| + ||aniso - aniso*||`` in normalised units, ``[B]``."""
+    """Per structure ``|iso - iso*| + ||aniso - aniso*||`` in normalised units, ``[B]`` (with
+    ``anisotropic_error='mae'`` the mean of the five ``|aniso_k - aniso_k*|`` instead of the norm)."""
     dtype = loss_dtype(out["stress_isotropic"])
     iso, aniso = decompose_stress(stress.to(torch.float64))
     iso_t = ((iso - settings.isotropic_mean) / settings.isotropic_std).to(dtype)
     aniso_t = ((aniso - settings.anisotropic_mean) / settings.anisotropic_std).to(dtype)
     iso_err = (out["stress_isotropic"].to(dtype).reshape(-1, 1) - iso_t).abs()[:, 0]
-    aniso_err = torch.linalg.vector_norm(out["stress_anisotropic"].to(dtype).reshape(-1, 5) - aniso_t, dim=-1)
+    aniso_diff = out["stress_anisotropic"].to(dtype).reshape(-1, 5) - aniso_t
+    if settings.anisotropic_error == "mae":
+        aniso_err = aniso_diff.abs().mean(dim=-1)
+    else:
+        aniso_err = torch.linalg.vector_norm(aniso_diff, dim=-1)
     return iso_err + aniso_err
 
 
@@ -125,9 +140,11 @@ def fit_stress_normalizer(stress: Tensor) -> dict[str, float]:
     }
 
 
-_MATERIALS_KEYS = {
+#: the keys of the ``materials`` config group
+MATERIALS_KEYS = {
     "stress_coefficient",
     "stress_on_corrupted",
+    "stress_anisotropic_error",
     "energy_per_atom",
     "element_references",
     "normalizer_structures",
@@ -138,6 +155,7 @@ def materials_settings(model: Any, materials: Mapping[str, Any] | None) -> Stres
     """The stress term of a training run from its ``materials`` config section (None: no stress term).
 
     ``materials``: ``stress_coefficient`` (0: off), ``stress_on_corrupted`` ('skip' | 'clean_target'),
+    ``stress_anisotropic_error`` ('norm' | 'mae': :class:`StressLossSettings`),
     ``energy_per_atom``, ``element_references`` ('fit': :func:`fit_element_references` in ``dens.train``)
     and ``normalizer_structures`` (read by the trainer and ``dens.train``). The normalisers are the
     model's (``ForceField.stress_normalizer``).
@@ -149,9 +167,9 @@ def materials_settings(model: Any, materials: Mapping[str, Any] | None) -> Stres
         output on DeNS structures (``stress_use_denoising=False``).
     """
     materials = dict(materials or {})
-    unknown = set(materials) - _MATERIALS_KEYS
+    unknown = set(materials) - MATERIALS_KEYS
     if unknown:
-        raise ValueError(f"materials: unknown keys {sorted(unknown)}; known: {sorted(_MATERIALS_KEYS)}")
+        raise ValueError(f"materials: unknown keys {sorted(unknown)}; known: {sorted(MATERIALS_KEYS)}")
     coefficient = float(materials.get("stress_coefficient", 0.0))
     if coefficient == 0.0:
         return None
@@ -167,7 +185,10 @@ def materials_settings(model: Any, materials: Mapping[str, Any] | None) -> Stres
             "(stress_use_denoising=False): set one of them the other way"
         )
     mean_iso, std_iso, mean_aniso, std_aniso = model.stress_normalizer.tolist()
-    return StressLossSettings(coefficient, mean_iso, std_iso, mean_aniso, std_aniso, on_corrupted)
+    anisotropic_error = materials.get("stress_anisotropic_error", "norm")
+    return StressLossSettings(
+        coefficient, mean_iso, std_iso, mean_aniso, std_aniso, on_corrupted, anisotropic_error
+    )
 
 
 def stress_term(
@@ -191,6 +212,28 @@ def stress_term(
         keep = keep & ~corrupted
     errors = stress_errors(out, torch.where(keep[:, None, None], stress, torch.zeros_like(stress)), settings)
     return (errors * keep.to(errors.dtype)).sum() / denominator.to(errors.dtype).clamp(min=1e-12)
+
+
+def stress_abs_errors(pred: Tensor, labels: Tensor | None) -> tuple[float, int]:
+    """Validation stress error: the sum of ``|S_pred - S|`` over the nine components of the structures that
+    have a (finite) label, and the number of components summed (eV/Å³; fairchem's stress ``mae`` counts
+    the nine components of the 3x3 tensor likewise).
+
+    Parameters
+    ----------
+    pred : Tensor
+        ``[B, 3, 3]`` predicted stress (eV/Å³).
+    labels : Tensor or None
+        ``[B, 3, 3]`` or ``[B, 1, 3, 3]`` labels, NaN rows for structures without one (None: no labels).
+    """
+    if labels is None:
+        return 0.0, 0
+    labels = labels.detach().reshape(-1, 9).to(torch.float64).cpu()
+    pred = pred.detach().reshape(-1, 9).to(torch.float64).cpu()
+    if labels.shape != pred.shape:
+        raise ValueError(f"stress labels {tuple(labels.shape)} and predictions {tuple(pred.shape)} differ")
+    keep = torch.isfinite(labels).all(dim=1)
+    return float((pred[keep] - labels[keep]).abs().sum()), 9 * int(keep.sum())
 
 
 def fit_stress_statistics(dataset: Any, limit: int = 10000) -> dict[str, float]:

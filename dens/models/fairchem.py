@@ -398,6 +398,25 @@ def save_fairchem_checkpoint(
     The constant buffers are not written and ``config['task']['strict_load']`` is set to False:
     fairchem's constructor builds them, and its ``load_state_dict(strict=False)`` then reports exactly
     those keys as missing (as for the fairchem fixtures).
+
+    Loading the file in fairchem-core 1.x (1.10, torch 2.4):
+
+    * ``OCPCalculator(checkpoint_path=path)``: fairchem builds its trainer from ``config``, so the
+      config must be a complete fairchem config (``trainer``, ``outputs``, ``loss_functions``,
+      ``optim``, ``model``...). A model imported from a fairchem checkpoint keeps that file's config; for
+      a dens-trained model pass one, e.g. fairchem's ``load_config("configs/omat24/mptrj/
+      eqV2_31M_dens_mptrj.yml")[0]`` (its ``includes`` resolved), whose ``model`` section must describe
+      this model. ``BaseTrainer.load_checkpoint`` reads ``task.strict_load`` (False here), matches the
+      ``module.`` prefixes, and loads ``normalizers`` (``energy``, ``forces``, ``stress_isotropic``,
+      ``stress_anisotropic``: ``mean`` / ``rmsd``) and ``elementrefs``.
+    * By hand: build fairchem's ``HydraModel`` from ``config['model']`` (without ``name``), then
+      ``model.load_state_dict(ckpt['state_dict'], strict=False)``: nothing unexpected, and missing only
+      the ``SO3_rotation`` / ``SO3_grid`` / ``mappingReduced`` / ``expand_index`` /
+      ``balance_degree_weight`` constants; de-normalise the outputs and add the element references as
+      fairchem's trainer does.
+
+    Untested against fairchem itself (it needs torch 2.4); the tests check the key set, shapes and
+    dtypes against the fixtures' real fairchem state_dicts.
     """
     backbone = model.backbone
     if not isinstance(backbone, EquiformerV2):
