@@ -48,8 +48,8 @@ from torch import Tensor
 
 from .data.batch import collate
 from .evaluate import _progress, model_device, model_dtype, prepare_batch
-from .ops import scatter_sum
 from .lbfgs import select_structures
+from .ops import scatter_sum
 
 __all__ = [
     "BatchedMD",
