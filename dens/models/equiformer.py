@@ -140,6 +140,7 @@ class EquivariantGraphAttention(nn.Module):
 
     def __init__(
         self,
+        *,
         irreps_in: str | o3.Irreps,
         irreps_sh: str | o3.Irreps,
         irreps_out: str | o3.Irreps,
@@ -278,6 +279,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(
         self,
+        *,
         irreps_in: o3.Irreps,
         irreps_out: o3.Irreps,
         irreps_sh: o3.Irreps,
@@ -297,13 +299,13 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm_1 = IrrepsLayerNorm(irreps_in) if layer_norm else nn.Identity()
         self.attention = EquivariantGraphAttention(
-            irreps_in,
-            irreps_sh,
-            irreps_in,
-            fc_neurons,
-            irreps_head,
-            num_heads,
-            irreps_pre_attn,
+            irreps_in=irreps_in,
+            irreps_sh=irreps_sh,
+            irreps_out=irreps_in,
+            fc_neurons=fc_neurons,
+            irreps_head=irreps_head,
+            num_heads=num_heads,
+            irreps_pre_attn=irreps_pre_attn,
             nonlinear_message=nonlinear_message,
             attention=attention,
             rescale_degree=rescale_degree,
@@ -493,21 +495,21 @@ class Equiformer(nn.Module):
         self.force_encoder = IrrepsForceEncoder(irreps_force_encoding, node) if use_force_encoding else None
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                node,
-                feature if i == num_layers - 1 else node,
-                sh,
-                fc,
-                o3.Irreps(irreps_head),
-                num_heads,
-                pre,
-                o3.Irreps(irreps_mlp_mid),
-                nonlinear_message,
-                attention,
-                layer_norm,
-                rescale_degree,
-                alpha_drop,
-                proj_drop,
-                drop_path_rate,
+                irreps_in=node,
+                irreps_out=feature if i == num_layers - 1 else node,
+                irreps_sh=sh,
+                fc_neurons=fc,
+                irreps_head=o3.Irreps(irreps_head),
+                num_heads=num_heads,
+                irreps_pre_attn=pre,
+                irreps_mlp_mid=o3.Irreps(irreps_mlp_mid),
+                nonlinear_message=nonlinear_message,
+                attention=attention,
+                layer_norm=layer_norm,
+                rescale_degree=rescale_degree,
+                alpha_drop=alpha_drop,
+                proj_drop=proj_drop,
+                drop_path_rate=drop_path_rate,
             )
             for i in range(num_layers)
         )
@@ -521,13 +523,13 @@ class Equiformer(nn.Module):
         self.noise_head = None
         if use_force_encoding:
             self.noise_head = EquivariantGraphAttention(
-                feature,
-                sh,
-                "1x1e",
-                fc,
-                o3.Irreps(irreps_head),
-                num_heads,
-                pre,
+                irreps_in=feature,
+                irreps_sh=sh,
+                irreps_out="1x1e",
+                fc_neurons=fc,
+                irreps_head=o3.Irreps(irreps_head),
+                num_heads=num_heads,
+                irreps_pre_attn=pre,
                 nonlinear_message=nonlinear_message,
                 attention=attention,
                 rescale_degree=rescale_degree,

@@ -130,6 +130,7 @@ class SO2GraphAttention(nn.Module):
 
     def __init__(
         self,
+        *,
         channels: int,
         hidden_channels: int,
         num_heads: int,
@@ -237,6 +238,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(
         self,
+        *,
         channels: int,
         hidden_channels: int,
         num_heads: int,
@@ -256,18 +258,18 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm_1 = get_normalization(norm_type, lmax, channels)
         self.ga = SO2GraphAttention(
-            channels,
-            hidden_channels,
-            num_heads,
-            alpha_channels,
-            value_channels,
-            channels,
-            lmax,
-            mmax,
-            edge_channels_list,
-            num_elements,
-            grid_resolution,
-            alpha_drop,
+            channels=channels,
+            hidden_channels=hidden_channels,
+            num_heads=num_heads,
+            alpha_channels=alpha_channels,
+            value_channels=value_channels,
+            output_channels=channels,
+            lmax=lmax,
+            mmax=mmax,
+            edge_channels_list=edge_channels_list,
+            num_elements=num_elements,
+            grid_resolution=grid_resolution,
+            alpha_drop=alpha_drop,
         )
         self.norm_2 = get_normalization(norm_type, lmax, channels)
         self.ffn = FeedForward(channels, ffn_hidden_channels, channels, lmax, grid_resolution)
@@ -377,26 +379,26 @@ class EquiformerV2(nn.Module):
         self.edge_degree_embedding = EdgeDegreeEmbedding(
             sphere_channels, lmax, mmax, edge_channels_list, max_num_elements, avg_degree
         )
-        block_args = (
-            sphere_channels,
-            attn_hidden_channels,
-            num_heads,
-            attn_alpha_channels,
-            attn_value_channels,
+        shared = dict(
+            channels=sphere_channels,
+            hidden_channels=attn_hidden_channels,
+            num_heads=num_heads,
+            alpha_channels=attn_alpha_channels,
+            value_channels=attn_value_channels,
+            lmax=lmax,
+            mmax=mmax,
+            edge_channels_list=edge_channels_list,
+            num_elements=max_num_elements,
+            grid_resolution=grid_resolution,
         )
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                *block_args,
-                ffn_hidden_channels,
-                lmax,
-                mmax,
-                edge_channels_list,
-                max_num_elements,
-                grid_resolution,
-                norm_type,
-                alpha_drop,
-                drop_path_rate,
-                proj_drop,
+                **shared,
+                ffn_hidden_channels=ffn_hidden_channels,
+                norm_type=norm_type,
+                alpha_drop=alpha_drop,
+                drop_path_rate=drop_path_rate,
+                proj_drop=proj_drop,
             )
             for _ in range(num_layers)
         )
@@ -404,16 +406,7 @@ class EquiformerV2(nn.Module):
         self.energy_block = FeedForward(sphere_channels, ffn_hidden_channels, 1, lmax, grid_resolution)
 
         def attention_head() -> SO2GraphAttention:
-            return SO2GraphAttention(
-                *block_args,
-                1,
-                lmax,
-                mmax,
-                edge_channels_list,
-                max_num_elements,
-                grid_resolution,
-                alpha_drop=0.0,
-            )
+            return SO2GraphAttention(**shared, output_channels=1, alpha_drop=0.0)
 
         self.force_block = attention_head() if direct_forces else None
         self.force_encoder = ForceEncoder(lmax, sphere_channels) if use_force_encoding else None

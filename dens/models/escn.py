@@ -251,6 +251,7 @@ class MessageBlock(nn.Module):
 
     def __init__(
         self,
+        *,
         channels: int,
         hidden_channels: int,
         edge_channels: int,
@@ -291,6 +292,7 @@ class LayerBlock(nn.Module):
 
     def __init__(
         self,
+        *,
         channels: int,
         hidden_channels: int,
         edge_channels: int,
@@ -302,13 +304,13 @@ class LayerBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.message = MessageBlock(
-            channels,
-            hidden_channels,
-            edge_channels,
-            layout,
-            distance_expansion,
-            max_num_elements,
-            message_grid,
+            channels=channels,
+            hidden_channels=hidden_channels,
+            edge_channels=edge_channels,
+            layout=layout,
+            distance_expansion=distance_expansion,
+            max_num_elements=max_num_elements,
+            message_grid=message_grid,
         )
         self.sphere_grid = sphere_grid
         self.fc1_sphere = nn.Linear(2 * channels, channels, bias=False)
@@ -467,14 +469,14 @@ class ESCN(nn.Module):
         self.sphere_grid = SphereGrid(lmax, lmax, normalization="integral")
         self.layers = nn.ModuleList(
             LayerBlock(
-                sphere_channels,
-                hidden_channels,
-                edge_channels,
-                self.layout,
-                self.distance_expansion,
-                max_num_elements,
-                self.message_grid,
-                self.sphere_grid,
+                channels=sphere_channels,
+                hidden_channels=hidden_channels,
+                edge_channels=edge_channels,
+                layout=self.layout,
+                distance_expansion=self.distance_expansion,
+                max_num_elements=max_num_elements,
+                message_grid=self.message_grid,
+                sphere_grid=self.sphere_grid,
             )
             for _ in range(num_layers)
         )
