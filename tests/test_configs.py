@@ -565,3 +565,13 @@ def test_dens_experiments_share_the_proven_objective(composed, name):
         assert cfg.data.normalizer == proven.data.normalizer == "auto_unbiased"
     else:  # the official constants (OFFICIAL_SETTINGS §4); OC22 has its own after the linear reference
         assert set(cfg.data.normalizer) == {"energy_mean", "energy_std", "force_std"}
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in EXPERIMENTS if n.startswith(("md17_table5_", "md17_table6_", "oc20_2m_ablation_"))]
+)
+def test_variants_build_on_their_recipe(name):
+    """A Table 5/6 variant is its recipe's experiment plus the keys it changes (the values are guarded by
+    the tests above, on the composed configuration)."""
+    defaults = OmegaConf.load(CONF / "experiment" / f"{name}.yaml").defaults
+    assert defaults[0] in EXPERIMENTS and defaults[-1] == "_self_", defaults

@@ -1,7 +1,5 @@
-"""Energy / force normalisers, statistics streamed from data, and energy references.
+"""Energy and force statistics streamed from data (for the normalisers), and energy references.
 
-* :class:`Normalizer`: ``(x - mean) / std`` and back; :data:`OFFICIAL_NORMALIZERS` holds the official
-  OC20 and OC22 values as named settings (``normalizers("oc20")``).
 * :func:`compute_statistics`: energy and force statistics from a dataset, streamed (one structure at a
   time, Welford updates), never loading everything.
 * :func:`fit_linear_reference`: per-element energies ``E ≈ Σ_Z c_Z n_Z`` by least squares, accumulated
@@ -10,14 +8,6 @@
   ``{"random<sid>": E_ref}``), which turns total energies into adsorption-referenced ones.
 
 Energy references are dataset transforms: they state explicitly which target is trained on.
-
-Examples
---------
->>> n = normalizers("oc20")
->>> round(n["energy"].std, 4), n["forces"].mean
-(2.8873, 0.0)
->>> float(n["energy"].denorm(n["energy"].norm(torch.tensor(1.0))))
-1.0
 """
 
 from __future__ import annotations
@@ -26,7 +16,6 @@ import logging
 import math
 import pickle
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,70 +24,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "OFFICIAL_NORMALIZERS",
     "LinearReference",
-    "Normalizer",
     "SystemReference",
     "compute_statistics",
     "fit_linear_reference",
     "load_linear_reference",
-    "normalizers",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: A structure whose force RMS is this many times the median structure's is an outlier in the statistics.
 FORCE_OUTLIER_FACTOR = 100.0
-
-#: Official normaliser settings (mean, std) of the DeNS / EquiformerV2 configs.
-OFFICIAL_NORMALIZERS: dict[str, dict[str, tuple[float, float]]] = {
-    # OC20 S2EF (all DeNS configs): forces use the energy std, as the legacy target_std/grad_target_std
-    "oc20": {"energy": (-0.7554450631141663, 2.887317180633545), "forces": (0.0, 2.887317180633545)},
-    # OC22 (after the linear reference)
-    "oc22": {"energy": (0.0, 25.119809935106424), "forces": (0.0, 0.14759646356105804)},
-}
-
-
-@dataclass
-class Normalizer:
-    """``norm(x) = (x - mean) / std``; ``denorm`` is its inverse.
-
-    Examples
-    --------
-    >>> Normalizer(1.0, 2.0).norm(torch.tensor([3.0])).tolist()
-    [1.0]
-    """
-
-    mean: float = 0.0
-    std: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.std) and self.std > 0):
-            raise ValueError(f"Normalizer std must be positive and finite, got {self.std}")
-
-    def norm(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
-
-    def denorm(self, x: Tensor) -> Tensor:
-        return x * self.std + self.mean
-
-    def state_dict(self) -> dict[str, float]:
-        return {"mean": float(self.mean), "std": float(self.std)}
-
-    @classmethod
-    def from_state_dict(cls, state: Mapping[str, float]) -> Normalizer:
-        return cls(float(state["mean"]), float(state.get("std", state.get("stdev", 1.0))))
-
-
-def normalizers(name: str) -> dict[str, Normalizer]:
-    """Named official settings: ``"oc20"`` or ``"oc22"``."""
-    try:
-        cfg = OFFICIAL_NORMALIZERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown normaliser setting {name!r}; known: {sorted(OFFICIAL_NORMALIZERS)}"
-        ) from None
-    return {k: Normalizer(*v) for k, v in cfg.items()}
 
 
 class _Welford:

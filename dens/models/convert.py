@@ -30,7 +30,7 @@ from ._official_equiformer import (
 )
 from ._official_escn import config_to_kwargs, export_official_escn, import_official_escn, run_escn_fixture
 from .equiformer import Equiformer
-from .equiformer_v2 import EquiformerV2
+from .equiformer_v2 import AVG_DEGREE, EquiformerV2
 from .escn import ESCN
 from .s2 import SphereGrid
 from .so3 import edge_frames_official
@@ -119,7 +119,7 @@ def equiformer_v2_from_official_config(
         drop_path_rate=config.get("drop_path_rate", 0.05),
         proj_drop=config.get("proj_drop", 0.0),
         avg_num_nodes=config.get("avg_num_nodes", 77.81317),
-        avg_degree=config.get("avg_degree", 23.395238876342773),
+        avg_degree=config.get("avg_degree", AVG_DEGREE),
         use_force_encoding=dens and config.get("use_force_encoding", True),
         **overrides,
     )

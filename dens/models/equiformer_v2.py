@@ -22,7 +22,14 @@ from torch import Tensor, nn
 from ..ops import scatter_sum, segment_softmax
 from .force_encoder import ForceEncoder
 from .heads import assemble_dens_forces, gradient_forces, reduce_energy
-from .layers import EquivariantDropout, GaussianSmearing, GraphDropPath, RadialMLP, get_normalization
+from .layers import (
+    EquivariantDropout,
+    GaussianSmearing,
+    GraphDropPath,
+    RadialMLP,
+    SmoothLeakyReLU,
+    get_normalization,
+)
 from .s2 import SeparableS2Activation, SphereGrid
 from .so2 import EdgeRotation, SO2Convolution, degree_rescale
 from .so3 import CoefficientLayout, SO3Linear, precompute
@@ -30,6 +37,9 @@ from .so3 import edge_frames as default_edge_frames
 from .stress import EquivariantRank2Head, FairchemRank2Head
 
 __all__ = ["PRESETS", "EquiformerV2"]
+
+#: Average number of neighbours of OC20 S2EF-2M (the official EquiformerV2 normaliser of summed messages).
+AVG_DEGREE = 23.395238876342773
 
 
 # Paper configurations (Tables 7 and 8; `../shared/OFFICIAL_SETTINGS.md` for what the paper leaves out).
@@ -60,17 +70,6 @@ for _size, (_layers, _lmax, _mmax) in _OMAT24_SIZES.items():
     PRESETS[f"mptrj_dens_{_size}"] = dict(
         _common, avg_num_nodes=31.16592360068011, avg_degree=61.94676351484548, stress_use_denoising=False
     )
-
-
-class SmoothLeakyReLU(nn.Module):
-    """``((1+a)/2) x + ((1-a)/2) x (2 sigmoid(x) - 1)``: a smooth leaky ReLU with slope ``a`` at -inf."""
-
-    def __init__(self, negative_slope: float = 0.2) -> None:
-        super().__init__()
-        self.alpha = negative_slope
-
-    def forward(self, x: Tensor) -> Tensor:
-        return 0.5 * (1 + self.alpha) * x + 0.5 * (1 - self.alpha) * x * (2 * torch.sigmoid(x) - 1)
 
 
 def _atom_edge_embedding(num_elements: int, channels: int) -> nn.Embedding:
@@ -131,6 +130,7 @@ class SO2GraphAttention(nn.Module):
 
     def __init__(
         self,
+        *,
         channels: int,
         hidden_channels: int,
         num_heads: int,
@@ -238,6 +238,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(
         self,
+        *,
         channels: int,
         hidden_channels: int,
         num_heads: int,
@@ -257,18 +258,18 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm_1 = get_normalization(norm_type, lmax, channels)
         self.ga = SO2GraphAttention(
-            channels,
-            hidden_channels,
-            num_heads,
-            alpha_channels,
-            value_channels,
-            channels,
-            lmax,
-            mmax,
-            edge_channels_list,
-            num_elements,
-            grid_resolution,
-            alpha_drop,
+            channels=channels,
+            hidden_channels=hidden_channels,
+            num_heads=num_heads,
+            alpha_channels=alpha_channels,
+            value_channels=value_channels,
+            output_channels=channels,
+            lmax=lmax,
+            mmax=mmax,
+            edge_channels_list=edge_channels_list,
+            num_elements=num_elements,
+            grid_resolution=grid_resolution,
+            alpha_drop=alpha_drop,
         )
         self.norm_2 = get_normalization(norm_type, lmax, channels)
         self.ffn = FeedForward(channels, ffn_hidden_channels, channels, lmax, grid_resolution)
@@ -358,7 +359,7 @@ class EquiformerV2(nn.Module):
         drop_path_rate: float = 0.05,
         proj_drop: float = 0.0,
         avg_num_nodes: float = 77.81317,
-        avg_degree: float = 23.395238876342773,
+        avg_degree: float = AVG_DEGREE,
         use_force_encoding: bool = False,
         direct_forces: bool = True,
         stress_head: str | None = None,
@@ -378,26 +379,26 @@ class EquiformerV2(nn.Module):
         self.edge_degree_embedding = EdgeDegreeEmbedding(
             sphere_channels, lmax, mmax, edge_channels_list, max_num_elements, avg_degree
         )
-        block_args = (
-            sphere_channels,
-            attn_hidden_channels,
-            num_heads,
-            attn_alpha_channels,
-            attn_value_channels,
+        shared = dict(
+            channels=sphere_channels,
+            hidden_channels=attn_hidden_channels,
+            num_heads=num_heads,
+            alpha_channels=attn_alpha_channels,
+            value_channels=attn_value_channels,
+            lmax=lmax,
+            mmax=mmax,
+            edge_channels_list=edge_channels_list,
+            num_elements=max_num_elements,
+            grid_resolution=grid_resolution,
         )
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                *block_args,
-                ffn_hidden_channels,
-                lmax,
-                mmax,
-                edge_channels_list,
-                max_num_elements,
-                grid_resolution,
-                norm_type,
-                alpha_drop,
-                drop_path_rate,
-                proj_drop,
+                **shared,
+                ffn_hidden_channels=ffn_hidden_channels,
+                norm_type=norm_type,
+                alpha_drop=alpha_drop,
+                drop_path_rate=drop_path_rate,
+                proj_drop=proj_drop,
             )
             for _ in range(num_layers)
         )
@@ -405,16 +406,7 @@ class EquiformerV2(nn.Module):
         self.energy_block = FeedForward(sphere_channels, ffn_hidden_channels, 1, lmax, grid_resolution)
 
         def attention_head() -> SO2GraphAttention:
-            return SO2GraphAttention(
-                *block_args,
-                1,
-                lmax,
-                mmax,
-                edge_channels_list,
-                max_num_elements,
-                grid_resolution,
-                alpha_drop=0.0,
-            )
+            return SO2GraphAttention(**shared, output_channels=1, alpha_drop=0.0)
 
         self.force_block = attention_head() if direct_forces else None
         self.force_encoder = ForceEncoder(lmax, sphere_channels) if use_force_encoding else None
