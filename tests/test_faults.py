@@ -350,8 +350,13 @@ def test_9_a_changed_config_is_refused_unless_asked_explicitly(tmp_path):
 
 
 # ------------------------------------------------------------------- 10 + 11. killed checkpoint writes
-def test_10_11_kill_during_a_checkpoint_write_leaves_no_temporaries_and_no_duplicate_records(tmp_path):
-    """A run killed (SIGKILL) inside its step-4 checkpoint write, then resumed: exact records, no leftovers."""
+def test_10_11_kill_during_a_checkpoint_write_leaves_no_temporaries_and_no_duplicate_records(
+    tmp_path, one_thread
+):
+    """A run killed (SIGKILL) inside its step-4 checkpoint write, then resumed: exact records, no leftovers.
+
+    Every part runs on one thread, as the killed subprocess does: bitwise equality needs the same
+    reduction order."""
     script = textwrap.dedent(
         f"""
         import os, signal, sys, torch

@@ -203,7 +203,8 @@ class ForceField(nn.Module):
         >>> model.cutoff, model.max_neighbors, round(float(model.energy_std), 3)
         (12.0, 20, 2.887)
         """
-        from ..data.normalize import normalizers
+        from omegaconf import OmegaConf
+
         from . import ESCN, Equiformer, EquiformerV2
 
         classes = {"equiformer_v2": EquiformerV2, "escn": ESCN, "equiformer": Equiformer}
@@ -213,12 +214,9 @@ class ForceField(nn.Module):
         dataset = name.split("_")[0]
         norm: dict[str, float] = {}
         if dataset in ("oc20", "oc22"):
-            n = normalizers(dataset)
-            norm = {
-                "energy_mean": n["energy"].mean,
-                "energy_std": n["energy"].std,
-                "force_std": n["forces"].std,
-            }
+            # the official constants, from the shipped data config that the paper experiments train with
+            data_cfg = Path(__file__).resolve().parents[1] / "conf" / "data" / f"{dataset}_s2ef.yaml"
+            norm = {k: float(v) for k, v in OmegaConf.load(data_cfg).normalizer.items()}
         max_neighbors = None if dataset == "md17" else 20
         return cls(backbone, None, max_neighbors, strict_max_neighbors=dataset != "oc22", **norm).eval()
 
