@@ -5,4 +5,24 @@ graphs), :mod:`dens.testing` (equivariance test helpers), :mod:`dens.ops` (scatt
 :mod:`dens.runtime` (process settings for fast CPU training).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .models.potential import ForceField
+
 __version__ = "0.1.0"
+
+__all__ = ["load"]
+
+
+def load(path: str, device: str = "cpu", use_ema: bool = True) -> ForceField:
+    """A :class:`~dens.models.ForceField` from a dens or official checkpoint (EMA weights by default).
+
+    ``dens.load("runs/demo/checkpoints/best.pt").predict(atoms)`` gives the total energy (eV) and forces
+    (eV/Å) of an ``ase.Atoms`` (or of a list of them).
+    """
+    from .evaluate import load_model
+
+    return load_model(path, device=device, use_ema=use_ema)

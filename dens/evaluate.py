@@ -12,22 +12,28 @@ key                        unit        definition
 ``forces_magnitude_error`` meV/Å       mean over free atoms of ``| |F_pred| - |F| |``
 ``efwt``                   %           structures with ``|ΔE| < 0.02 eV`` **and** ``max |ΔF| < 0.03 eV/Å``, the
                                        maximum over the free atoms and the three components
+``stress_mae``             meV/Å³      mean over the nine components of ``|S_pred - S|`` (structures with a
+                                       stress label, models with a stress head); ``stress_mae_GPa`` in GPa
 =========================  ==========  ========================================================================
 
 Over the four OC20 validation splits (ID, OOD-ads, OOD-cat, OOD-both) the paper reports the plain mean of
 the per-split numbers: :func:`average_metrics`.
 
 Prediction files (:func:`write_predictions`) follow the layout of the OCP ``predict`` mode: ``ids``
-(``"sid_fid"`` strings, de-duplicated and sorted as ``np.unique`` does), ``energy`` [S], ``forces`` (the
-free atoms of every structure, concatenated) and ``chunk_idx`` (the cumulative free-atom counts without
-the last, so that ``np.split(forces, chunk_idx)`` gives the per-structure arrays), float16 unless asked
-otherwise. :func:`merge_submission` merges the split files into the one file the evaluation server takes:
+(``"sid_fid"`` strings), ``energy`` [S], ``forces`` (the free atoms of every structure, concatenated) and
+``chunk_idx`` (the cumulative free-atom counts without the last, so that ``np.split(forces, chunk_idx)``
+gives the per-structure arrays). The command line writes them in float32 and in the order of the file,
+except for the OC20/OC22 test splits, which go to the evaluation server as it wants them: float16, ids
+de-duplicated and sorted as ``np.unique`` does (the function's defaults). A ``.extxyz`` prediction path
+(:func:`write_extxyz_predictions`) writes every structure with its labels and ``dens_energy`` /
+``dens_forces`` (all atoms, float64, file order), as MACE's ``eval_configs`` does. :func:`merge_submission` merges the split files into the one file the evaluation server takes:
 every key prefixed with its split, ``id``, ``ood_ads``, ``ood_cat``, ``ood_both`` (OC20) or ``id``,
 ``ood`` (OC22).
 
 Command line::
 
     python -m dens.evaluate --checkpoint runs/demo/checkpoints/best.pt --data val_id.lmdb --split-name val_id
+    dens-predict --checkpoint best.pt --data mine.extxyz --energy-key REF_energy --out predictions.extxyz
 
 Examples
 --------
@@ -56,9 +62,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from ase.units import GPa
 from torch import Tensor, nn
 
+from .checkpoint import element_names, unseen_elements
 from .data.batch import Batch, collate
+from .data.open import LABEL_OPTIONS
+from .losses.stress import stress_abs_errors
 
 __all__ = [
     "EFWT_ENERGY_THRESHOLD",
@@ -75,6 +85,7 @@ __all__ = [
     "prepare_batch",
     "s2ef_metrics",
     "structure_id",
+    "write_extxyz_predictions",
     "write_predictions",
 ]
 
@@ -113,7 +124,8 @@ class S2EFMetrics:
     (500.0, 0.0, 1.0, 0.0)
     """
 
-    _KEYS = ("e_abs", "structures", "f_abs_x", "f_abs_y", "f_abs_z", "atoms", "cos", "mag", "efwt", "efwt_n")
+    _KEYS = ("e_abs", "structures", "f_abs_x", "f_abs_y", "f_abs_z", "atoms", "cos", "mag", "efwt", "efwt_n",
+             "s_abs", "s_n")  # fmt: skip
 
     def __init__(
         self,
@@ -169,8 +181,15 @@ class S2EFMetrics:
             s["efwt"] += float(ok.sum())
             s["efwt_n"] += int(ok.numel())
 
+    @torch.no_grad()
+    def update_stress(self, stress: Tensor, batch: Batch) -> None:
+        """Add ``[B, 3, 3]`` predicted stresses (eV/Å³) against the batch's ``stress`` labels, if any."""
+        total, count = stress_abs_errors(stress, batch.extra.get("stress"))
+        self.sums["s_abs"] += total
+        self.sums["s_n"] += count
+
     def compute(self) -> dict[str, float]:
-        """The metrics so far (meV, meV/Å, %); keys whose labels were never seen are absent."""
+        """The metrics so far (meV, meV/Å, %, meV/Å³); keys whose labels were never seen are absent."""
         s = self.sums
         out: dict[str, float] = {}
         if s["structures"]:
@@ -184,6 +203,9 @@ class S2EFMetrics:
             out["forces_magnitude_error"] = 1000.0 * s["mag"] / n
         if s["efwt_n"]:
             out["efwt"] = 100.0 * s["efwt"] / s["efwt_n"]
+        if s["s_n"]:
+            out["stress_mae"] = 1000.0 * s["s_abs"] / s["s_n"]
+            out["stress_mae_GPa"] = s["s_abs"] / s["s_n"] / GPa
         out["structures"] = float(s["structures"] or s["efwt_n"])
         out["free_atoms"] = float(s["atoms"])
         return out
@@ -259,6 +281,7 @@ def write_predictions(
     energy: Sequence[float] | np.ndarray,
     forces: Sequence[np.ndarray] | None = None,
     dtype: str | np.dtype = "float16",
+    sort: bool = True,
 ) -> Path:
     """Write an OCP-layout prediction file.
 
@@ -274,11 +297,14 @@ def write_predictions(
         Per structure, the ``[n_free, 3]`` forces of its free atoms (eV/Å).
     dtype : str or numpy dtype
         Precision of energies and forces (official default float16; OC22 float32).
+    sort : bool
+        Drop duplicated ids (first kept) and sort the rest as ``np.unique`` orders (the evaluation
+        server's layout); False keeps every structure in the given order.
 
     Returns
     -------
     Path
-        The file. Duplicated ids are dropped (first kept) and the rest sorted, as ``np.unique`` orders.
+        The file.
 
     Examples
     --------
@@ -293,7 +319,10 @@ def write_predictions(
     energy_arr = np.asarray(energy, dtype=np.float64).reshape(-1)
     if len(ids_arr) != len(energy_arr):
         raise ValueError(f"{len(ids_arr)} ids but {len(energy_arr)} energies")
-    _, keep = np.unique(ids_arr, return_index=True)  # sorted unique ids, first occurrence of each
+    if sort:
+        _, keep = np.unique(ids_arr, return_index=True)  # sorted unique ids, first occurrence of each
+    else:
+        keep = np.arange(len(ids_arr))
     out: dict[str, np.ndarray] = {"ids": ids_arr[keep], "energy": energy_arr[keep].astype(dtype)}
     if forces is not None:
         if len(forces) != len(ids_arr):
@@ -305,6 +334,39 @@ def write_predictions(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez_compressed(tmp, **out)
+    os.replace(tmp, path)
+    return path
+
+
+def write_extxyz_predictions(path: str | Path, structures: Sequence[Mapping[str, Any]],
+                             energy: Sequence[float], forces: Sequence[np.ndarray]) -> Path:  # fmt: skip
+    """Write structures with their labels (``energy`` / ``forces``, eV) and predictions (``dens_energy`` /
+    ``dens_forces``, eV and eV/Å, every atom) to an extended XYZ file, in the given order.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch, ase.io
+    >>> from dens.data import make_structure
+    >>> s = make_structure(torch.zeros(1, 3), [8], energy=-2.0)
+    >>> p = write_extxyz_predictions(os.path.join(tempfile.mkdtemp(), "p.extxyz"), [s], [-1.5], [np.zeros((1, 3))])
+    >>> a = ase.io.read(p)
+    >>> float(a.info["dens_energy"]), float(a.get_potential_energy())
+    (-1.5, -2.0)
+    """
+    import ase.io
+
+    from .data.ase_io import structure_to_atoms
+
+    frames = []
+    for s, e, f in zip(structures, energy, forces, strict=True):
+        atoms = structure_to_atoms(dict(s))
+        atoms.info["dens_energy"] = float(e)
+        atoms.arrays["dens_forces"] = np.asarray(f, dtype=np.float64).reshape(len(atoms), 3)
+        frames.append(atoms)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    ase.io.write(str(tmp), frames, format="extxyz")
     os.replace(tmp, path)
     return path
 
@@ -364,7 +426,8 @@ def merge_submission(
 # Models and batches
 # --------------------------------------------------------------------------------------------------
 def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> nn.Module:
-    """A :class:`~dens.models.ForceField` from a dens checkpoint or an official OCP/DeNS checkpoint.
+    """A :class:`~dens.models.ForceField` from a dens checkpoint, an official OCP/DeNS checkpoint or a
+    fairchem 1.x EquiformerV2 checkpoint (OMat24 / MPtrj models, :mod:`dens.models.fairchem`).
 
     Official checkpoints are imported with :func:`dens.models.convert.load_official_checkpoint`; the graph
     settings come from their ``config['model']`` (``max_radius``, ``max_neighbors``,
@@ -375,15 +438,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
     --------
     >>> model = load_model("runs/demo/checkpoints/best.pt")  # doctest: +SKIP
     """
+    from .checkpoint import load_checkpoint
     from .models.potential import ForceField
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)
     config = (state.get("config") or {}) if isinstance(state, Mapping) else {}
+    from .models.fairchem import is_fairchem_checkpoint, load_fairchem_checkpoint
+
+    if is_fairchem_checkpoint(state):
+        return load_fairchem_checkpoint(state, use_ema=use_ema).to(device).eval()
     if "resolved_normalizer" in config:
-        return ForceField.from_checkpoint(path, device=device, use_ema=use_ema)
+        return ForceField.from_checkpoint(path, device=device, use_ema=use_ema, state=state)
     if not isinstance(config.get("model"), Mapping) or "name" not in config["model"]:
         raise ValueError(f"{path} is neither a dens training checkpoint nor an official OCP/DeNS checkpoint")
     from .models.convert import load_official_checkpoint
@@ -449,6 +515,61 @@ def _progress(iterable: Iterable[Any], total: int | None, desc: str, enabled: bo
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, file=sys.stderr)
 
 
+class UnseenElements:
+    """Counts the structures with elements a model never saw in training; warns or raises (``policy``).
+
+    Elements the model cannot embed at all (``Z >= max_num_elements``) always raise, naming the structures.
+    """
+
+    def __init__(self, model: nn.Module, policy: str = "warn", desc: str = "eval") -> None:
+        from .calculator import element_limit
+
+        if policy not in ("warn", "error", "ignore"):
+            raise ValueError(f"unseen_elements must be 'warn', 'error' or 'ignore', got {policy!r}")
+        self.model, self.policy, self.desc = model, policy, desc
+        self.limit = element_limit(model) if isinstance(model, nn.Module) else None
+        self.elements: set[int] = set()
+        self.structures = 0
+
+    def update(self, batch: Batch) -> None:
+        if self.limit is not None and int(batch.atomic_numbers.max()) >= self.limit:
+            big = int(batch.atomic_numbers.max())
+            raise ValueError(
+                f"{self.desc}: {element_names([big])} is beyond the model's embedding (max_num_elements="
+                f"{self.limit}; structures (sid, fid): {list(zip(_ids(batch.sid), _ids(batch.fid), strict=False))})"
+            )
+        if self.policy == "ignore" or not getattr(self.model, "training_elements", None):
+            return
+        new = unseen_elements(self.model, torch.unique(batch.atomic_numbers).tolist())
+        if not new:
+            return
+        per_structure = [
+            unseen_elements(self.model, z.tolist()) for z in batch.atomic_numbers.split(batch.natoms.tolist())
+        ]
+        self.structures += sum(bool(u) for u in per_structure)
+        self.elements.update(new)
+        if self.policy == "error":
+            raise ValueError(
+                f"{self.desc}: element(s) {element_names(sorted(new))} never occurred in the model's training data "
+                f"(structures (sid, fid): {list(zip(_ids(batch.sid), _ids(batch.fid), strict=False))}); pass "
+                f"unseen_elements='warn' (--unseen-elements warn) to evaluate them anyway"
+            )
+
+    def report(self) -> None:
+        if self.structures:
+            logger.warning(
+                "%s: %d structure(s) hold element(s) %s that never occurred in the model's training data; "
+                "their predictions are extrapolations",
+                self.desc, self.structures, element_names(sorted(self.elements)),
+            )  # fmt: skip
+
+
+def _ids(ids: Any) -> list[Any]:
+    if ids is None:
+        return []
+    return ids.tolist() if isinstance(ids, Tensor) else list(ids)
+
+
 def evaluate(
     model: nn.Module,
     dataset: Any,
@@ -459,6 +580,8 @@ def evaluate(
     progress: bool = False,
     desc: str = "eval",
     num_workers: int = 0,
+    sort_ids: bool = True,
+    unseen_elements: str = "warn",
 ) -> dict[str, float]:
     """Predict a dataset, return its S2EF metrics (when labelled) and optionally write its prediction file.
 
@@ -473,11 +596,17 @@ def evaluate(
     device : str or torch.device, optional
         Where to run (default: where the model is).
     predictions_path : str or Path, optional
-        Write the OCP-layout prediction file there.
+        Write the OCP-layout prediction file there (``.npz``), or an extended XYZ file of the structures
+        with their predictions (``.extxyz`` / ``.xyz``: :func:`write_extxyz_predictions`).
     prediction_dtype : str
-        Precision of that file.
+        Precision of the ``.npz`` file.
+    sort_ids : bool
+        ``.npz``: de-duplicate and sort the ids (evaluation-server layout); False keeps the file order.
     progress : bool
         Show a tqdm bar.
+    unseen_elements : {"warn", "error", "ignore"}
+        Structures with elements the model never saw in training (``model.training_elements``): one
+        warning with their count, a ``ValueError``, or nothing.
 
     Returns
     -------
@@ -502,13 +631,19 @@ def evaluate(
     ids: list[str] = []
     energies: list[np.ndarray] = []
     forces: list[np.ndarray] = []
+    extxyz = predictions_path is not None and Path(predictions_path).suffix.lower() in (".extxyz", ".xyz")
+    kept: list[Mapping[str, Any]] = []
     direct = getattr(model, "direct_forces", True)
+    unseen = UnseenElements(model, unseen_elements, desc)
     for batch in _progress(loader, len(loader), desc, progress):
+        unseen.update(batch)
         start = len(ids)
         batch = prepare_batch(batch, device, dtype)
         with torch.enable_grad() if not direct else contextlib.nullcontext():
             pred = model.predict(batch)
         metrics.update(pred["energy"], pred["forces"], batch)
+        if "stress" in pred:
+            metrics.update_stress(pred["stress"], batch)
         if predictions_path is not None:
             ids.extend(batch_ids(batch, start))
             energies.append(pred["energy"].detach().double().cpu().numpy())
@@ -516,10 +651,16 @@ def evaluate(
             free = ~batch.fixed.cpu()
             for chunk, m in zip(torch.split(f, batch.natoms.tolist()), torch.split(free, batch.natoms.tolist()),
                                 strict=True):  # fmt: skip
-                forces.append(chunk[m].numpy())
+                forces.append(chunk.numpy() if extxyz else chunk[m].numpy())
+            if extxyz:
+                kept.extend(batch.to("cpu").structure(i) for i in range(batch.num_graphs))
+    unseen.report()
     if predictions_path is not None:
-        write_predictions(predictions_path, ids, np.concatenate(energies) if energies else [], forces,
-                          prediction_dtype)  # fmt: skip
+        energy = np.concatenate(energies) if energies else []
+        if extxyz:
+            write_extxyz_predictions(predictions_path, kept, energy, forces)
+        else:
+            write_predictions(predictions_path, ids, energy, forces, prediction_dtype, sort=sort_ids)
     return metrics.compute()
 
 
@@ -533,8 +674,11 @@ def _format_table(results: Mapping[str, Mapping[str, float]]) -> str:
         ("forces_cosine", "F cos"),
         ("forces_magnitude_error", "F mag (meV/Å)"),
         ("efwt", "EFwT (%)"),
+        ("stress_mae", "S MAE (meV/Å³)"),
         ("structures", "structures"),
     ]
+    if not any("stress_mae" in m for m in results.values()):
+        cols = [c for c in cols if c[0] != "stress_mae"]
     width = max(12, *(len(k) for k in results))
     lines = [f"{'split':<{width}}" + "".join(f"{h:>15}" for _, h in cols)]
     for name, m in results.items():
@@ -566,9 +710,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N structures")
     parser.add_argument("--max-force", type=float, default=None, help="drop frames with |F| above this")
-    parser.add_argument("--prediction-dtype", default="float16", choices=["float16", "float32", "float64"])
+    parser.add_argument(
+        "--prediction-dtype", default=None, choices=["float16", "float32", "float64"],
+        help="precision of the .npz files (default: float16 for the OC20/OC22 test splits, as the evaluation "
+        "server wants, else float32)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prediction-format", default="npz", choices=["npz", "extxyz"],
+        help="npz: OCP layout (free atoms; file order, or sorted ids for the test splits); extxyz: the "
+        "structures with dens_energy / dens_forces (MACE eval_configs style)",
+    )  # fmt: skip
     parser.add_argument("--no-predictions", action="store_true", help="do not write prediction files")
     parser.add_argument("--no-progress", action="store_true")
+    _reader_options(parser)
+    parser.add_argument(
+        "--unseen-elements", default="warn", choices=["warn", "error", "ignore"],
+        help="structures with elements absent from the training data: warn (default), refuse, or ignore",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     from .data import Subset, open_dataset
@@ -579,21 +737,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     names = names + [Path(p).stem for p in args.data[len(names) :]]
     if len(set(names)) != len(names):
         parser.error(f"split names must be distinct: {names}")
+    submission = any({_submission_prefix(n) for n in names} == set(s) for s in SUBMISSION_SPLITS.values())
+    dtype = args.prediction_dtype or ("float16" if submission else "float32")
+    suffix = "extxyz" if args.prediction_format == "extxyz" else "npz"
     model = load_model(args.checkpoint, device=args.device, use_ema=not args.no_ema)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, float]] = {}
     prediction_files: dict[str, Path] = {}
     for name, path in zip(names, args.data, strict=True):
-        dataset = open_dataset(path, max_force=args.max_force)
+        dataset = open_dataset(path, max_force=args.max_force, **_options_of(args, path))
         if args.limit is not None:
             dataset = Subset(dataset, list(range(min(args.limit, len(dataset)))))
-        pred_path = None if args.no_predictions else out / f"{name}_predictions.npz"
+        pred_path = None if args.no_predictions else out / f"{name}_predictions.{suffix}"
         results[name] = evaluate(
-            model, dataset, args.batch_size, args.device, pred_path, args.prediction_dtype,
-            progress=not args.no_progress, desc=name, num_workers=args.num_workers,
+            model, dataset, args.batch_size, args.device, pred_path, dtype,
+            progress=not args.no_progress, desc=name, num_workers=args.num_workers, sort_ids=submission,
+            unseen_elements=args.unseen_elements,
         )  # fmt: skip
-        if pred_path is not None:
+        if pred_path is not None and suffix == "npz":
             prediction_files[name] = pred_path
     labelled = {k: v for k, v in results.items() if "energy_mae" in v or "forces_mae" in v}
     report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "ema": not args.no_ema, "splits": results}
@@ -614,6 +776,55 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"wrote {out / 'metrics.json'}" + (f" and {report['submission']}" if "submission" in report else "")
     )
     return report
+
+
+def _reader_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("reading files that do not state their units or use other label names")
+    group.add_argument(
+        "--energy-unit", help="energy unit of the data (forces: per Å): eV, meV, kcal/mol, ..."
+    )
+    group.add_argument("--energy-key", help="energy field (e.g. REF_energy; default energy, then REF_energy)")
+    group.add_argument("--forces-key", help="forces field (e.g. REF_forces; default forces, then REF_forces)")
+    group.add_argument("--stress-key", help="stress field (e.g. REF_stress; default stress, then virial)")
+
+
+def _options_of(args: argparse.Namespace, path: str) -> dict[str, Any]:
+    """Reader options given on the command line (an MD17 .npz is kcal/mol unless told)."""
+    options = {k: getattr(args, k) for k in LABEL_OPTIONS if getattr(args, k)}
+    suffix = Path(path).suffix.lower()
+    if "energy_unit" not in options and suffix in (".xyz", ".extxyz"):
+        logger.info("%s states no energy unit: reading eV (--energy-unit to say otherwise)", path)
+    return options
+
+
+def predict_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``dens-predict``: predictions of a checkpoint for one file (metrics too when it has labels)."""
+    parser = argparse.ArgumentParser(
+        prog="dens-predict",
+        description="Predict total energies (eV) and forces (eV/Å) of every structure of a file with a dens (or "
+        "imported official) checkpoint. --out *.extxyz: the structures with dens_energy / dens_forces; "
+        "*.npz: OCP layout (float32, file order).",
+    )
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", required=True, help="any readable file (extxyz, traj, LMDB, .npz, ...)")
+    parser.add_argument("--out", default="predictions.extxyz", help="*.extxyz / *.xyz or *.npz")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
+    parser.add_argument("--prediction-dtype", default="float32", choices=["float16", "float32", "float64"])
+    _reader_options(parser)
+    args = parser.parse_args(argv)
+
+    from .data import open_dataset
+
+    model = load_model(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+    dataset = open_dataset(args.data, **_options_of(args, args.data))
+    metrics = evaluate(model, dataset, args.batch_size, args.device, args.out, args.prediction_dtype,
+                       sort_ids=False)  # fmt: skip
+    if "energy_mae" in metrics or "forces_mae" in metrics:
+        print(_format_table({Path(args.data).stem: metrics}))
+    print(f"wrote {args.out} ({len(dataset)} structures)")
+    return {"metrics": metrics, "predictions": str(args.out)}
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ from torch import Tensor
 
 from .data.batch import collate
 from .evaluate import _progress, model_device, model_dtype, prepare_batch
-from .relax import select_structures
+from .lbfgs import select_structures
+from .ops import scatter_sum
 
 __all__ = [
     "BatchedMD",
@@ -282,10 +283,6 @@ def hr_mae(frames: Any, reference: Any, r_max: float = 10.0, bins: int = 500) ->
 # --------------------------------------------------------------------------------------------------
 # Batched integrators
 # --------------------------------------------------------------------------------------------------
-def _segment_sum(x: Tensor, index: Tensor, size: int) -> Tensor:
-    return x.new_zeros((size, *x.shape[1:])).index_add_(0, index, x)
-
-
 class BatchedMD:
     """Several MD simulations integrated together (see the module docstring).
 
@@ -343,8 +340,8 @@ class BatchedMD:
         idx = self.batch.batch
         self.masses = torch.as_tensor(atomic_masses[z.cpu().numpy()], dtype=torch.float64, device=dev)
         self.free = (~self.batch.fixed).unsqueeze(-1).to(torch.float64)
-        n_free = _segment_sum(self.free[:, 0], idx, b)
-        has_fixed = _segment_sum(self.batch.fixed.to(torch.float64), idx, b) > 0
+        n_free = scatter_sum(self.free[:, 0], idx, b)
+        has_fixed = scatter_sum(self.batch.fixed.to(torch.float64), idx, b) > 0
         self.dof = torch.where(has_fixed, 3 * n_free, 3 * n_free - 3).clamp_min(1.0)
         self.remove_com = ~has_fixed
         self.kT = units.kB * settings.temperature
@@ -383,15 +380,15 @@ class BatchedMD:
 
     def _zero_momentum(self, v: Tensor) -> Tensor:
         idx, b = self.batch.batch, self.batch.num_graphs
-        p = _segment_sum(self.masses.unsqueeze(-1) * v, idx, b)
-        m = _segment_sum(self.masses, idx, b)
+        p = scatter_sum(self.masses.unsqueeze(-1) * v, idx, b)
+        m = scatter_sum(self.masses, idx, b)
         v_com = p / m.unsqueeze(-1)
         return v - (v_com * self.remove_com.unsqueeze(-1))[idx]
 
     def kinetic(self, v: Tensor | None = None) -> Tensor:
         """Per-simulation kinetic energy (eV)."""
         v = self.vel if v is None else v
-        return _segment_sum(0.5 * self.masses * (v * v).sum(-1), self.batch.batch, self.batch.num_graphs)
+        return scatter_sum(0.5 * self.masses * (v * v).sum(-1), self.batch.batch, self.batch.num_graphs)
 
     def temperature(self) -> Tensor:
         """Per-simulation instantaneous temperature (K), ``2 K / (g k_B)``."""

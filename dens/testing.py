@@ -1,5 +1,6 @@
-"""Test helpers shipped with the library: random rotations, equivariance checks, and the objective
-fixtures (one official DeNS training step reproduced by dens's training step).
+"""Test helpers shipped with the library: random rotations, equivariance checks, the backbone test
+suite :class:`BackboneTests` (for dens's models and your own), and the objective fixtures (one official
+DeNS training step reproduced by dens's training step).
 
 Use them to test your own layers and models the way dens tests its own.
 
@@ -26,7 +27,18 @@ from torch import Tensor
 
 from .models.so3 import wigner_D
 
-__all__ = ["assert_equivariant", "compose_experiment", "random_rotation", "rotate", "run_objective_fixture"]
+__all__ = [
+    "BackboneTests",
+    "assert_equivariant",
+    "batch_structures",
+    "compose_experiment",
+    "random_rotation",
+    "random_structures",
+    "relative_error",
+    "rotate",
+    "run_backbone",
+    "run_objective_fixture",
+]
 
 Kind = int | str | None
 
@@ -390,3 +402,380 @@ def _objective_step(
         grads[official] = torch.zeros_like(params[own]) if grad is None else grad.detach().clone()
     parts = {k: stats[k] for k in ("energy", "forces", "noise") if k in stats}
     return {"total": stats["loss"], "parts": parts, "grads": grads}
+
+
+# --------------------------------------------------------------------------------------------------
+# The backbone test suite: the properties every dens backbone has, for any model
+# --------------------------------------------------------------------------------------------------
+Structure = dict[str, Tensor]
+
+
+def random_structures(
+    sizes: Sequence[int] = (8, 12, 10),
+    seed: int = 0,
+    cutoff: float = 5.0,
+    box: float = 4.5,
+    min_distance: float = 0.8,
+    dtype: torch.dtype = torch.float64,
+) -> list[Structure]:
+    """Random non-periodic clusters for the :class:`BackboneTests`: one dict per structure.
+
+    Every structure has ``z [n]`` (atomic numbers 1-29), ``pos [n, 3]`` (uniform in a ``box`` Å cube, no
+    two atoms closer than ``min_distance``), ``edge_index [2, E]`` (every ordered pair closer than
+    ``cutoff``, source row first) and ``shift [E, 3]`` (zeros).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    structures = []
+    for n in sizes:
+        while True:
+            pos = torch.rand(n, 3, generator=generator, dtype=torch.float64) * box
+            dist = torch.cdist(pos, pos) + 2 * box * torch.eye(n, dtype=torch.float64)
+            if n < 2 or dist.min() > min_distance:
+                break
+        z = torch.randint(1, 30, (n,), generator=generator)
+        target, source = torch.nonzero(dist < cutoff, as_tuple=True)
+        edge_index = torch.stack([source, target])
+        shift = torch.zeros(edge_index.shape[1], 3, dtype=dtype)
+        structures.append({"z": z, "pos": pos.to(dtype), "edge_index": edge_index, "shift": shift})
+    return structures
+
+
+def batch_structures(structures: Sequence[Structure]) -> Structure:
+    """Concatenate structures (as :func:`random_structures` makes them) into one batch: the same keys
+    (edge indices offset) plus ``batch [N]``; ``num_graphs`` is ``len(structures)``."""
+    sizes = torch.tensor([len(s["z"]) for s in structures])
+    offsets = torch.cumsum(sizes, 0) - sizes
+    return {
+        "z": torch.cat([s["z"] for s in structures]),
+        "pos": torch.cat([s["pos"] for s in structures]),
+        "edge_index": torch.cat([s["edge_index"] + o for s, o in zip(structures, offsets, strict=True)], 1),
+        "shift": torch.cat([s["shift"] for s in structures]),
+        "batch": torch.repeat_interleave(torch.arange(len(structures)), sizes),
+    }
+
+
+def run_backbone(model: torch.nn.Module, s: Structure, **kwargs: Any) -> dict[str, Tensor]:
+    """``model(z, pos, batch, edge_index, shift, num_graphs, **kwargs)`` on a structure or a batch of
+    them; ``kwargs`` replace the structure's own entries (e.g. ``pos=``) or go to the model."""
+    s = {**s, **{k: kwargs.pop(k) for k in ("z", "pos", "edge_index", "shift", "batch") if k in kwargs}}
+    batch = s.get("batch", torch.zeros(len(s["z"]), dtype=torch.long))
+    num_graphs = int(batch.max()) + 1 if len(batch) else 1
+    return model(s["z"], s["pos"], batch, s["edge_index"], s["shift"], num_graphs, **kwargs)
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """``max |actual - expected| / max |expected|`` (the plain maximum when ``expected`` is zero)."""
+    err = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    return err / scale if scale > 0 else err
+
+
+class BackboneTests:
+    """The tests every dens backbone passes, written once: subclass it in a test module.
+
+    A backbone is a ``torch.nn.Module`` called as ``model(atomic_numbers, pos, batch, edge_index,
+    edge_shift, num_graphs, extra_embedding=None, noise_mask=None, **kw)`` that returns a dict with
+    ``energy [B]`` and ``forces [N, 3]`` (and, for DeNS models, ``noise_head [N, 3]`` and a
+    ``force_encoder(forces, mask)`` whose output is passed as ``extra_embedding``). The suite checks:
+
+    * rotations: energies (``energy``, ``node_energy``) invariant, forces and the heads
+      (``forces``, ``force_head``, ``noise_head``) rotate with the structure (DeNS inputs rotated too);
+    * translations and permutations of atoms and edges: exact up to rounding;
+    * a batch gives what its structures give one at a time;
+    * the energy is differentiable: central finite differences equal autograd's ``dE/dpos``, or, for a
+      gradient-force model (``direct_forces = False``), ``-forces``;
+    * graphs without edges and single atoms give finite outputs of the right shapes;
+    * DeNS mode: output shapes, ``forces`` is the noise head on ``noise_mask`` atoms and unchanged
+      elsewhere, a DeNS model given no encoding adds its encoder's bias only;
+    * split heads (``model.splits_heads``; the trainer's ``split_heads``): the same loss and gradients;
+    * ``torch.compile`` (:func:`dens.models.compile_backbone`) gives the eager outputs and does not
+      recompile when the graph size changes.
+
+    Subclass and implement :meth:`make_model`; override :meth:`structures`,
+    :meth:`make_differentiable_model` and the tolerances (class attributes) where the model needs it.
+    Tolerances are relative to the largest magnitude of the expected output.
+
+    Examples
+    --------
+    In ``tests/test_my_model.py``:
+
+    >>> from dens.testing import BackboneTests
+    >>> class TestMyModel(BackboneTests):
+    ...     def make_model(self, dens):
+    ...         torch.manual_seed(0)
+    ...         return MyModel(hidden=16, use_force_encoding=dens).double().eval()  # doctest: +SKIP
+
+    ``pytest tests/test_my_model.py`` then runs every test of the suite on ``MyModel``; an
+    approximately equivariant model (e.g. one that samples the sphere on a grid) sets
+    ``rotation_energy_tol`` and ``rotation_forces_tol`` to its measured grid error.
+    """
+
+    #: exact symmetries (translation, permutation, batching): energies and per-atom vectors
+    energy_tol: float = 1e-12
+    forces_tol: float = 1e-10
+    #: rotations (raise for grid-based, approximately equivariant models)
+    rotation_energy_tol: float = 1e-10
+    rotation_forces_tol: float = 1e-9
+    rotation_node_energy_tol: float | None = None  # None: rotation_energy_tol
+    num_rotations: int = 3
+    #: finite differences: step and tolerance, and how many coordinates are checked (all when None)
+    fd_step: float = 1e-5
+    fd_tol: float = 1e-6
+    fd_num_coordinates: int | None = 12
+    #: torch.compile backend of the compile test ("aot_eager" for models that differentiate inside)
+    compile_backend: str = "eager"
+    #: split heads: at least this many parameters get a gradient (catches a head cut off the graph)
+    split_heads_min_gradients: int = 1
+
+    # --------------------------------------------------------------------------- hooks to override
+    def make_model(self, dens: bool) -> torch.nn.Module:
+        """A small float64 model in eval mode (no dropout), with DeNS parts when ``dens``."""
+        raise NotImplementedError("a BackboneTests subclass implements make_model(dens)")
+
+    def make_differentiable_model(self) -> torch.nn.Module:
+        """The model whose energy is differentiated (by default ``make_model(dens=False)``)."""
+        return self.make_model(dens=False)
+
+    def structures(self) -> list[Structure]:
+        """The structures the tests run on (see :func:`random_structures`); at least two."""
+        return random_structures()
+
+    def fd_structure(self) -> Structure:
+        """The structure of the finite-difference test (by default the first of :meth:`structures`)."""
+        return self.structures()[0]
+
+    # --------------------------------------------------------------------------- helpers
+    def _dens_inputs(self, model: torch.nn.Module, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        forces = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+        return forces, torch.rand(n, generator=generator) < 0.5
+
+    def _encode(self, model: torch.nn.Module, forces: Tensor, mask: Tensor, dtype: torch.dtype) -> dict:
+        encoder = getattr(model, "force_encoder", None)
+        if encoder is None:
+            return {}
+        return {"extra_embedding": encoder(forces.to(dtype), mask), "noise_mask": mask}
+
+    # --------------------------------------------------------------------------- the tests
+    def test_rotation_equivariance(self) -> None:
+        model = self.make_model(dens=True)
+        s = batch_structures(self.structures())
+        dtype = s["pos"].dtype
+        forces, mask = self._dens_inputs(model, len(s["z"]))
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            ref = run_backbone(model, s, **self._encode(model, forces, mask, dtype))
+            for _ in range(self.num_rotations):
+                rot = random_rotation(generator=generator).to(dtype)
+                out = run_backbone(
+                    model, s, pos=s["pos"] @ rot.T, shift=s["shift"] @ rot.T,
+                    **self._encode(model, forces.to(dtype) @ rot.T, mask, dtype),
+                )  # fmt: skip
+                node_tol = self.rotation_node_energy_tol or self.rotation_energy_tol
+                for key, tol in (("energy", self.rotation_energy_tol), ("node_energy", node_tol)):
+                    if key in ref:
+                        err = relative_error(out[key], ref[key])
+                        assert err < tol, f"{key} not invariant: {err:.2e}"
+                for key in ("forces", "force_head", "noise_head"):
+                    if key in ref:
+                        err = relative_error(out[key], ref[key] @ rot.T)
+                        assert err < self.rotation_forces_tol, f"{key} not equivariant: {err:.2e}"
+
+    def test_translation_invariance(self) -> None:
+        model = self.make_model(dens=False)
+        s = batch_structures(self.structures())
+        with torch.no_grad():
+            ref = run_backbone(model, s)
+            shift = torch.tensor([3.7, -12.0, 0.25], dtype=s["pos"].dtype)
+            out = run_backbone(model, s, pos=s["pos"] + shift)
+        self._assert_same(out, ref)
+
+    def test_permutation_equivariance(self) -> None:
+        model = self.make_model(dens=True)
+        s = batch_structures(self.structures())
+        n = len(s["z"])
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        inverse = torch.argsort(perm)  # new index of old atom i
+        edge_order = torch.randperm(s["edge_index"].shape[1], generator=torch.Generator().manual_seed(1))
+        permuted = {
+            "z": s["z"][perm], "pos": s["pos"][perm], "batch": s["batch"][perm],
+            "edge_index": inverse[s["edge_index"]][:, edge_order], "shift": s["shift"][edge_order],
+        }  # fmt: skip
+        forces, mask = self._dens_inputs(model, n)
+        dtype = s["pos"].dtype
+        with torch.no_grad():
+            ref = run_backbone(model, s, **self._encode(model, forces, mask, dtype))
+            out = run_backbone(model, permuted, **self._encode(model, forces[perm], mask[perm], dtype))
+        self._assert_same(out, {k: v if k == "energy" else v[perm] for k, v in ref.items()})
+
+    def test_batch_equals_single_structures(self) -> None:
+        model = self.make_model(dens=True)
+        structures = self.structures()
+        s = batch_structures(structures)
+        forces, mask = self._dens_inputs(model, len(s["z"]))
+        dtype = s["pos"].dtype
+        with torch.no_grad():
+            both = run_backbone(model, s, **self._encode(model, forces, mask, dtype))
+            singles, start = [], 0
+            for one in structures:
+                atoms = slice(start, start + len(one["z"]))
+                singles.append(
+                    run_backbone(model, one, **self._encode(model, forces[atoms], mask[atoms], dtype))
+                )
+                start += len(one["z"])
+        self._assert_same(both, {k: torch.cat([o[k] for o in singles]) for k in both})
+
+    def _assert_same(self, out: dict[str, Tensor], ref: dict[str, Tensor]) -> None:
+        assert set(out) == set(ref), f"output keys differ: {sorted(out)} vs {sorted(ref)}"
+        for key, value in ref.items():
+            tol = self.energy_tol if key in ("energy", "node_energy") else self.forces_tol
+            assert out[key].shape == value.shape, (
+                f"{key}: shape {tuple(out[key].shape)} != {tuple(value.shape)}"
+            )
+            err = relative_error(out[key], value)
+            assert err < tol, f"{key}: relative error {err:.2e} >= {tol:.0e}"
+
+    def test_energy_gradient_matches_finite_differences(self) -> None:
+        model = self.make_differentiable_model()
+        s = self.fd_structure()
+        pos = s["pos"].clone().requires_grad_(True)
+        out = run_backbone(model, s, pos=pos)
+        if getattr(model, "direct_forces", True):
+            (grad,) = torch.autograd.grad(out["energy"].sum(), pos)
+        else:  # gradient forces: the model's forces must be -dE/dpos
+            grad = -out["forces"].detach()
+        coordinates = torch.randperm(pos.numel(), generator=torch.Generator().manual_seed(2))
+        if self.fd_num_coordinates is not None:
+            coordinates = coordinates[: self.fd_num_coordinates]
+        h, numeric, expected = self.fd_step, [], []
+        for c in coordinates.tolist():
+            step = torch.zeros(pos.numel(), dtype=pos.dtype)
+            step[c] = h
+            step = step.view_as(pos)
+            # a gradient-force model differentiates inside its forward: positions keep requires_grad
+            plus = run_backbone(model, s, pos=(s["pos"] + step).requires_grad_(True))["energy"].sum()
+            minus = run_backbone(model, s, pos=(s["pos"] - step).requires_grad_(True))["energy"].sum()
+            numeric.append((plus - minus).detach() / (2 * h))
+            expected.append(grad.view(-1)[c])
+        err = relative_error(torch.stack(numeric), torch.stack(expected))
+        assert err < self.fd_tol, f"dE/dpos differs from finite differences: {err:.2e}"
+
+    def test_structures_without_edges(self) -> None:
+        dtype = torch.float64
+        isolated = {  # two atoms far apart (nothing within the cutoff), and a single atom
+            "z": torch.tensor([1, 8]), "pos": torch.tensor([[0.0, 0, 0], [20.0, 0, 0]], dtype=dtype),
+            "edge_index": torch.zeros(2, 0, dtype=torch.long), "shift": torch.zeros(0, 3, dtype=dtype),
+        }  # fmt: skip
+        single = {k: v[..., :1] if k == "z" else v for k, v in isolated.items()}
+        single["pos"] = isolated["pos"][:1]
+        for dens in (False, True):
+            model = self.make_model(dens=dens)
+            for s, n in ((isolated, 2), (single, 1)):
+                with torch.no_grad():
+                    out = run_backbone(model, s)
+                assert out["energy"].shape == (1,) and torch.isfinite(out["energy"]).all(), (dens, n)
+                assert out["forces"].shape == (n, 3) and torch.isfinite(out["forces"]).all(), (dens, n)
+
+    def test_dens_mode_outputs(self) -> None:
+        plain_model = self.make_model(dens=False)
+        s = batch_structures(self.structures())
+        n, dtype = len(s["z"]), s["pos"].dtype
+        with torch.no_grad():
+            assert "noise_head" not in run_backbone(plain_model, s), "a model without DeNS has a noise head"
+            model = self.make_model(dens=True)
+            assert getattr(model, "force_encoder", None) is not None, "a DeNS model has a force_encoder"
+            forces, mask = self._dens_inputs(model, n)
+            extra = model.force_encoder(forces.to(dtype), mask)
+            assert extra.shape[0] == n
+            s2ef = run_backbone(model, s)  # no encoding given: the encoder's bias only
+            bias_only = run_backbone(
+                model, s, extra_embedding=model.force_encoder(forces, torch.zeros_like(mask))
+            )
+            assert relative_error(s2ef["energy"], bias_only["energy"]) < self.energy_tol
+            dens = run_backbone(model, s, extra_embedding=extra, noise_mask=mask)
+            unmasked = run_backbone(model, s, extra_embedding=extra)
+        assert dens["energy"].shape == (int(s["batch"].max()) + 1,)
+        assert dens["forces"].shape == dens["noise_head"].shape == (n, 3)
+        assert torch.equal(dens["forces"][mask], dens["noise_head"][mask])
+        assert torch.equal(dens["forces"][~mask], unmasked["forces"][~mask])
+        assert relative_error(dens["energy"], s2ef["energy"]) > 1e-6, "the force encoding changes nothing"
+
+    def test_split_heads_are_exact(self) -> None:
+        """Each head run only on the edges into the atoms where the DeNS loss reads it: same outputs
+        there, same loss, same gradients (``ForceField(split_heads=True)``)."""
+        from .models.heads import split_head_edges
+
+        model = self.make_model(dens=True)
+        if not getattr(model, "splits_heads", False):
+            import pytest
+
+            pytest.skip("the model does not split its heads")
+        s = batch_structures(self.structures())
+        n = len(s["z"])
+        generator = torch.Generator().manual_seed(3)
+        mask = torch.rand(n, generator=generator) < 0.5
+        target = torch.randn(n, 3, generator=generator, dtype=s["pos"].dtype)
+
+        def loss_and_grads(**kw: Any) -> tuple[dict, Tensor, list[Tensor]]:
+            model.zero_grad()
+            out = run_backbone(model, s, noise_mask=mask, **kw)
+            loss = ((out["force_head"] - target)[~mask] ** 2).sum() + (
+                (out["noise_head"] - target)[mask] ** 2
+            ).sum()
+            loss.backward()
+            return out, loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+        full, full_loss, full_grads = loss_and_grads()
+        split, split_loss, split_grads = loss_and_grads(head_edges=split_head_edges(s["edge_index"], mask))
+        close = dict(rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(split["force_head"][~mask], full["force_head"][~mask], **close)
+        torch.testing.assert_close(split["noise_head"][mask], full["noise_head"][mask], **close)
+        torch.testing.assert_close(split["forces"], full["forces"], **close)
+        assert split["force_head"][mask].abs().max() == 0 and split["noise_head"][~mask].abs().max() == 0
+        torch.testing.assert_close(split_loss, full_loss, rtol=1e-12, atol=0)
+        assert len(split_grads) == len(full_grads) >= self.split_heads_min_gradients
+        for a, b in zip(split_grads, full_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        # no corrupted atom (inference): the force head on every edge, the noise head on none
+        with torch.no_grad():
+            clean = run_backbone(model, s, head_edges=split_head_edges(s["edge_index"], None))
+            reference = run_backbone(model, s)
+        torch.testing.assert_close(clean["forces"], reference["forces"], rtol=1e-12, atol=0)
+        assert clean["noise_head"].abs().max() == 0
+
+    def test_compiles_without_recompiles(self) -> None:
+        """:func:`~dens.models.compile_backbone` gives the eager outputs, and graphs of other sizes reuse
+        the compiled code (the backend is cheap: this checks tracing, not the generated kernels)."""
+        import copy
+
+        import pytest
+
+        try:
+            import torch._dynamo
+        except ImportError:  # pragma: no cover - torch builds without dynamo
+            pytest.skip("torch.compile is unavailable")
+        if not torch._dynamo.is_dynamo_supported():
+            pytest.skip("torch.compile is not supported on this platform")
+        from .models import compile_backbone
+
+        reference = self.make_model(dens=True)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model = compile_backbone(copy.deepcopy(reference), backend=self.compile_backend, fullgraph=True)
+        structures = self.structures()
+        if len(structures) < 3:
+            pytest.skip("the compile test needs three structures")
+        graphs = None
+        # batches of two or more structures (dynamo specialises a size of 1) and other atom/edge counts
+        for count, selection in enumerate((structures[:2], structures, structures[1:])):
+            s = batch_structures(selection)
+            forces, mask = self._dens_inputs(reference, len(s["z"]), seed=count)
+            inputs = self._encode(reference, forces, mask, s["pos"].dtype)
+            out = run_backbone(model, s, **inputs)
+            ref = run_backbone(reference, s, **inputs)
+            for key in ref:
+                torch.testing.assert_close(out[key], ref[key], msg=lambda m, key=key: f"{key}: {m}")
+            unique = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            graphs = unique if graphs is None else graphs
+            assert unique == graphs, f"recompiled for batch {count}: {unique} graphs, first {graphs}"
+        torch._dynamo.reset()

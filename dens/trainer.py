@@ -23,17 +23,33 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from ase.units import GPa
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from .checkpoint import (
+    CheckpointError,
+    atomic_save,
+    element_names,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from .data import BalancedBatchSampler, Batch, collate, get_natoms
+from .data.dataset import require_labels
 from .losses import Corruption, DeNSSettings, LossSettings, corrupt, step_counts, training_loss
+from .losses.stress import materials_settings, stress_abs_errors, stress_term
 from .models.potential import ForceField, compile_backbone
+from .rundir import RunDirLock, archive_run, config_differences, format_differences, truncate_metrics
 from .runtime import retain_freed_memory
+from .settings import check_settings
 
 __all__ = ["EMA", "OptimSettings", "Trainer", "TrainerSettings", "cosine_lambda", "evaluate_s2ef"]
 
 logger = logging.getLogger(__name__)
+
+#: A validation metric this many times worse than the untrained model's (step 0) never becomes best.pt.
+EXPLODED_FACTOR = 10.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,7 +87,12 @@ class TrainerSettings:
 
     run_dir: str = "runs/default"
     device: str = "auto"  # auto | cpu | cuda
-    max_steps: int | None = None
+    max_steps: int | None = None  # cuts a run; the schedule keeps the length of optim.max_epochs
+    steps: int | None = None  # train exactly this many steps: the schedule (and its warm-up) sized to them
+    init_from: str | None = (
+        None  # start from these weights (dens/official checkpoint; dens.train, fine-tuning)
+    )
+    init_normalizer: str = "refit"  # refit | keep: the normaliser and references of init_from's model
     grad_accumulation: int = 1
     amp: str | None = None  # None | bf16 | fp16
     compile: bool = False  # torch.compile the backbone (dynamic shapes; the wrapper stays eager)
@@ -79,7 +100,8 @@ class TrainerSettings:
     eval_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 20
-    resume: str | None = "auto"  # auto | null | a checkpoint path
+    resume: str | None = "auto"  # auto | force | null | a checkpoint path (see Trainer._maybe_resume)
+    fresh: bool = False  # start anew in a run_dir that holds a run (its files move to run_dir/previous/)
     deterministic: bool = False
     seed: int = 0
     num_workers: int = 0
@@ -163,15 +185,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a killed write leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())  # on disk before the rename
-    os.replace(tmp, path)
+_atomic_save = atomic_save  # the name the tests and older code import
 
 
 def _rng_state() -> dict[str, Any]:
@@ -194,9 +208,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def evaluate_s2ef(
     model: ForceField, loader: Any, device: torch.device, max_batches: int | None = None
 ) -> dict[str, float]:
-    """Energy MAE (meV), force MAE (meV/Å, free atoms) and counts over a loader; summed over DDP ranks."""
+    """Energy MAE (meV), force MAE (meV/Å, free atoms) and counts over a loader; summed over DDP ranks.
+
+    With a stress head and stress labels also the stress MAE over the nine components of the labelled
+    structures: ``stress_mae_meV_A3`` (meV/Å³) and ``stress_mae_GPa``.
+    """
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # |dE| sum, structures, |dF| sum, components
+    # |dE| sum, structures, |dF| sum, components, |dS| sum, stress components
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    with_stress = bool(getattr(model, "has_stress_head", False))
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -208,13 +228,21 @@ def evaluate_s2ef(
         sums[1] += batch.num_graphs
         sums[2] += (pred["forces"][free].double() - batch.forces[free].double()).abs().sum()
         sums[3] += 3 * free.sum()
+        if with_stress:
+            sums[4:6] += torch.tensor(
+                stress_abs_errors(pred["stress"], batch.extra.get("stress")), device=device
+            )
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
-    return {
+    metrics = {
         "energy_mae_meV": 1000 * (sums[0] / sums[1].clamp(min=1)).item(),
         "forces_mae_meV_A": 1000 * (sums[2] / sums[3].clamp(min=1)).item(),
         "structures": int(sums[1].item()),
     }
+    if sums[5] > 0:
+        stress_mae = (sums[4] / sums[5]).item()  # eV/Å³
+        metrics.update(stress_mae_meV_A3=1000 * stress_mae, stress_mae_GPa=stress_mae / GPa)
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,10 +273,15 @@ class Trainer:
         settings: TrainerSettings,
         config: dict[str, Any] | None = None,
     ) -> None:
+        check_settings(optim, dens, settings)  # named errors before any device or data is touched
         self.optim, self.dens, self.settings, self.config = optim, dens, settings, config or {}
         self.losses = LossSettings(
             optim.energy_coefficient, optim.force_coefficient, optim.train_on_free_atoms
         )
+        # materials (config section `materials`): energy per atom and a stress term (dens.losses.stress)
+        materials = self.config.get("materials") or {}
+        self.losses.energy_per_atom = bool(materials.get("energy_per_atom", False))
+        self.stress = materials_settings(model, materials)
         self._setup_distributed()
         self.run_dir = Path(settings.run_dir)
         if settings.deterministic:
@@ -260,6 +293,10 @@ class Trainer:
         if settings.retain_freed_memory and self.device.type == "cpu":
             retain_freed_memory()
         self.model = model.to(self.device)
+        self._element_limit = _element_limit(self.model)
+        for dataset in (train_set, val_set):
+            if dataset is not None:  # missing labels / unembedded elements: errors that name file and frame
+                require_labels(dataset, ("energy", "forces"), self._element_limit)
         if settings.compile:
             if not getattr(self.model, "direct_forces", True):
                 raise ValueError(
@@ -314,11 +351,16 @@ class Trainer:
                 f"the training set is smaller than one global batch ({optim.batch_size} structures)"
             )
         self.total_steps = max(1, int(optim.max_epochs * self.steps_per_epoch))
+        schedule_steps = max(1, int(optim.max_epochs * self.steps_per_epoch))
+        warmup = int(optim.warmup_epochs * self.steps_per_epoch)
+        if settings.steps is not None:  # the whole schedule, warm-up and milestones scaled to `steps`
+            scale = settings.steps / schedule_steps
+            self.total_steps = schedule_steps = max(1, int(settings.steps))
+            warmup = round(warmup * scale)
+            optim.decay_epochs = [e * scale for e in optim.decay_epochs]
         if settings.max_steps is not None:
             self.total_steps = min(self.total_steps, settings.max_steps)
-        schedule_steps = max(1, int(optim.max_epochs * self.steps_per_epoch))
         self.schedule_steps = schedule_steps
-        warmup = int(optim.warmup_epochs * self.steps_per_epoch)
         if optim.scheduler == "cosine":
             lam = lambda s: cosine_lambda(s, warmup, schedule_steps, optim.warmup_factor, optim.lr_min_factor)  # noqa: E731
         elif optim.scheduler == "multistep":
@@ -333,6 +375,12 @@ class Trainer:
         self.best_metric = math.inf
         self.history: list[dict[str, Any]] = []
         self._writer = None
+        self.training_elements: set[int] = set()  # atomic numbers in the batches trained on so far
+        self.initial_metric: float | None = None  # the untrained model's validation metric (step 0)
+        self._lock: RunDirLock | None = None
+        self._purge_step: int | None = None
+        # called with (metrics, step) after every validation on the main rank (dens.feedback.ValidationTable)
+        self.on_validation: Any = None
 
     # -- set-up ------------------------------------------------------------------------------------
     def _setup_distributed(self) -> None:
@@ -370,22 +418,34 @@ class Trainer:
             "world_size": self.world_size,
             "config": self.config,
             "history": self.history,
+            "training_elements": sorted(self.training_elements),
+            "initial_metric": self.initial_metric,
         }
 
     def save(self, name: str = "last.pt") -> Path | None:
         path = self.run_dir / "checkpoints" / name
+        self._gather_elements()
         if self.is_main:
-            _atomic_save(self.state_dict(), path)
+            save_checkpoint(self.state_dict(), path)
         else:  # every rank keeps its own DeNS-noise and dropout streams
-            _atomic_save({"step": self.step, "rng": _rng_state()}, self._rank_rng_path(path))
+            save_checkpoint({"step": self.step, "rng": _rng_state()}, self._rank_rng_path(path))
         return path
 
     def _rank_rng_path(self, path: Path) -> Path:
         return path.with_name(f"{path.stem}.rng{self.rank}.pt")
 
-    def load(self, path: str | Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
-        self.model.load_state_dict(state["model"])
+    def load(self, path: str | Path, state: dict[str, Any] | None = None) -> None:
+        """Resume the full training state of checkpoint ``path`` (``state``: its contents, if already read)."""
+        state = load_checkpoint(path) if state is None else state
+        _check_resumable(state, path)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"{path}: its weights do not fit this model (another model size or architecture; "
+                f"{str(err).splitlines()[0]} ...); train in another trainer.run_dir, or start anew in this one "
+                f"with trainer.fresh=true"
+            ) from err
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -393,12 +453,12 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_metric, self.history = state["best_metric"], state.get("history", [])
+        self.training_elements = set(state.get("training_elements") or [])
+        self.initial_metric = state.get("initial_metric")
         rng = state["rng"]
         if self.rank > 0:
             rank_file = self._rank_rng_path(Path(path))
-            own = (
-                torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.exists() else None
-            )
+            own = load_checkpoint(rank_file) if rank_file.exists() else None
             if own is not None and own["step"] == self.step and state.get("world_size") == self.world_size:
                 rng = own["rng"]
             else:  # another world size, or a kill between the writes: fresh but reproducible streams
@@ -410,14 +470,57 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     def _maybe_resume(self) -> None:
-        resume = self.settings.resume
-        if resume in (None, "null", "none", False):
+        """Resume as ``trainer.resume`` and ``trainer.fresh`` say.
+
+        * ``auto`` (default): continue ``run_dir/checkpoints/last.pt`` when it exists and was trained with
+          the same configuration; a different one is an error that lists the differing keys (the settings
+          of :data:`dens.rundir.RUN_CONTROL_KEYS`, e.g. ``max_steps``, may change).
+        * ``force``: continue ``last.pt`` even so; the differences are logged and kept in ``config.json``
+          (``resumed_with_changes``). The saved training state (weights, optimiser, schedule) continues.
+        * a path: continue that checkpoint (differences are logged).
+        * ``null``: never resume; a run_dir that already holds a run is then an error, unless
+          ``trainer.fresh=true``, which moves that run's files to ``run_dir/previous/<time>`` first.
+        """
+        resume, last = self.settings.resume, self.run_dir / "checkpoints" / "last.pt"
+        never = resume in (None, "null", "none", False)
+        if self.settings.fresh:
+            if self.is_main:
+                archive_run(self.run_dir)
+            self._barrier()
+            if never or resume in ("auto", "force"):
+                return
+        elif never:
+            if last.exists():
+                raise FileExistsError(
+                    f"trainer.resume=null but {self.run_dir} holds a run ({last}); to start anew there set "
+                    f"trainer.fresh=true (the old files move to {self.run_dir / 'previous'}), or choose "
+                    f"another trainer.run_dir"
+                )
             return
-        path = self.run_dir / "checkpoints" / "last.pt" if resume == "auto" else Path(resume)
-        if path.exists():
-            self.load(path)
-        elif resume != "auto":
-            raise FileNotFoundError(f"trainer.resume={resume}: no checkpoint at {path}")
+        explicit = resume not in ("auto", "force")
+        path = Path(resume) if explicit else last
+        if not path.exists():
+            if explicit:
+                raise FileNotFoundError(f"trainer.resume={resume}: no checkpoint at {path}")
+            return
+        state = load_checkpoint(path)
+        _check_resumable(state, path)
+        diff = config_differences(state.get("config") or {}, self.config)
+        if diff and resume == "auto":
+            raise ValueError(
+                f"{self.run_dir} holds a run trained with another configuration, which trainer.resume=auto "
+                f"will not continue: {format_differences(diff)}. Use trainer.resume=force to continue it with "
+                f"the new values, trainer.fresh=true to start anew in this directory (the old run moves to "
+                f"{self.run_dir / 'previous'}), or another trainer.run_dir"
+            )
+        if diff:
+            logger.warning("resuming %s with a changed configuration: %s", path, format_differences(diff))
+            self.config = {**self.config, "resumed_with_changes": {k: list(v) for k, v in diff.items()}}
+        self.load(path, state)
+
+    def _barrier(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
 
     # -- logging -----------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -431,7 +534,8 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+                # a resumed run drops the events written after its checkpoint
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
             except ImportError:
                 logger.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
                 self.settings.tensorboard = False
@@ -514,11 +618,22 @@ class Trainer:
                     # ones: run each head only where it is read (exact, and the noise head costs ~nothing)
                     kwargs["noise_mask"] = None if corruption is None else corruption.head_mask
                     kwargs["split_heads"] = True
+                if getattr(self.model.backbone, "stress_head", None) is not None:
+                    # a stress head with use_denoising off zeroes exactly the DeNS structures
+                    kwargs["denoising"] = False if corruption is None else corruption.dens_structures
                 out = self.ddp_model(batch, **kwargs)
                 loss, parts = training_loss(
                     out, batch, corruption, self.losses, self.dens, float(self.model.energy_mean),
                     float(self.model.energy_std), float(self.model.force_std), progress, counts=counts,
                 )  # fmt: skip
+                if self.stress is not None:
+                    term = stress_term(
+                        out, batch.extra.get("stress"), self.stress,
+                        None if corruption is None else corruption.dens_structures,
+                        counts["structures"] / self.world_size,
+                    )  # fmt: skip
+                    loss = loss + self.stress.coefficient * term
+                    parts["stress"] = term.detach()
             if not self._all_finite(loss):
                 ids = list(zip(_as_list(batch.sid), _as_list(batch.fid), strict=False))
                 return self._skip_or_stop(
@@ -564,14 +679,35 @@ class Trainer:
             return evaluate_s2ef(self.model, self.val_loader, self.device, self.settings.val_max_batches)
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train to ``total_steps`` (resuming when a checkpoint exists); returns the validation history."""
+        """Train to ``total_steps`` (resuming when a checkpoint exists); returns the validation history.
+
+        The run directory is locked for the duration (a second run on it fails, naming this one).
+        """
+        if self.is_main:
+            self._lock = RunDirLock(self.run_dir).acquire()
+        try:
+            return self._fit()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _fit(self) -> list[dict[str, Any]]:
+        if self.is_main:
+            for folder in (self.run_dir, self.run_dir / "checkpoints"):  # leftovers of killed writes
+                remove_stale_temporaries(folder)
         self._maybe_resume()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "config.json", "w") as fh:
-                json.dump(self.config, fh, indent=2, default=str)
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            self._purge_step = self.step + 1 if self.step > 0 else None  # TensorBoard: the same truncation
+            atomic_write_json(self.run_dir / "config.json", self.config)
         if self.step == 0:
-            self._log({"step": 0, **self._prefixed("val", self.validate())})
+            metrics = self.validate()
+            if metrics:
+                self.initial_metric = metrics[self.settings.primary_metric]
+            self._log({"step": 0, **self._prefixed("val", metrics)})
+            self._report(metrics)
         bar = None
         if self.settings.progress_bar and self.is_main:
             from tqdm import tqdm
@@ -581,6 +717,8 @@ class Trainer:
         window_start, window_structures = time.perf_counter(), 0
         while self.step < self.total_steps:
             micro = [next(batches) for _ in range(self.settings.grad_accumulation)]
+            for b in micro:
+                self._check_batch(b)
             stats = self.train_step(micro)
             self.step += 1
             window_structures += sum(b.num_graphs for b in micro) * self.world_size
@@ -601,29 +739,106 @@ class Trainer:
                 metrics = self.validate()
                 if metrics:
                     self._log({"step": self.step, **self._prefixed("val", metrics)})
-                    if metrics[self.settings.primary_metric] < self.best_metric:
+                    self._report(metrics)
+                    if self._is_new_best(metrics[self.settings.primary_metric]):
                         self.best_metric = metrics[self.settings.primary_metric]
                         self._save_best()
             if self.step % self.settings.checkpoint_every == 0 or self.step == self.total_steps:
                 self.save()
         if bar is not None:
             bar.close()
+        if self.val_loader is None and self.step > 0:
+            self._save_best()  # no validation set: best.pt holds the final weights, so its commands work
         if self._writer is not None:
             self._writer.close()
         return [r for r in self.history if any(k.startswith("val/") for k in r)]
 
+    def _is_new_best(self, value: float) -> bool:
+        """Whether a validation metric becomes best.pt: finite, better than the best so far, and not
+        :data:`EXPLODED_FACTOR` times worse than the untrained model's (weights that exploded under
+        ``trainer.nonfinite=skip`` can still give finite, absurd errors)."""
+        if not math.isfinite(value):
+            logger.warning("step %d: validation %s is %s; not a candidate for best.pt", self.step,
+                           self.settings.primary_metric, value)  # fmt: skip
+            return False
+        if self.initial_metric is not None and value > EXPLODED_FACTOR * self.initial_metric:
+            logger.warning(
+                "step %d: validation %s = %.4g is over %g x the untrained model's %.4g (exploded weights?); "
+                "not saved as best.pt", self.step, self.settings.primary_metric, value, EXPLODED_FACTOR,
+                self.initial_metric,
+            )  # fmt: skip
+            return False
+        return value < self.best_metric
+
+    def _check_batch(self, batch: Batch) -> None:
+        """Labels and embeddable elements of a training batch (readers that are no StructureDataset are
+        not covered by :func:`~dens.data.dataset.require_labels`); records the elements trained on."""
+        missing = [key for key in ("energy", "forces") if getattr(batch, key) is None]
+        ids = list(zip(_as_list(batch.sid), _as_list(batch.fid), strict=False))
+        if missing:
+            raise ValueError(
+                f"a training batch has no {' or '.join(missing)} labels (structures (sid, fid): {ids})"
+            )
+        present = torch.unique(batch.atomic_numbers).tolist()
+        if self._element_limit is not None and present and max(present) >= self._element_limit:
+            raise ValueError(
+                f"training batch with structures (sid, fid) {ids} has {element_names([max(present)])}, which the "
+                f"model does not embed (max_num_elements={self._element_limit})"
+            )
+        self.training_elements.update(int(z) for z in present)
+
+    def _gather_elements(self) -> None:
+        """The union of the elements every rank trained on (called by all ranks before a save)."""
+        if self.world_size == 1:
+            return
+        seen = torch.zeros(256, dtype=torch.float32, device=self.device)  # Z <= 118 (validated)
+        if self.training_elements:
+            seen[sorted(self.training_elements)] = 1.0
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        self.training_elements = {int(z) for z in torch.nonzero(seen).flatten().tolist()}
+
+    def _report(self, metrics: dict[str, float]) -> None:
+        if self.is_main and self.on_validation is not None and metrics:
+            self.on_validation(metrics, self.step)
+
     def _save_best(self) -> None:
-        """``best.pt``: EMA weights (when used), the normalisation and the config, for evaluation."""
+        """``best.pt``: EMA weights (when used), the normalisation, the config and the elements trained on."""
+        self._gather_elements()
         if not self.is_main:
             return
         ctx = self.ema.applied(self.model) if self.ema else contextlib.nullcontext()
         with ctx:
-            _atomic_save({"model": self.model.state_dict(), "config": self.config, "step": self.step},
-                         self.run_dir / "checkpoints" / "best.pt")  # fmt: skip
+            save_checkpoint({"model": self.model.state_dict(), "config": self.config, "step": self.step,
+                             "training_elements": sorted(self.training_elements)},
+                            self.run_dir / "checkpoints" / "best.pt")  # fmt: skip
 
     @staticmethod
     def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
         return {f"{prefix}/{k}": v for k, v in values.items()}
+
+
+def _element_limit(model: nn.Module) -> int | None:
+    from .calculator import element_limit
+
+    return element_limit(model)
+
+
+def _check_resumable(state: dict[str, Any], path: str | Path) -> None:
+    """A checkpoint to resume must hold the training state, not only weights (best.pt)."""
+    missing = [k for k in ("model", "optimizer", "scheduler", "step", "rng") if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} holds no training state (no {', '.join(missing)}): best.pt keeps only the weights, for "
+            f"evaluation, so it cannot resume a run. Resume from last.pt, or start a new run from these "
+            f"weights with trainer.init_from={path} (fine-tuning)"
+        )
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename (a kill never leaves half a config.json)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 def _as_list(ids: Any) -> list[Any]:

@@ -462,6 +462,7 @@ def run_one(
     import torch
     from omegaconf import OmegaConf
 
+    from dens.checkpoint import load_checkpoint
     from dens.evaluate import evaluate
     from dens.models import ForceField
     from dens.train import build
@@ -483,9 +484,7 @@ def run_one(
         spec_path.write_text(json.dumps(overrides, indent=1) + "\n")
 
     last = run_dir / "checkpoints" / "last.pt"
-    resumed_from = (
-        int(torch.load(last, map_location="cpu", weights_only=False)["step"]) if last.is_file() else 0
-    )
+    resumed_from = int(load_checkpoint(last, verify=False, mmap=True)["step"]) if last.is_file() else 0
 
     start = time.perf_counter()
     trainer = build(cfg)
@@ -497,7 +496,7 @@ def run_one(
     start = time.perf_counter()
     best = run_dir / "checkpoints" / "best.pt"
     model = ForceField.from_checkpoint(best, device="cpu")
-    best_step = int(torch.load(best, map_location="cpu", weights_only=False)["step"])
+    best_step = int(load_checkpoint(best, verify=False, mmap=True)["step"])
     test_set = _test_set(task, cfg, cache, smoke)
     test = evaluate(model, test_set, batch_size=task.eval_batch_size)
     denoising = None

@@ -33,7 +33,7 @@ def tiny_force_field(
 ) -> ForceField:
     """A one-layer EquiformerV2 force field (gradient forces by default, float64) in eval mode."""
     torch.manual_seed(seed)
-    backbone = EquiformerV2(**TINY_BACKBONE, direct_forces=direct_forces)
+    backbone = EquiformerV2(**TINY_BACKBONE, cutoff=cutoff, direct_forces=direct_forces)
     model = ForceField(backbone, cutoff=cutoff, max_neighbors=max_neighbors)
     model = model.double() if double else model
     return model.eval()
@@ -49,6 +49,7 @@ def write_checkpoint(
             "backbone": {
                 "_target_": "dens.models.EquiformerV2",
                 **TINY_BACKBONE,
+                "cutoff": cutoff,
                 "direct_forces": direct_forces,
             },
             "cutoff": cutoff,

@@ -40,8 +40,11 @@ def test_collate_concatenates_and_offsets_graphs():
 
 
 def test_collate_without_labels_or_graph():
-    b = collate([_mol(2, -1.0, graph=True), _mol(3)])
+    b = collate([_mol(2, graph=True), _mol(3)])
     assert b.energy is None and b.forces is None and b.edge_index is None and b.cell_offsets is None
+    # a label that only some structures carry is an error, never dropped for the whole batch (issue 18)
+    with pytest.raises(ValueError, match=r"item 1 .* no energy label"):
+        collate([_mol(2, -1.0, graph=True), _mol(3)])
 
 
 def test_string_ids_stay_a_list_and_to_device():

@@ -10,31 +10,15 @@ from dens.data import (
     BalancedBatchSampler,
     LinearReference,
     LmdbDataset,
-    Normalizer,
     SystemReference,
     compute_statistics,
     fit_linear_reference,
     get_natoms,
     make_structure,
-    normalizers,
     open_dataset,
 )
 from dens.data.convert import main as convert_main
 from dens.data.demo import DEMO_DIR, demo_dataset
-
-
-def test_official_normalizers():
-    oc20, oc22 = normalizers("oc20"), normalizers("oc22")
-    assert oc20["energy"].mean == pytest.approx(-0.7554450631141663)
-    assert oc20["forces"].std == oc20["energy"].std == pytest.approx(2.887317180633545)
-    assert oc22["energy"].std == pytest.approx(25.119809935106424)
-    assert oc22["forces"].std == pytest.approx(0.14759646356105804)
-    with pytest.raises(ValueError, match="unknown normaliser"):
-        normalizers("oc21")
-    n = Normalizer(2.0, 4.0)
-    x = torch.randn(5)
-    torch.testing.assert_close(n.denorm(n.norm(x)), x)
-    assert Normalizer.from_state_dict(n.state_dict()) == n
 
 
 def test_streamed_statistics_match_numpy(shared_dir):

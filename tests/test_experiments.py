@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
+import _collect  # noqa: E402
 import _tables as T  # noqa: E402
 
 from dens.data import Subset, open_dataset  # noqa: E402
@@ -196,7 +197,7 @@ def test_collect_run_evaluates_best_pt_and_caches(tmp_path, monkeypatch):
     assert out["gpu_hours"] == pytest.approx(10 * 2 / 3600)
     assert any("mean over ['val_id', 'val_ood_ads'] only" in n for n in out["notes"])
     # a second collection reads the cache in run_dir/eval: nothing is evaluated again
-    monkeypatch.setattr(T, "evaluate", lambda *a, **k: pytest.fail("evaluated twice"))
+    monkeypatch.setattr(_collect, "evaluate", lambda *a, **k: pytest.fail("evaluated twice"))
     assert T.collect_run(T.RUNS["oc20_2m"], run_dir, options, None) == out
 
 

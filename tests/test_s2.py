@@ -1,14 +1,12 @@
 """Sphere grids and grid activations."""
 
-from pathlib import Path
-
 import e3nn.o3 as o3
 import pytest
 import torch
+from conftest import shared_path
 
 from dens.models import (
     CoefficientLayout,
-    GateActivation,
     S2Activation,
     SeparableS2Activation,
     SphereGrid,
@@ -19,7 +17,7 @@ from dens.testing import assert_equivariant, random_rotation
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "official"
+FIXTURES = shared_path("fixtures/official")
 
 
 def y_rotation(angle: float) -> torch.Tensor:
@@ -91,22 +89,6 @@ def test_separable_s2_activation_l0_is_exact():
     R = y_rotation(2 * torch.pi / 18)
     err = assert_equivariant(act, [scalars, tensors], [None, 4], [4], rotation=R, atol=1e-7)
     assert err < 1e-7
-
-
-def test_gate_activation_equivariant():
-    lmax, c = 3, 5
-    gate = GateActivation(lmax, c)
-    gates, x = torch.randn(7, lmax * c), torch.randn(7, 16, c)
-    assert assert_equivariant(gate, [gates, x], [None, lmax], [lmax], atol=1e-12) < 1e-12
-    out = gate(gates, x)
-    g = torch.sigmoid(gates).reshape(7, lmax, c)
-    torch.testing.assert_close(out[:, 4:9], x[:, 4:9] * g[:, 1:2])  # l = 2 scaled by its gate
-
-
-def test_gate_activation_reduced_layout():
-    gate = GateActivation(3, 2, mmax=1)
-    out = gate(torch.randn(4, 6), torch.randn(4, CoefficientLayout(3, 1).num_reduced, 2))
-    assert out.shape == (4, 10, 2)
 
 
 def test_m_major_grid_consistent_with_l_major():

@@ -25,7 +25,7 @@ def small_scale():
 
 
 @pytest.mark.parametrize(("task", "variant"), [("ethanol", "dens_no_fe"), ("oc20", "dens")])
-def test_smoke_run(small_scale, shared_dir, one_thread, tmp_path, task, variant):
+def test_smoke_run(small_scale, external_shared_dir, one_thread, tmp_path, task, variant):
     out = tmp_path / "results"
     result = small_scale.run_one(
         task, variant, 0, out=out, runs=tmp_path / "runs", cache=tmp_path / "cache", smoke=True

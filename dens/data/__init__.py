@@ -33,14 +33,11 @@ from .graph import DEGENERACY_TOLERANCE, MIN_DISTANCE, edge_vectors, num_images,
 from .lmdb import LmdbDataset, close_lmdb_envs, find_lmdb_files, structure_from_record, write_lmdb
 from .md17 import MD17_MOLECULES, MD17Dataset, md17_splits, read_md17_npz, read_md17_xyz
 from .normalize import (
-    OFFICIAL_NORMALIZERS,
     LinearReference,
-    Normalizer,
     SystemReference,
     compute_statistics,
     fit_linear_reference,
     load_linear_reference,
-    normalizers,
 )
 from .open import PickleDataset, open_dataset
 from .sampler import BalancedBatchSampler, balanced_partition
@@ -51,7 +48,6 @@ __all__ = [
     "LENGTH_UNITS",
     "MD17_MOLECULES",
     "MIN_DISTANCE",
-    "OFFICIAL_NORMALIZERS",
     "STRUCTURE_KEYS",
     "AseDataset",
     "AseLmdbDataset",
@@ -63,7 +59,6 @@ __all__ = [
     "LinearReference",
     "LmdbDataset",
     "MD17Dataset",
-    "Normalizer",
     "PickleDataset",
     "SetFields",
     "StructureDataset",
@@ -85,7 +80,6 @@ __all__ = [
     "load_split",
     "make_structure",
     "md17_splits",
-    "normalizers",
     "num_images",
     "open_dataset",
     "radius_graph_pbc",

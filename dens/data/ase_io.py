@@ -1,9 +1,14 @@
 """ASE-readable files (extxyz, traj, json, ...) and the ASE-database LMDB format (``.aselmdb``).
 
 Labels are taken from the attached calculator (``SinglePointCalculator``, as ASE creates when reading
-extxyz/traj with energies) or from ``atoms.info['energy']`` / ``atoms.arrays['forces']``. ``fixed`` comes
+extxyz/traj with energies) or from ``atoms.info['energy']`` / ``atoms.arrays['forces']``; ``energy_key`` /
+``forces_key`` name other fields (MACE-style ``REF_energy`` / ``REF_forces``), which are also read
+when a frame has no label under the standard names. ``fixed`` comes
 from ``FixAtoms`` constraints, a ``fixed`` array, or the inverse of an extxyz ``move_mask``; ``sid`` and
 ``fid`` from ``atoms.info`` (fairchem ``.aselmdb`` rows keep them in ``data`` / ``key_value_pairs``).
+
+Stress (or virial) labels become a per-structure ``stress`` entry (eV/Å³, ASE's sign): see
+:mod:`dens.data.materials`.
 
 Extended XYZ does not state its units: ``energy_unit`` (default ``"eV"``) and ``length_unit`` (default
 ``"Å"``) say what the file holds; forces are in energy unit per length unit.
@@ -43,6 +48,7 @@ from ase.db.row import AtomsRow
 from .batch import make_structure
 from .dataset import CorruptEntryError, InMemoryDataset, StructureDataset, energy_factor, length_factor
 from .lmdb import close_lmdb_envs, find_lmdb_files, open_lmdb_env
+from .materials import stress_entry, stress_of_atoms, stress_tensor
 
 try:  # orjson is what fairchem writes with; json reads the same text
     import orjson as _orjson
@@ -67,6 +73,29 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
+#: Label names read when a frame has none under the standard names (MACE's ``REF_`` convention).
+FALLBACK_KEYS: dict[str, tuple[str, ...]] = {"energy": ("REF_energy",), "forces": ("REF_forces",)}
+
+
+def _label(atoms: ase.Atoms, results: dict[str, Any], kind: str, key: str | None, where: str) -> Any:
+    """A label from ``key`` (info / arrays / calculator results), or the standard name, or a fallback."""
+    store = atoms.info if kind == "energy" else atoms.arrays
+    if key is not None and key != kind:
+        if key in store:
+            return store[key]
+        if key in results:
+            return results[key]
+        raise ValueError(
+            f"{where}: no {kind} under the key {key!r} (info keys: {sorted(atoms.info)}, "
+            f"array keys: {sorted(atoms.arrays)})"
+        )
+    if kind in results:
+        return results[kind]
+    if kind in store:
+        return store[kind]
+    return next((store[k] for k in FALLBACK_KEYS[kind] if k in store), None)
+
+
 def atoms_to_structure(
     atoms: ase.Atoms,
     energy_unit: str = "eV",
@@ -74,6 +103,10 @@ def atoms_to_structure(
     dtype: torch.dtype = torch.float32,
     sid: Any = None,
     fid: Any = None,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    where: str = "structure",
+    stress_key: str | None = None,
 ) -> dict[str, Any]:
     """Convert an ``ase.Atoms`` (with optional calculator results) into a structure dict.
 
@@ -87,6 +120,14 @@ def atoms_to_structure(
         Float dtype of positions, cell and forces.
     sid, fid : optional
         Ids used when ``atoms.info`` has none.
+    energy_key, forces_key : str, optional
+        Field names of the labels in ``atoms.info`` / ``atoms.arrays`` (e.g. ``REF_energy``); a frame
+        without them raises ``ValueError`` naming ``where``.
+    where : str
+        Where the frame comes from, for messages.
+    stress_key : str, optional
+        Field of the stress label in ``atoms.info`` (e.g. ``REF_stress``); default: the calculator's
+        stress, then ``info['stress']``, then ``info['virial']`` (:func:`dens.data.materials.stress_of_atoms`).
 
     Returns
     -------
@@ -94,17 +135,10 @@ def atoms_to_structure(
     """
     ef = energy_factor(energy_unit)
     lf = length_factor(length_unit)
-    energy = forces = None
     calc = atoms.calc
     results = getattr(calc, "results", {}) if calc is not None else {}
-    if "energy" in results:
-        energy = results["energy"]
-    elif "energy" in atoms.info:
-        energy = atoms.info["energy"]
-    if "forces" in results:
-        forces = results["forces"]
-    elif "forces" in atoms.arrays:
-        forces = atoms.arrays["forces"]
+    energy = _label(atoms, results, "energy", energy_key, where)
+    forces = _label(atoms, results, "forces", forces_key, where)
     n = len(atoms)
     fixed = np.zeros(n, dtype=bool)
     for c in atoms.constraints:
@@ -128,6 +162,7 @@ def atoms_to_structure(
         sid=_first(info.get("sid"), sid),
         fid=_first(info.get("fid"), fid),
         dtype=dtype,
+        **stress_entry(stress_of_atoms(atoms, ef, lf, where=where, key=stress_key)),
     )
 
 
@@ -159,6 +194,8 @@ def structure_to_atoms(s: dict[str, Any]) -> ase.Atoms:
         results["energy"] = float(s["energy"])
     if s.get("forces") is not None:
         results["forces"] = s["forces"].detach().double().numpy()
+    if s.get("stress") is not None:
+        results["stress"] = stress_tensor(s["stress"].detach().double().numpy())
     if results:
         atoms.calc = SinglePointCalculator(atoms, **results)
     return atoms
@@ -171,6 +208,9 @@ def read_ase_file(
     length_unit: str = "Å",
     dtype: torch.dtype = torch.float32,
     format: str | None = None,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    stress_key: str | None = None,
 ) -> list[dict[str, Any]]:
     """Read every frame of an ASE-readable file as structure dicts (eV, Å).
 
@@ -188,6 +228,8 @@ def read_ase_file(
         Float dtype.
     format : str, optional
         ASE format name (guessed from the file otherwise).
+    energy_key, forces_key, stress_key : str, optional
+        Label field names (see :func:`atoms_to_structure`).
 
     Returns
     -------
@@ -205,7 +247,18 @@ def read_ase_file(
     if isinstance(frames, ase.Atoms):
         frames = [frames]
     return [
-        atoms_to_structure(a, energy_unit, length_unit, dtype, sid=p.stem, fid=i)
+        atoms_to_structure(
+            a,
+            energy_unit,
+            length_unit,
+            dtype,
+            sid=p.stem,
+            fid=i,
+            energy_key=energy_key,
+            forces_key=forces_key,
+            where=f"{p}, frame {i}",
+            stress_key=stress_key,
+        )
         for i, a in enumerate(frames)
     ]
 
@@ -223,6 +276,8 @@ class AseDataset(InMemoryDataset):
         Float dtype.
     format : str, optional
         ASE format name.
+    energy_key, forces_key, stress_key : str, optional
+        Label field names (e.g. ``REF_energy`` / ``REF_forces`` / ``REF_stress``).
     **kwargs
         See :class:`~dens.data.dataset.StructureDataset`.
     """
@@ -234,9 +289,14 @@ class AseDataset(InMemoryDataset):
         length_unit: str = "Å",
         dtype: torch.dtype = torch.float32,
         format: str | None = None,
+        energy_key: str | None = None,
+        forces_key: str | None = None,
+        stress_key: str | None = None,
         **kwargs: Any,
     ) -> None:
-        structures = read_ase_file(path, ":", energy_unit, length_unit, dtype, format)
+        structures = read_ase_file(
+            path, ":", energy_unit, length_unit, dtype, format, energy_key, forces_key, stress_key
+        )
         super().__init__(structures, source=str(path), **kwargs)
         self.path = Path(path)
         self.energy_unit = energy_unit

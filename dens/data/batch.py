@@ -45,12 +45,18 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DEFAULT_MIN_DISTANCE",
     "STRUCTURE_KEYS",
     "Batch",
+    "check_requirements",
     "collate",
     "make_structure",
+    "min_pair_distance",
     "validate_structure",
 ]
+
+#: Atoms closer than this (Å) make a structure invalid by default (duplicated atoms get no graph edge).
+DEFAULT_MIN_DISTANCE = 0.1
 
 STRUCTURE_KEYS = (
     "pos",
@@ -94,6 +100,15 @@ def _id(x: Any) -> int | str | None:
     if isinstance(x, (float, np.floating)) and float(x).is_integer():
         return int(x)
     return str(x)
+
+
+def _forces(forces: Any, n: int, dtype: torch.dtype) -> Tensor:
+    """Forces as [N, 3]; other layouts of 3N numbers ([3N], [1, N, 3]) are reshaped, any other shape is
+    kept as it is for :func:`validate_structure` to report (a reshape would hide a wrong row count)."""
+    f = _tensor(forces, dtype)
+    if f.shape != (n, 3) and f.numel() == 3 * n and (f.ndim == 1 or f.shape[-1] == 3):
+        f = f.reshape(n, 3)
+    return f
 
 
 def make_structure(
@@ -173,7 +188,7 @@ def make_structure(
         if fixed is None
         else _tensor(fixed).reshape(-1).to(torch.bool),
         "energy": None if energy is None else _tensor(energy, torch.float64).reshape(()),
-        "forces": None if forces is None else _tensor(forces, dtype).reshape(-1, 3),
+        "forces": None if forces is None else _forces(forces, n, dtype),
         "sid": _id(sid),
         "fid": _id(fid),
         "natoms": torch.tensor(n, dtype=torch.long),
@@ -189,10 +204,11 @@ def make_structure(
     return out
 
 
-def validate_structure(item: Mapping[str, Any], where: str = "structure") -> None:
+def validate_structure(item: Mapping[str, Any], where: str = "structure", min_distance: float = 0.0) -> None:
     """Raise a ``ValueError`` naming ``where`` if a structure record is unusable.
 
-    Checks: at least one atom; per-atom arrays of matching length; finite positions, energy and forces.
+    Checks: at least one atom; per-atom arrays of matching length; forces of shape [N, 3]; finite
+    positions, energy and forces; atomic numbers in 1..118; no two atoms closer than ``min_distance`` (Å).
 
     Parameters
     ----------
@@ -218,8 +234,12 @@ def validate_structure(item: Mapping[str, Any], where: str = "structure") -> Non
         raise ValueError(f"{where}: positions must be [N, 3], got {tuple(pos.shape)}")
     for key in ("atomic_numbers", "tags", "fixed", "forces"):
         v = item.get(key)
-        if v is not None and v.shape[0] != n:
-            raise ValueError(f"{where}: '{key}' has {v.shape[0]} rows but the structure has {n} atoms")
+        if v is not None and (v.ndim == 0 or v.shape[0] != n):
+            rows = "no rows" if v.ndim == 0 else f"{v.shape[0]} rows"
+            raise ValueError(f"{where}: '{key}' has {rows} but the structure has {n} atoms")
+    f = item.get("forces")
+    if f is not None and tuple(f.shape) != (n, 3):
+        raise ValueError(f"{where}: forces must have shape [{n}, 3] (atoms x 3), got {list(f.shape)}")
     if not bool(torch.isfinite(pos).all()):
         raise ValueError(f"{where}: positions contain NaN or infinite values")
     e = item.get("energy")
@@ -231,6 +251,70 @@ def validate_structure(item: Mapping[str, Any], where: str = "structure") -> Non
     z = item.get("atomic_numbers")
     if z is not None and (bool((z < 1).any()) or bool((z > 118).any())):
         raise ValueError(f"{where}: atomic numbers outside 1..118")
+    if min_distance > 0 and n > 1:
+        d, i, j = min_pair_distance(pos, item.get("cell"), item.get("pbc"))
+        if d < min_distance:
+            raise ValueError(
+                f"{where}: atoms {i} and {j} are {d:.4f} Å apart (closer than min_distance={min_distance} Å; "
+                f"duplicated atoms?); fix the frame, skip it (on_error=skip) or lower min_distance"
+            )
+
+
+def min_pair_distance(
+    pos: Tensor, cell: Tensor | None = None, pbc: Tensor | None = None
+) -> tuple[float, int, int]:
+    """The smallest distance between two atoms and their indices (minimum image along periodic axes).
+
+    Periodic differences are wrapped to the nearest lattice image in fractional coordinates, which is exact
+    for coincident atoms and an upper bound in strongly skewed cells (so it never reports a false pair).
+
+    Examples
+    --------
+    >>> min_pair_distance(torch.tensor([[0.0, 0, 0], [0, 0, 0.5], [0, 0, 3]]))
+    (0.5, 0, 1)
+    """
+    x = pos.detach().cpu().numpy().astype(np.float64)  # numpy: a few small ops, 2x faster than torch here
+    diff = x[:, None, :] - x[None, :, :]
+    periodic = (
+        np.zeros(3, dtype=bool) if pbc is None else pbc.detach().cpu().numpy().reshape(-1, 3)[0].astype(bool)
+    )
+    if periodic.any() and cell is not None:
+        c = cell.detach().cpu().numpy().reshape(3, 3).astype(np.float64)
+        if abs(np.linalg.det(c)) > 1e-12:
+            frac = diff @ np.linalg.inv(c)
+            frac[..., periodic] -= np.round(frac[..., periodic])
+            diff = frac @ c
+    d2 = np.einsum("ijk,ijk->ij", diff, diff)
+    np.fill_diagonal(d2, np.inf)
+    i, j = divmod(int(np.argmin(d2)), d2.shape[1])
+    return math.sqrt(float(d2[i, j])), i, j
+
+
+def check_requirements(
+    item: Mapping[str, Any], where: str, labels: Sequence[str] = (), element_limit: int | None = None
+) -> None:
+    """Raise a ``ValueError`` naming ``where`` if ``item`` lacks one of ``labels`` or has ``Z >= element_limit``.
+
+    Examples
+    --------
+    >>> check_requirements(make_structure(torch.zeros(1, 3), [95], energy=0.0), "a.xyz, frame 3", (), 90)
+    Traceback (most recent call last):
+    ...
+    ValueError: a.xyz, frame 3: atomic number 95 (Am) is not embedded by the model, which takes Z < 90 (max_num_elements=90)
+    """
+    for key in labels:
+        if item.get(key) is None:
+            raise ValueError(f"{where}: no {key} label (training needs {' and '.join(labels)})")
+    z = item.get("atomic_numbers")
+    if element_limit is not None and z is not None and z.numel() and int(z.max()) >= element_limit:
+        from ase.data import chemical_symbols
+
+        big = int(z.max())
+        name = chemical_symbols[big] if big < len(chemical_symbols) else "?"
+        raise ValueError(
+            f"{where}: atomic number {big} ({name}) is not embedded by the model, which takes "
+            f"Z < {element_limit} (max_num_elements={element_limit})"
+        )
 
 
 @dataclasses.dataclass
@@ -362,13 +446,31 @@ def _collate_ids(values: list[Any]) -> Tensor | list[Any] | None:
     return vals
 
 
+def _all_or_none(items: Sequence[Mapping[str, Any]], key: str) -> bool:
+    """Whether every item has ``key``; raises when only some have it (dropping the label of the whole
+    batch would silently train or evaluate on a subset)."""
+    has = [it.get(key) is not None for it in items]
+    if all(has) or not any(has):
+        return all(has)
+    missing = [
+        f"item {k} (sid={it.get('sid')!r}, fid={it.get('fid')!r})"
+        for k, (it, h) in enumerate(zip(items, has, strict=True))
+        if not h
+    ]
+    raise ValueError(
+        f"collate: {', '.join(missing[:5])} of this batch have no {key} label while the others have one; "
+        f"label every structure or none (a dataset's error names the file and frame when it requires labels)"
+    )
+
+
 def collate(items: Sequence[Mapping[str, Any]]) -> Batch:
     """Concatenate structure dicts into a :class:`Batch`.
 
     Parameters
     ----------
     items : sequence of dict
-        Structure records (see the module docstring). Labels are kept only if every item has them.
+        Structure records (see the module docstring). A label is kept when every item has it; a batch
+        in which only some items have it is an error (no label is dropped silently).
         ``None`` entries (skipped by a dataset with ``on_error="skip"``) are dropped.
 
     Returns
@@ -408,10 +510,10 @@ def collate(items: Sequence[Mapping[str, Any]]) -> Batch:
         pbcs.append(torch.zeros(3, dtype=torch.bool) if p is None else p.reshape(3).to(torch.bool))
 
     energy = None
-    if all(it.get("energy") is not None for it in items):
+    if _all_or_none(items, "energy"):
         energy = torch.stack([torch.as_tensor(it["energy"], dtype=torch.float64).reshape(()) for it in items])
     forces = None
-    if all(it.get("forces") is not None for it in items):
+    if _all_or_none(items, "forces"):
         forces = torch.cat([it["forces"] for it in items], 0)
 
     edge_index = cell_offsets = None

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .batch import validate_structure
+from .batch import DEFAULT_MIN_DISTANCE, check_requirements, validate_structure
 
 __all__ = [
     "ENERGY_UNITS",
@@ -42,6 +42,7 @@ __all__ = [
     "length_factor",
     "load_split",
     "random_split_indices",
+    "require_labels",
     "save_split",
 ]
 
@@ -110,22 +111,37 @@ class StructureDataset(Dataset):
         such an entry yields ``None`` (dropped by :func:`~dens.data.batch.collate`), a warning is logged
         and :attr:`num_skipped` counts it (per process).
     validate : bool
-        Check every structure (zero atoms, mismatched lengths, NaN/inf labels).
+        Check every structure (zero atoms, mismatched lengths, wrong shapes, NaN/inf labels, atoms closer
+        than ``min_distance``).
+    min_distance : float
+        Smallest allowed distance (Å) between two atoms (periodic images included); closer pairs, e.g.
+        duplicated atoms, get no edge in the graph and would train silently. 0 disables the check.
+
+    Attributes
+    ----------
+    required_labels : tuple of str
+        Labels every item must carry (set by :func:`require_labels` for training; default none).
+    element_limit : int or None
+        Atomic numbers must be below it (a model's ``max_num_elements``; set by :func:`require_labels`).
     """
 
     natoms: np.ndarray | None = None
+    required_labels: tuple[str, ...] = ()
+    element_limit: int | None = None
 
     def __init__(
         self,
         transforms: Sequence[Transform] | None = None,
         on_error: str = "raise",
         validate: bool = True,
+        min_distance: float = DEFAULT_MIN_DISTANCE,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.transforms = list(transforms or [])
         self.on_error = on_error
         self.validate = validate
+        self.min_distance = float(min_distance)
         self.num_skipped = 0
 
     def __len__(self) -> int:  # pragma: no cover - abstract
@@ -147,9 +163,11 @@ class StructureDataset(Dataset):
         try:
             item = self._get(index)
             if self.validate:
-                validate_structure(item, self.describe(index))
+                validate_structure(item, self.describe(index), min_distance=self.min_distance)
             for t in self.transforms:
                 item = t(item)
+            if self.required_labels or self.element_limit is not None:
+                check_requirements(item, self.describe(index), self.required_labels, self.element_limit)
         except (CorruptEntryError, ValueError) as err:
             if self.on_error == "skip":
                 self.num_skipped += 1
@@ -282,6 +300,44 @@ class SetFields:
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         return {**item, **self.values}
+
+
+def require_labels(
+    dataset: Dataset, labels: Sequence[str] = ("energy", "forces"), element_limit: int | None = None
+) -> int:
+    """Make every reader under ``dataset`` (subsets and concatenations walked) refuse items without
+    ``labels`` or with atomic numbers ``>= element_limit``, naming the file and frame (``on_error="skip"``
+    skips them instead). Used by the trainer, whose losses need both labels and whose model embeds
+    ``max_num_elements`` elements.
+
+    Returns
+    -------
+    int
+        The number of readers configured (0: the dataset is no :class:`StructureDataset`; the trainer
+        then checks batches, naming sid/fid).
+
+    Examples
+    --------
+    >>> from dens.data.batch import make_structure
+    >>> ds = InMemoryDataset([make_structure(torch.zeros(1, 3), [1])], source="h.xyz")
+    >>> require_labels(ds)
+    1
+    >>> ds[0]
+    Traceback (most recent call last):
+    ...
+    ValueError: h.xyz, structure 0: no energy label (training needs energy and forces)
+    """
+    count = 0
+    children = list(getattr(dataset, "datasets", None) or [])
+    if getattr(dataset, "dataset", None) is not None:
+        children.append(dataset.dataset)
+    for child in children:
+        count += require_labels(child, labels, element_limit)
+    if not children and isinstance(dataset, StructureDataset):
+        dataset.required_labels = tuple(labels)
+        dataset.element_limit = element_limit
+        count += 1
+    return count
 
 
 def get_natoms(dataset: Dataset) -> np.ndarray:

@@ -50,6 +50,7 @@ from .pyg_pickle import dumps_data, loads, record_mapping
 
 __all__ = [
     "LmdbDataset",
+    "check_lmdb_size",
     "close_lmdb_envs",
     "find_lmdb_files",
     "open_lmdb_env",
@@ -94,11 +95,38 @@ def open_lmdb_env(path: str | Path) -> lmdb.Environment:
     if env is None:
         if not os.path.isfile(key):
             raise FileNotFoundError(f"LMDB file not found: {path}")
-        env = lmdb.open(
-            key, subdir=False, readonly=True, lock=False, readahead=True, meminit=False, max_readers=1
-        )
+        try:
+            env = lmdb.open(
+                key, subdir=False, readonly=True, lock=False, readahead=True, meminit=False, max_readers=1
+            )
+        except lmdb.Error as err:
+            raise CorruptEntryError(
+                f"{path}: not a readable LMDB file ({type(err).__name__}: {err})"
+            ) from err
+        try:
+            check_lmdb_size(env, key)
+        except CorruptEntryError:
+            env.close()
+            raise
         _ENVS[key] = env
     return env
+
+
+def check_lmdb_size(env: lmdb.Environment, path: str | Path) -> None:
+    """Raise :class:`CorruptEntryError` if the file is shorter than the pages its metadata says it holds.
+
+    Reading a page beyond the end of a memory-mapped file kills the process with SIGBUS, which no
+    ``try`` can catch; a truncated copy (an interrupted download or ``cp``) is caught here instead, before
+    any data page is read.
+    """
+    info, stat = env.info(), env.stat()
+    needed = (int(info["last_pgno"]) + 1) * int(stat["psize"])
+    size = os.path.getsize(path)
+    if size < needed:
+        raise CorruptEntryError(
+            f"{path}: truncated LMDB file: {size:,} bytes, but its pages reach {needed:,} bytes (last page "
+            f"{info['last_pgno']}); the copy or download was interrupted: copy it again"
+        )
 
 
 def close_lmdb_envs(path: str | Path | None = None) -> None:

@@ -1,7 +1,5 @@
-"""Energy / force normalisers, statistics streamed from data, and energy references.
+"""Energy and force statistics streamed from data (for the normalisers), and energy references.
 
-* :class:`Normalizer`: ``(x - mean) / std`` and back; :data:`OFFICIAL_NORMALIZERS` holds the official
-  OC20 and OC22 values as named settings (``normalizers("oc20")``).
 * :func:`compute_statistics`: energy and force statistics from a dataset, streamed (one structure at a
   time, Welford updates), never loading everything.
 * :func:`fit_linear_reference`: per-element energies ``E ≈ Σ_Z c_Z n_Z`` by least squares, accumulated
@@ -10,14 +8,6 @@
   ``{"random<sid>": E_ref}``), which turns total energies into adsorption-referenced ones.
 
 Energy references are dataset transforms: they state explicitly which target is trained on.
-
-Examples
---------
->>> n = normalizers("oc20")
->>> round(n["energy"].std, 4), n["forces"].mean
-(2.8873, 0.0)
->>> float(n["energy"].denorm(n["energy"].norm(torch.tensor(1.0))))
-1.0
 """
 
 from __future__ import annotations
@@ -26,7 +16,6 @@ import logging
 import math
 import pickle
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,67 +24,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "OFFICIAL_NORMALIZERS",
     "LinearReference",
-    "Normalizer",
     "SystemReference",
     "compute_statistics",
     "fit_linear_reference",
     "load_linear_reference",
-    "normalizers",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Official normaliser settings (mean, std) of the DeNS / EquiformerV2 configs.
-OFFICIAL_NORMALIZERS: dict[str, dict[str, tuple[float, float]]] = {
-    # OC20 S2EF (all DeNS configs): forces use the energy std, as the legacy target_std/grad_target_std
-    "oc20": {"energy": (-0.7554450631141663, 2.887317180633545), "forces": (0.0, 2.887317180633545)},
-    # OC22 (after the linear reference)
-    "oc22": {"energy": (0.0, 25.119809935106424), "forces": (0.0, 0.14759646356105804)},
-}
-
-
-@dataclass
-class Normalizer:
-    """``norm(x) = (x - mean) / std``; ``denorm`` is its inverse.
-
-    Examples
-    --------
-    >>> Normalizer(1.0, 2.0).norm(torch.tensor([3.0])).tolist()
-    [1.0]
-    """
-
-    mean: float = 0.0
-    std: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.std) and self.std > 0):
-            raise ValueError(f"Normalizer std must be positive and finite, got {self.std}")
-
-    def norm(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
-
-    def denorm(self, x: Tensor) -> Tensor:
-        return x * self.std + self.mean
-
-    def state_dict(self) -> dict[str, float]:
-        return {"mean": float(self.mean), "std": float(self.std)}
-
-    @classmethod
-    def from_state_dict(cls, state: Mapping[str, float]) -> Normalizer:
-        return cls(float(state["mean"]), float(state.get("std", state.get("stdev", 1.0))))
-
-
-def normalizers(name: str) -> dict[str, Normalizer]:
-    """Named official settings: ``"oc20"`` or ``"oc22"``."""
-    try:
-        cfg = OFFICIAL_NORMALIZERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown normaliser setting {name!r}; known: {sorted(OFFICIAL_NORMALIZERS)}"
-        ) from None
-    return {k: Normalizer(*v) for k, v in cfg.items()}
+#: A structure whose force RMS is this many times the median structure's is an outlier in the statistics.
+FORCE_OUTLIER_FACTOR = 100.0
 
 
 class _Welford:
@@ -127,8 +66,10 @@ class _Welford:
 
 
 def compute_statistics(
-    structures: Iterable[Mapping[str, Any] | None], free_atoms_only: bool = False
-) -> dict[str, float]:
+    structures: Iterable[Mapping[str, Any] | None],
+    free_atoms_only: bool = False,
+    outlier_factor: float = FORCE_OUTLIER_FACTOR,
+) -> dict[str, Any]:
     """Energy and force statistics of a stream of structures.
 
     Parameters
@@ -138,13 +79,19 @@ def compute_statistics(
     free_atoms_only : bool
         Only count forces of atoms that are not fixed (OC20 trains on free atoms).
 
+    outlier_factor : float
+        A structure whose force RMS exceeds this multiple of the median structure's is an outlier (a
+        unit mix-up or a broken calculation): it is named in a warning and left out of
+        ``forces_rms_robust``. 0 disables the check.
+
     Returns
     -------
     dict
         ``energy_mean``, ``energy_std`` (population, ``n``), ``energy_std_unbiased`` (``n - 1``, torch's
         ``std()``, the official MD17 normaliser), ``energy_per_atom_mean``, ``energy_per_atom_std``,
-        ``forces_mean`` (per component), ``forces_std``, ``forces_rms``, ``num_structures``,
-        ``num_atoms``.
+        ``forces_mean`` (per component), ``forces_std``, ``forces_rms``, ``forces_rms_robust`` (without
+        the outlier structures; equal to ``forces_rms`` when there are none), ``force_outliers`` (their
+        indices), ``num_structures``, ``num_atoms``.
 
     Examples
     --------
@@ -158,7 +105,8 @@ def compute_statistics(
     f_sq = 0.0
     num_atoms = 0
     num = 0
-    for s in structures:
+    frame_sq: list[tuple[int, float, int]] = []  # (index, sum of squares, components) per structure
+    for index, s in enumerate(structures):
         if s is None:
             continue
         num += 1
@@ -175,7 +123,11 @@ def compute_statistics(
                 fr = forces[~s["fixed"].to(torch.bool)]
             arr = fr.detach().to(torch.float64).numpy()
             f.update(arr)
-            f_sq += float((arr**2).sum())
+            sq = float((arr**2).sum())
+            f_sq += sq
+            if arr.size:
+                frame_sq.append((index, sq, arr.size))
+    outliers, robust = _force_outliers(frame_sq, outlier_factor, structures)
     return {
         "energy_mean": e.mean if e.n else float("nan"),
         "energy_std": e.std,
@@ -185,9 +137,35 @@ def compute_statistics(
         "forces_mean": f.mean if f.n else float("nan"),
         "forces_std": f.std,
         "forces_rms": math.sqrt(f_sq / f.n) if f.n else float("nan"),
+        "forces_rms_robust": robust,
+        "force_outliers": outliers,
         "num_structures": num,
         "num_atoms": num_atoms,
     }
+
+
+def _force_outliers(
+    frame_sq: list[tuple[int, float, int]], factor: float, source: Any
+) -> tuple[list[int], float]:
+    """Indices of the structures whose force RMS exceeds ``factor`` x the median, and the RMS without them."""
+    if not frame_sq:
+        return [], float("nan")
+    rms = np.sqrt(np.array([sq / n for _, sq, n in frame_sq]))
+    median = float(np.median(rms))
+    bad = (rms > factor * median) if factor > 0 and median > 0 else np.zeros(len(rms), dtype=bool)
+    outliers = [frame_sq[k][0] for k in np.nonzero(bad)[0]]
+    if outliers:
+        describe = getattr(source, "describe", None)
+        names = [f"{describe(i) if describe else f'structure {i}'} (force RMS {rms[k]:.4g} eV/Å)"
+                 for i, k in zip(outliers, np.nonzero(bad)[0], strict=True)]  # fmt: skip
+        logger.warning(
+            "%d structure(s) have a force RMS over %g x the median structure's (%.4g eV/Å), left out of the "
+            "robust force RMS: %s%s", len(outliers), factor, median, "; ".join(names[:5]),
+            " ..." if len(names) > 5 else "",
+        )  # fmt: skip
+    kept = [(sq, n) for (_, sq, n), b in zip(frame_sq, bad, strict=True) if not b]
+    robust = math.sqrt(sum(sq for sq, _ in kept) / sum(n for _, n in kept)) if kept else float("nan")
+    return outliers, robust
 
 
 def fit_linear_reference(

@@ -13,8 +13,9 @@ anything else                               :class:`~dens.data.ase_io.AseDataset
 Common options: ``dtype``, ``transforms``, ``on_error`` (``"raise"`` / ``"skip"``), ``validate``,
 ``max_force`` (drop frames with a larger force norm, count logged), ``linear_reference`` (per-element
 coefficients or an ``.npz``), ``system_reference`` (``{sid: E_ref}`` or the OC20 pickle). Format options:
-``energy_key`` (LMDB), ``energy_unit`` / ``length_unit`` (files that do not state their units; MD17
-``.npz`` default kcal/mol, everything else eV), ``format`` (ASE format name).
+``energy_key`` (LMDB, pickles, ASE files), ``forces_key`` (ASE files), ``energy_unit`` / ``length_unit``
+(files that do not state their units; MD17 ``.npz`` default kcal/mol, everything else eV), ``format`` (ASE
+format name).
 
 Examples
 --------
@@ -39,7 +40,10 @@ from .md17 import MD17Dataset
 from .normalize import LinearReference, SystemReference
 from .pyg_pickle import loads, record_mapping
 
-__all__ = ["PickleDataset", "open_dataset"]
+__all__ = ["LABEL_OPTIONS", "PickleDataset", "open_dataset"]
+
+#: Reader options that say where a file keeps its labels and in which unit (command-line ``--energy-key`` ...).
+LABEL_OPTIONS = ("energy_unit", "energy_key", "forces_key", "stress_key")
 
 _HOW_TO_GET = (
     "Download the public files with `python -m dens.data.download {oc20,oc22,md17} ...`, convert other "
@@ -127,8 +131,8 @@ def open_dataset(
     transforms : list of callables, optional
         Further transforms, applied after the references.
     **options
-        Passed to the reader: ``dtype``, ``on_error``, ``validate``, ``energy_key``, ``energy_unit``,
-        ``length_unit``, ``format``.
+        Passed to the reader: ``dtype``, ``on_error``, ``validate``, ``min_distance``, ``energy_key``,
+        ``energy_unit``, ``length_unit``, ``format``.
 
     Returns
     -------
@@ -156,13 +160,24 @@ def open_dataset(
         chain.append(LinearReference(linear_reference))
     chain.extend(transforms or [])
     kind = _kind(p)
+    common = {"dtype", "on_error", "validate", "min_distance"}
     allowed = {
         "lmdb": {"dtype", "on_error", "validate", "energy_key"},
         "aselmdb": {"dtype", "on_error", "validate", "energy_unit", "length_unit"},
         "md17": {"dtype", "on_error", "validate", "energy_unit"},
         "pickle": {"dtype", "on_error", "validate", "energy_key"},
-        "ase": {"dtype", "on_error", "validate", "energy_unit", "length_unit", "format"},
-    }[kind]
+        "ase": {
+            "dtype",
+            "on_error",
+            "validate",
+            "energy_unit",
+            "length_unit",
+            "format",
+            "energy_key",
+            "forces_key",
+            "stress_key",
+        },
+    }[kind] | common
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"open_dataset: options {sorted(unknown)} do not apply to {kind} data at {p}")

@@ -142,11 +142,13 @@ class DeNSSettings:
 
 @dataclass
 class LossSettings:
-    """Coefficients of Eq. 1 and whether only free atoms count for forces (OC20: yes)."""
+    """Coefficients of Eq. 1 and whether only free atoms count for forces (OC20: yes); ``energy_per_atom``
+    divides each structure's energy error by its number of atoms (materials; fairchem's ``per_atom_mae``)."""
 
     energy_coefficient: float = 2.0
     force_coefficient: float = 100.0
     train_on_free_atoms: bool = True
+    energy_per_atom: bool = False
 
 
 @dataclass
@@ -354,6 +356,8 @@ def training_loss(
     energy_rows, force_rows, noise_rows, counted = loss_rows(batch, corruption, losses, dens)
 
     energy_err = energy_errors(out["energy"], batch.energy, energy_mean, energy_std)
+    if losses.energy_per_atom:
+        energy_err = energy_err / batch.natoms.to(energy_err.dtype)
     force_err = force_errors(out.get("force_head", out["forces"]), batch.forces, force_std)
     noise_err = None
     if corruption is not None and "noise_head" in out:

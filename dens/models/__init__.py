@@ -19,7 +19,7 @@ from .layers import (
     get_normalization,
 )
 from .potential import ForceField, compile_backbone
-from .s2 import GateActivation, S2Activation, SeparableS2Activation, SphereGrid
+from .s2 import S2Activation, SeparableS2Activation, SphereGrid
 from .so2 import EdgeRotation, SO2Convolution, degree_rescale
 from .so3 import (
     CoefficientLayout,
@@ -40,7 +40,6 @@ __all__ = [
     "EquivariantLayerNorm",
     "ForceEncoder",
     "ForceField",
-    "GateActivation",
     "GaussianSmearing",
     "GraphDropPath",
     "LayerNormSH",

@@ -34,16 +34,9 @@ import torch
 from e3nn import o3
 from torch import Tensor
 
-from .equiformer import (
-    AVG_DEGREE,
-    AVG_NUM_NODES,
-    PRESETS,
-    DepthwiseTensorProduct,
-    Equiformer,
-    EquivariantGraphAttention,
-    IrrepsLayerNorm,
-    IrrepsLinear,
-)
+from ._renames import prefix_rules
+from .equiformer import AVG_DEGREE, AVG_NUM_NODES, PRESETS, Equiformer, EquivariantGraphAttention
+from .irreps import DepthwiseTensorProduct, IrrepsLayerNorm, IrrepsLinear
 
 __all__ = [
     "EQUIFORMER_CLASSES",
@@ -58,22 +51,31 @@ __all__ = [
 # official class name -> DeNS model?
 EQUIFORMER_CLASSES = {"GraphAttentionTransformerMD17": False, "Equiformer_MD17_DeNS": True}
 
-# Module prefixes: (official pattern, dens replacement), first match wins, anchored at the start.
-_RENAMES: list[tuple[str, str]] = [
-    (r"atom_embed\.atom_type_lin\.", "atom_embedding."),
-    (r"rbf\.", "radial_basis."),
-    (r"edge_deg_embed\.exp\.", "edge_degree_embedding.constant."),
-    (r"edge_deg_embed\.dw\.", "edge_degree_embedding.tp."),
-    (r"edge_deg_embed\.rad\.", "edge_degree_embedding.radial."),
-    (r"edge_deg_embed\.proj\.", "edge_degree_embedding.proj."),
-    (r"force_embed\.", "force_encoder.linear."),
-    (r"blocks\.(\d+)\.ga\.", r"blocks.\1.attention."),
-    (r"blocks\.(\d+)\.ffn\.fctp_1\.", r"blocks.\1.ffn.linear_1."),
-    (r"blocks\.(\d+)\.ffn\.fctp_2\.", r"blocks.\1.ffn.linear_2."),
-    (r"(?:head|energy_head)\.0\.", "energy_head.linear_1."),
-    (r"(?:head|energy_head)\.2\.", "energy_head.linear_2."),
-    (r"denoising_pos_head\.", "noise_head."),
+# Module names (official, dens) that map one to one (see dens.models._renames: {n} a block index); the
+# import rules and the export rules are both derived from this list.
+_MODULES: list[tuple[str, str]] = [
+    ("atom_embed.atom_type_lin", "atom_embedding"),
+    ("rbf", "radial_basis"),
+    ("edge_deg_embed.exp", "edge_degree_embedding.constant"),
+    ("edge_deg_embed.dw", "edge_degree_embedding.tp"),
+    ("edge_deg_embed.rad", "edge_degree_embedding.radial"),
+    ("edge_deg_embed.proj", "edge_degree_embedding.proj"),
+    ("force_embed", "force_encoder.linear"),
+    ("blocks.{n}.ffn.fctp_1", "blocks.{n}.ffn.linear_1"),
+    ("blocks.{n}.ffn.fctp_2", "blocks.{n}.ffn.linear_2"),
 ]
+# Whose inverse depends on the model (the attention blocks' inner names, `head` vs `energy_head`): the
+# export spells them out in _official_module_name.
+_MODEL_DEPENDENT: list[tuple[str, str]] = [
+    ("blocks.{n}.ga", "blocks.{n}.attention"),
+    ("denoising_pos_head", "noise_head"),
+    ("head.0", "energy_head.linear_1"),
+    ("head.2", "energy_head.linear_2"),
+    ("energy_head.0", "energy_head.linear_1"),
+    ("energy_head.2", "energy_head.linear_2"),
+]
+# Key prefixes official -> dens, first match wins, anchored at the start.
+_RENAMES: list[tuple[str, str]] = prefix_rules([*_MODULES, *_MODEL_DEPENDENT], suffix=r"(?=\.)")
 # Inside an attention block (official GraphAttention -> EquivariantGraphAttention). `sep` is the single
 # separable tensor product of the linear-message variant, `sep_act`/`sep_value` those of non-linear ones.
 _ATTENTION_RENAMES: list[tuple[str, str]] = [
@@ -320,24 +322,14 @@ def load_official_equiformer(
     return flipped
 
 
-# dens module prefix -> official (inverse of the module renames above)
-_INVERSE_RENAMES: list[tuple[str, str]] = [
-    (r"atom_embedding", "atom_embed.atom_type_lin"),
-    (r"radial_basis", "rbf"),
-    (r"edge_degree_embedding\.constant", "edge_deg_embed.exp"),
-    (r"edge_degree_embedding\.tp", "edge_deg_embed.dw"),
-    (r"edge_degree_embedding\.radial", "edge_deg_embed.rad"),
-    (r"edge_degree_embedding\.proj", "edge_deg_embed.proj"),
-    (r"force_encoder\.linear", "force_embed"),
-    (r"blocks\.(\d+)\.ffn\.linear_1", r"blocks.\1.ffn.fctp_1"),
-    (r"blocks\.(\d+)\.ffn\.linear_2", r"blocks.\1.ffn.fctp_2"),
-]
+# dens module name -> official (the inverse of _MODULES)
+_INVERSE_RENAMES: list[tuple[str, str]] = prefix_rules(_MODULES, inverse=True, suffix=r"(?=\.|$)")
 
 
 def _official_module_name(name: str, model: Equiformer) -> str:
     """The official name of a dens module."""
     for pattern, replacement in _INVERSE_RENAMES:
-        new, count = re.subn("^" + pattern + r"(?=\.|$)", replacement, name)
+        new, count = re.subn("^" + pattern, replacement, name)
         if count:
             return new
     head = "energy_head" if model.uses_dens else "head"

@@ -9,13 +9,13 @@ dens builds them the same way.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._renames import apply_rules, prefix_rules
 from .escn import ESCN
 from .so3 import edge_frames_official
 
@@ -27,23 +27,19 @@ __all__ = [
     "run_escn_fixture",
 ]
 
-# (official prefix pattern, dens prefix), applied in order; patterns are anchored at the key's start.
-_RENAMES: list[tuple[str, str]] = [
-    (r"layer_blocks\.(\d+)\.message_block\.edge_block\.", r"layers.\1.message.edge."),
-    (r"layer_blocks\.(\d+)\.message_block\.so2_block_source\.", r"layers.\1.message.so2_source."),
-    (r"layer_blocks\.(\d+)\.message_block\.so2_block_target\.", r"layers.\1.message.so2_target."),
-    (r"layer_blocks\.(\d+)\.", r"layers.\1."),
-    (r"sphharm_weights\.0$", r"sphharm_weights"),
-    (r"force_embedding\.(weight|bias)$", r"force_encoder.linear.\1"),
+# (official, dens) names, applied in order (see dens.models._renames: {n} a layer index, $ the key's end);
+# the import and the export rules are both derived from this one list.
+_NAMES: list[tuple[str, str]] = [
+    ("layer_blocks.{n}.message_block.edge_block.", "layers.{n}.message.edge."),
+    ("layer_blocks.{n}.message_block.so2_block_source.", "layers.{n}.message.so2_source."),
+    ("layer_blocks.{n}.message_block.so2_block_target.", "layers.{n}.message.so2_target."),
+    ("layer_blocks.{n}.", "layers.{n}."),
+    ("sphharm_weights.0$", "sphharm_weights$"),
+    ("force_embedding.weight$", "force_encoder.linear.weight$"),
+    ("force_embedding.bias$", "force_encoder.linear.bias$"),
 ]
-_INVERSE_RENAMES: list[tuple[str, str]] = [
-    (r"layers\.(\d+)\.message\.edge\.", r"layer_blocks.\1.message_block.edge_block."),
-    (r"layers\.(\d+)\.message\.so2_source\.", r"layer_blocks.\1.message_block.so2_block_source."),
-    (r"layers\.(\d+)\.message\.so2_target\.", r"layer_blocks.\1.message_block.so2_block_target."),
-    (r"layers\.(\d+)\.", r"layer_blocks.\1."),
-    (r"sphharm_weights$", r"sphharm_weights.0"),
-    (r"force_encoder\.linear\.(weight|bias)$", r"force_embedding.\1"),
-]
+_RENAMES = prefix_rules(_NAMES)
+_INVERSE_RENAMES = prefix_rules(_NAMES, inverse=True)
 # Official constant buffer that dens rebuilds instead of loading (checked on import).
 _EXPAND_INDEX_KEY = "force_embedding.expand_index"
 
@@ -70,14 +66,6 @@ _PLAIN_CONFIG_KEYS = {
     "regress_forces",
     "use_force_encoding",
 }
-
-
-def _rename(key: str, rules: list[tuple[str, str]]) -> str:
-    for pattern, replacement in rules:
-        new, count = re.subn("^" + pattern, replacement, key)
-        if count:
-            return new
-    return key
 
 
 def config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -153,7 +141,7 @@ def import_official_escn(model: ESCN, state_dict: Mapping[str, Tensor]) -> None:
             if not torch.equal(value.cpu(), expected.cpu()):
                 raise ValueError(f"{key} differs from the degree index dens uses")
             continue
-        name = _rename(key, _RENAMES)
+        name = apply_rules(key, _RENAMES)
         if name not in target:
             unknown.append(key)
             continue
@@ -180,7 +168,7 @@ def export_official_escn(model: ESCN) -> dict[str, Tensor]:
     """
     out: dict[str, Tensor] = {}
     for name, value in model.state_dict().items():
-        out[_rename(name, _INVERSE_RENAMES)] = value.detach().clone()
+        out[apply_rules(name, _INVERSE_RENAMES)] = value.detach().clone()
     if model.force_encoder is not None:
         out[_EXPAND_INDEX_KEY] = model.force_encoder.linear.expand_index.detach().clone().cpu()
     return out

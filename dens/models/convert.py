@@ -30,7 +30,7 @@ from ._official_equiformer import (
 )
 from ._official_escn import config_to_kwargs, export_official_escn, import_official_escn, run_escn_fixture
 from .equiformer import Equiformer
-from .equiformer_v2 import EquiformerV2
+from .equiformer_v2 import AVG_DEGREE, EquiformerV2
 from .escn import ESCN
 from .s2 import SphereGrid
 from .so3 import edge_frames_official
@@ -80,8 +80,11 @@ _EQV2_REQUIRED = {
 }
 
 
-def equiformer_v2_from_official_config(config: Mapping[str, Any], dens: bool) -> EquiformerV2:
-    """Build :class:`EquiformerV2` from an official constructor-kwargs dict.
+def equiformer_v2_from_official_config(
+    config: Mapping[str, Any], dens: bool, **overrides: Any
+) -> EquiformerV2:
+    """Build :class:`EquiformerV2` from an official constructor-kwargs dict (``overrides``: further
+    :class:`EquiformerV2` arguments, e.g. a stress head).
 
     Raises
     ------
@@ -116,8 +119,9 @@ def equiformer_v2_from_official_config(config: Mapping[str, Any], dens: bool) ->
         drop_path_rate=config.get("drop_path_rate", 0.05),
         proj_drop=config.get("proj_drop", 0.0),
         avg_num_nodes=config.get("avg_num_nodes", 77.81317),
-        avg_degree=config.get("avg_degree", 23.395238876342773),
+        avg_degree=config.get("avg_degree", AVG_DEGREE),
         use_force_encoding=dens and config.get("use_force_encoding", True),
+        **overrides,
     )
 
 
@@ -160,18 +164,29 @@ def import_official_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor
         if key in buffers or key == "force_embedding.expand_index":
             continue
         mapped[key.replace("force_embedding.", "force_encoder.linear.", 1)] = value
+    load_mapped_state_dict(model, mapped, "official")
+
+
+def load_mapped_state_dict(
+    model: nn.Module, mapped: Mapping[str, Tensor], source: str, unknown: list[str] | None = None
+) -> None:
+    """Load a state dict already renamed to ``model``'s names, strictly, with errors that list the keys.
+
+    ``source`` names where it came from (``official``, ``fairchem``); ``unknown``: keys the renaming could
+    not place, reported with the rest.
+    """
     expected = model.state_dict()
-    unknown = sorted(set(mapped) - set(expected))
+    unknown = list(unknown or []) + sorted(set(mapped) - set(expected))
     missing = sorted(set(expected) - set(mapped))
     if unknown or missing:
         raise ValueError(
-            f"official state_dict does not match the dens model: unknown keys {unknown[:20]}"
+            f"{source} state_dict does not match the dens model: unknown keys {unknown[:20]}"
             f"{' ...' if len(unknown) > 20 else ''}, missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}"
         )
     for key, value in mapped.items():
         if value.shape != expected[key].shape:
             raise ValueError(
-                f"official {key} has shape {tuple(value.shape)}, dens expects {tuple(expected[key].shape)}"
+                f"{source} {key} has shape {tuple(value.shape)}, dens expects {tuple(expected[key].shape)}"
             )
     model.load_state_dict(mapped, strict=True)
 
@@ -212,7 +227,9 @@ def load_official_checkpoint(
     """
     ckpt = path_or_checkpoint
     if not isinstance(ckpt, Mapping):
-        ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
+        from ..checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(ckpt, what="official checkpoint")  # errors name the file
     state_dict = _strip_prefix(ckpt.get("state_dict", ckpt))
     if config is None or model_name is None:
         model_cfg = dict(ckpt.get("config", {}).get("model", {}))
@@ -266,6 +283,14 @@ def _run_equiformer_v2(model: EquiformerV2, fixture: Mapping[str, Any], dtype: t
         edge_vec = pos[edge_index[0]] + shift - pos[edge_index[1]]
         if not torch.allclose(edge_vec, inputs["edge_distance_vec"].to(dtype), atol=1e-4):
             raise ValueError(f"fixture mode {mode!r}: edge vectors do not follow pos[j] + n @ cell - pos[i]")
+        # The fixtures' float32 references took the stored float64 edge vectors rounded to float32
+        # (`.float()`), while pos[j] + shift - pos[i] from float32 positions (|pos| up to ~12 Å) rounds
+        # them by up to ~1e-6 Å, which alone doubles the float32 force error (fairchem fixtures: 1.8e-5
+        # -> 8.3e-6 of the largest force; fairchem's own float32 vs float64 gap is 4.2e-6). The model reads
+        # positions only through edge vectors, so feed the stored ones exactly: zero positions, the
+        # vectors as shifts (float64: the same vectors to round-off).
+        pos, shift = torch.zeros_like(pos), inputs["edge_distance_vec"].to(dtype)
+        edge_vec = shift
         frames = edge_frames_official(edge_vec, fixture["edge_frames"][mode]["edge_rand"].to(dtype) - 0.5)
         extra, mask = None, None
         if mode != "s2ef" and model.uses_dens:
@@ -301,6 +326,10 @@ def run_fixture(
     in float32 with ``outputs`` to the official float32 error (see the fixtures' README).
     """
     model_name = fixture["model"]
+    if isinstance(model_name, Mapping):  # fairchem hydra fixtures name their backbone and heads
+        from .fairchem import run_fairchem_fixture
+
+        return run_fairchem_fixture(fixture, dtype=dtype)
     if model_name in EQUIFORMER_CLASSES:
         return run_equiformer_fixture(fixture, dtype=dtype)
     model = build_official_model(model_name, fixture["config"])

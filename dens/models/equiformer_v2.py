@@ -22,13 +22,24 @@ from torch import Tensor, nn
 from ..ops import scatter_sum, segment_softmax
 from .force_encoder import ForceEncoder
 from .heads import assemble_dens_forces, gradient_forces, reduce_energy
-from .layers import EquivariantDropout, GaussianSmearing, GraphDropPath, RadialMLP, get_normalization
+from .layers import (
+    EquivariantDropout,
+    GaussianSmearing,
+    GraphDropPath,
+    RadialMLP,
+    SmoothLeakyReLU,
+    get_normalization,
+)
 from .s2 import SeparableS2Activation, SphereGrid
 from .so2 import EdgeRotation, SO2Convolution, degree_rescale
 from .so3 import CoefficientLayout, SO3Linear, precompute
 from .so3 import edge_frames as default_edge_frames
+from .stress import EquivariantRank2Head, FairchemRank2Head
 
 __all__ = ["PRESETS", "EquiformerV2"]
+
+#: Average number of neighbours of OC20 S2EF-2M (the official EquiformerV2 normaliser of summed messages).
+AVG_DEGREE = 23.395238876342773
 
 
 # Paper configurations (Tables 7 and 8; `../shared/OFFICIAL_SETTINGS.md` for what the paper leaves out).
@@ -43,16 +54,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "oc22": dict(num_layers=18, lmax=6, mmax=2, drop_path_rate=0.1),
 }
 
-
-class SmoothLeakyReLU(nn.Module):
-    """``((1+a)/2) x + ((1-a)/2) x (2 sigmoid(x) - 1)``: a smooth leaky ReLU with slope ``a`` at -inf."""
-
-    def __init__(self, negative_slope: float = 0.2) -> None:
-        super().__init__()
-        self.alpha = negative_slope
-
-    def forward(self, x: Tensor) -> Tensor:
-        return 0.5 * (1 + self.alpha) * x + 0.5 * (1 - self.alpha) * x * (2 * torch.sigmoid(x) - 1)
+# fairchem 1.x materials models (OMat24 paper, Barroso-Luque et al. 2024): sizes S/M/L = 8/10/20 layers,
+# lmax 4/6/6, mmax 2/4/3, widths 128/64/8/64/16/128/128, 96 elements, 12 Å, 20 neighbours (non-strict),
+# fairchem's rank-2 stress head (FAIR-Chem/fairchem configs/omat24/all/eqV2_{31M,86M,153M}.yml and
+# configs/omat24/mptrj/eqV2_{31M,86M,153M}_dens_mptrj.yml). Parameter counts: 31,207,434 / 86,589,068 /
+# 153,769,868 (the published 31M / 86M / 153M); with DeNS 34,339,083 / 94,033,933 / 160,673,293.
+_OMAT24_SIZES = {"s": (8, 4, 2), "m": (10, 6, 4), "l": (20, 6, 3)}
+for _size, (_layers, _lmax, _mmax) in _OMAT24_SIZES.items():
+    _common = dict(num_layers=_layers, lmax=_lmax, mmax=_mmax, max_num_elements=96, drop_path_rate=0.1,
+                   alpha_drop=0.1, stress_head="fairchem")  # fmt: skip
+    # configs/omat24/all/eqV2_{31M,86M}.yml: avg_num_nodes 31.17, avg_degree 61.95
+    PRESETS[f"omat24_{_size}"] = dict(_common, avg_num_nodes=31.17, avg_degree=61.95)
+    # configs/omat24/mptrj/eqV2_{31M,86M,153M}_dens_mptrj.yml: MPtrj statistics and no stress training on DeNS
+    # batches (use_denoising False).
+    PRESETS[f"mptrj_dens_{_size}"] = dict(
+        _common, avg_num_nodes=31.16592360068011, avg_degree=61.94676351484548, stress_use_denoising=False
+    )
 
 
 def _atom_edge_embedding(num_elements: int, channels: int) -> nn.Embedding:
@@ -113,6 +130,7 @@ class SO2GraphAttention(nn.Module):
 
     def __init__(
         self,
+        *,
         channels: int,
         hidden_channels: int,
         num_heads: int,
@@ -220,6 +238,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(
         self,
+        *,
         channels: int,
         hidden_channels: int,
         num_heads: int,
@@ -239,18 +258,18 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm_1 = get_normalization(norm_type, lmax, channels)
         self.ga = SO2GraphAttention(
-            channels,
-            hidden_channels,
-            num_heads,
-            alpha_channels,
-            value_channels,
-            channels,
-            lmax,
-            mmax,
-            edge_channels_list,
-            num_elements,
-            grid_resolution,
-            alpha_drop,
+            channels=channels,
+            hidden_channels=hidden_channels,
+            num_heads=num_heads,
+            alpha_channels=alpha_channels,
+            value_channels=value_channels,
+            output_channels=channels,
+            lmax=lmax,
+            mmax=mmax,
+            edge_channels_list=edge_channels_list,
+            num_elements=num_elements,
+            grid_resolution=grid_resolution,
+            alpha_drop=alpha_drop,
         )
         self.norm_2 = get_normalization(norm_type, lmax, channels)
         self.ffn = FeedForward(channels, ffn_hidden_channels, channels, lmax, grid_resolution)
@@ -299,6 +318,12 @@ class EquiformerV2(nn.Module):
         DeNS: build the force encoder (Eq. 5) and the noise head.
     direct_forces : bool
         Forces from the force head; if False, forces are ``-dE/dpos`` (``pos`` must require grad).
+    stress_head : {None, 'equivariant', 'fairchem'}
+        A direct rank-2 stress head (:mod:`dens.models.stress`): dens's equivariant one, or fairchem
+        1.x's (not equivariant; for the OMat24 / MPtrj checkpoints). Its outputs are
+        ``stress_isotropic [B, 1]`` and ``stress_anisotropic [B, 5]`` in normalised units.
+    stress_use_denoising : bool
+        If False the stress outputs are zero on DeNS batches (fairchem's ``use_denoising: False``).
 
     Examples
     --------
@@ -334,9 +359,11 @@ class EquiformerV2(nn.Module):
         drop_path_rate: float = 0.05,
         proj_drop: float = 0.0,
         avg_num_nodes: float = 77.81317,
-        avg_degree: float = 23.395238876342773,
+        avg_degree: float = AVG_DEGREE,
         use_force_encoding: bool = False,
         direct_forces: bool = True,
+        stress_head: str | None = None,
+        stress_use_denoising: bool = True,
     ) -> None:
         super().__init__()
         self.lmax, self.mmax, self.sphere_channels = lmax, mmax, sphere_channels
@@ -352,26 +379,26 @@ class EquiformerV2(nn.Module):
         self.edge_degree_embedding = EdgeDegreeEmbedding(
             sphere_channels, lmax, mmax, edge_channels_list, max_num_elements, avg_degree
         )
-        block_args = (
-            sphere_channels,
-            attn_hidden_channels,
-            num_heads,
-            attn_alpha_channels,
-            attn_value_channels,
+        shared = dict(
+            channels=sphere_channels,
+            hidden_channels=attn_hidden_channels,
+            num_heads=num_heads,
+            alpha_channels=attn_alpha_channels,
+            value_channels=attn_value_channels,
+            lmax=lmax,
+            mmax=mmax,
+            edge_channels_list=edge_channels_list,
+            num_elements=max_num_elements,
+            grid_resolution=grid_resolution,
         )
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                *block_args,
-                ffn_hidden_channels,
-                lmax,
-                mmax,
-                edge_channels_list,
-                max_num_elements,
-                grid_resolution,
-                norm_type,
-                alpha_drop,
-                drop_path_rate,
-                proj_drop,
+                **shared,
+                ffn_hidden_channels=ffn_hidden_channels,
+                norm_type=norm_type,
+                alpha_drop=alpha_drop,
+                drop_path_rate=drop_path_rate,
+                proj_drop=proj_drop,
             )
             for _ in range(num_layers)
         )
@@ -379,20 +406,19 @@ class EquiformerV2(nn.Module):
         self.energy_block = FeedForward(sphere_channels, ffn_hidden_channels, 1, lmax, grid_resolution)
 
         def attention_head() -> SO2GraphAttention:
-            return SO2GraphAttention(
-                *block_args,
-                1,
-                lmax,
-                mmax,
-                edge_channels_list,
-                max_num_elements,
-                grid_resolution,
-                alpha_drop=0.0,
-            )
+            return SO2GraphAttention(**shared, output_channels=1, alpha_drop=0.0)
 
         self.force_block = attention_head() if direct_forces else None
         self.force_encoder = ForceEncoder(lmax, sphere_channels) if use_force_encoding else None
         self.denoising_pos_block = attention_head() if use_force_encoding else None
+        if stress_head == "fairchem":
+            self.stress_head = FairchemRank2Head(lmax, sphere_channels, stress_use_denoising)
+        elif stress_head == "equivariant":
+            self.stress_head = EquivariantRank2Head(sphere_channels, use_denoising=stress_use_denoising)
+        elif stress_head is None:
+            self.stress_head = None
+        else:
+            raise ValueError(f"stress_head must be None, 'equivariant' or 'fairchem', got {stress_head!r}")
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -430,7 +456,8 @@ class EquiformerV2(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, dens: bool = False, **overrides: Any) -> EquiformerV2:
-        """A paper configuration: 'oc20_2m', 'oc20_all_md', 'oc20_31m' or 'oc22'.
+        """A paper configuration ('oc20_2m', 'oc20_all_md', 'oc20_31m', 'oc22') or a fairchem materials
+        size ('omat24_s' / '_m' / '_l'; 'mptrj_dens_s' / '_m' / '_l' for the MPtrj DeNS models).
 
         ``dens=True`` adds the force encoder and the noise head (the DeNS models of Tables 1-3).
         """
@@ -459,8 +486,9 @@ class EquiformerV2(nn.Module):
         edge_frames: Tensor | None = None,
         noise_mask: Tensor | None = None,
         head_edges: tuple[Tensor | None, Tensor | None] | None = None,
+        denoising: bool | Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Energy, forces and (DeNS models) noise of a batch of structures.
+        """Energy, forces, (DeNS models) noise and (with a stress head) stress of a batch of structures.
 
         Parameters
         ----------
@@ -491,15 +519,21 @@ class EquiformerV2(nn.Module):
             :func:`~dens.models.heads.split_head_edges`). A head is exact on the targets of its edges and
             zero elsewhere: in DeNS training each atom needs only one of the two, so this halves the
             cost of the heads.
+        denoising : bool or Tensor, optional
+            Whether this is a DeNS batch (or a ``[B]`` bool mask of its DeNS structures), for
+            ``stress_use_denoising=False``; default: whether a force encoding (``extra_embedding``) is
+            given.
 
         Returns
         -------
         dict
             ``energy [B]``, ``node_energy [N]``, ``forces [N, 3]`` (the noise prediction on
             ``noise_mask`` atoms), ``force_head [N, 3]`` with direct forces, and ``noise_head [N, 3]``
-            for DeNS models.
+            for DeNS models; ``stress_isotropic [B, 1]`` and ``stress_anisotropic [B, 5]`` with a stress
+            head.
         """
         num_atoms = atomic_numbers.shape[0]
+        denoising = extra_embedding is not None if denoising is None else denoising
         src, dst = edge_index
         edge_vec = pos[src] + edge_shift.to(pos.dtype) - pos[dst]
         rbf = self.distance_expansion(edge_vec.norm(dim=-1))
@@ -536,4 +570,6 @@ class EquiformerV2(nn.Module):
             )
             if noise_mask is not None:
                 out["forces"] = assemble_dens_forces(out["forces"], out["noise_head"], noise_mask)
+        if self.stress_head is not None:
+            out.update(self.stress_head(x, edge_vec, edge_index, batch, num_graphs, denoising=denoising))
         return out

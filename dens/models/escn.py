@@ -251,6 +251,7 @@ class MessageBlock(nn.Module):
 
     def __init__(
         self,
+        *,
         channels: int,
         hidden_channels: int,
         edge_channels: int,
@@ -291,6 +292,7 @@ class LayerBlock(nn.Module):
 
     def __init__(
         self,
+        *,
         channels: int,
         hidden_channels: int,
         edge_channels: int,
@@ -302,13 +304,13 @@ class LayerBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.message = MessageBlock(
-            channels,
-            hidden_channels,
-            edge_channels,
-            layout,
-            distance_expansion,
-            max_num_elements,
-            message_grid,
+            channels=channels,
+            hidden_channels=hidden_channels,
+            edge_channels=edge_channels,
+            layout=layout,
+            distance_expansion=distance_expansion,
+            max_num_elements=max_num_elements,
+            message_grid=message_grid,
         )
         self.sphere_grid = sphere_grid
         self.fc1_sphere = nn.Linear(2 * channels, channels, bias=False)
@@ -407,11 +409,18 @@ class ESCN(nn.Module):
     >>> model = ESCN(num_layers=1, lmax=2, mmax=1, sphere_channels=8, hidden_channels=8, edge_channels=8,
     ...              num_sphere_samples=16)
     >>> z = torch.tensor([1, 8, 1])
-    >>> edge_index = torch.tensor([[1, 0, 2, 1], [0, 1, 1, 2]])
-    >>> vec = torch.tensor([[0.0, 0.6, 0.8], [0.0, -0.6, -0.8], [0.9, 0.1, 0.4], [-0.9, -0.1, -0.4]])
-    >>> out = model(z, edge_index, vec, torch.zeros(3, dtype=torch.long), num_graphs=1)
+    >>> pos = torch.tensor([[0.0, 0.6, 0.8], [0.0, 0.0, 0.0], [0.9, 0.1, 0.4]])
+    >>> edge_index = torch.tensor([[1, 0, 2, 1], [0, 1, 1, 2]])  # source (neighbour) row first
+    >>> out = model(z, pos, torch.zeros(3, dtype=torch.long), edge_index, torch.zeros(4, 3), num_graphs=1)
     >>> out["energy"].shape, out["forces"].shape
     (torch.Size([1]), torch.Size([3, 3]))
+
+    :meth:`forward_edges` takes the edge vectors ``pos[j] + shift - pos[i]`` instead of positions:
+
+    >>> vec = pos[edge_index[0]] - pos[edge_index[1]]
+    >>> edges = model.forward_edges(z, edge_index, vec, torch.zeros(3, dtype=torch.long), num_graphs=1)
+    >>> torch.equal(edges["energy"], out["energy"])
+    True
     """
 
     def __init__(
@@ -460,14 +469,14 @@ class ESCN(nn.Module):
         self.sphere_grid = SphereGrid(lmax, lmax, normalization="integral")
         self.layers = nn.ModuleList(
             LayerBlock(
-                sphere_channels,
-                hidden_channels,
-                edge_channels,
-                self.layout,
-                self.distance_expansion,
-                max_num_elements,
-                self.message_grid,
-                self.sphere_grid,
+                channels=sphere_channels,
+                hidden_channels=hidden_channels,
+                edge_channels=edge_channels,
+                layout=self.layout,
+                distance_expansion=self.distance_expansion,
+                max_num_elements=max_num_elements,
+                message_grid=self.message_grid,
+                sphere_grid=self.sphere_grid,
             )
             for _ in range(num_layers)
         )

@@ -6,12 +6,35 @@ eSCN's sphere-point MLPs) live with their backbone; this module holds what every
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
 from ..ops import scatter_sum
 
-__all__ = ["assemble_dens_forces", "gradient_forces", "reduce_energy", "split_head_edges"]
+__all__ = [
+    "assemble_dens_forces",
+    "gradient_forces",
+    "reduce_energy",
+    "retain_energy_graph",
+    "split_head_edges",
+]
+
+_retain_graph = False
+
+
+@contextmanager
+def retain_energy_graph() -> Iterator[None]:
+    """Keep the energy's autograd graph after :func:`gradient_forces`, for a second derivative of the
+    same energy (the conservative stress ``dE/d strain``)."""
+    global _retain_graph
+    previous, _retain_graph = _retain_graph, True
+    try:
+        yield
+    finally:
+        _retain_graph = previous
 
 
 def reduce_energy(node_energy: Tensor, batch: Tensor, num_graphs: int, scale: float = 1.0) -> Tensor:
@@ -21,7 +44,9 @@ def reduce_energy(node_energy: Tensor, batch: Tensor, num_graphs: int, scale: fl
 
 def gradient_forces(energy: Tensor, pos: Tensor, create_graph: bool) -> Tensor:
     """Conservative forces ``-dE/dpos``; ``create_graph=True`` when the forces enter a training loss."""
-    (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
+    (grad,) = torch.autograd.grad(
+        energy.sum(), pos, create_graph=create_graph, retain_graph=create_graph or _retain_graph
+    )
     return -grad
 
 

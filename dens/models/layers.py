@@ -17,8 +17,28 @@ __all__ = [
     "LayerNormSH",
     "RMSNormSH",
     "RadialMLP",
+    "SmoothLeakyReLU",
     "get_normalization",
+    "smooth_leaky_relu",
 ]
+
+
+def smooth_leaky_relu(x: Tensor, negative_slope: float = 0.2) -> Tensor:
+    """``((1+a)/2) x + ((1-a)/2) x (2 sigmoid(x) - 1)``: a smooth leaky ReLU with slope ``a`` at -inf
+    (the attention activation of Equiformer and EquiformerV2)."""
+    a = negative_slope
+    return 0.5 * (1 + a) * x + 0.5 * (1 - a) * x * (2 * torch.sigmoid(x) - 1)
+
+
+class SmoothLeakyReLU(nn.Module):
+    """:func:`smooth_leaky_relu` as a module (no parameters)."""
+
+    def __init__(self, negative_slope: float = 0.2) -> None:
+        super().__init__()
+        self.alpha = negative_slope
+
+    def forward(self, x: Tensor) -> Tensor:
+        return smooth_leaky_relu(x, self.alpha)
 
 
 def _balance_degree_weight(lmax: int, include_l0: bool) -> Tensor:

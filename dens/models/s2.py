@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .so3 import CoefficientLayout, spherical_harmonics
 
-__all__ = ["GateActivation", "S2Activation", "SeparableS2Activation", "SphereGrid"]
+__all__ = ["S2Activation", "SeparableS2Activation", "SphereGrid"]
 
 
 def _beta_quadrature(res_beta: int) -> Tensor:
@@ -262,30 +262,3 @@ class SeparableS2Activation(nn.Module):
     def forward(self, scalars: Tensor, tensors: Tensor) -> Tensor:
         """``scalars``: ``[N, C]``; ``tensors``: ``[N, num_coefficients, C]``."""
         return torch.cat([self.act(scalars)[:, None], self.s2(tensors, first_row=1)], dim=1)
-
-
-class GateActivation(nn.Module):
-    """Gate activation: ``act`` on ``l = 0``; each degree ``l > 0`` scaled by a sigmoid gate per channel.
-
-    Parameters
-    ----------
-    lmax : int
-        Maximum degree (the layout is l-major, ``(lmax+1)**2`` rows, or the l-major ``|m| <= mmax`` set).
-    mmax : int, optional
-        If given, the tensors hold only ``|m| <= mmax`` (l-major reduced layout).
-    channels : int
-        Channels per coefficient; ``gates`` has ``lmax * channels`` entries.
-    """
-
-    def __init__(self, lmax: int, channels: int, mmax: int | None = None) -> None:
-        super().__init__()
-        layout = CoefficientLayout(lmax, mmax)
-        self.lmax, self.channels = lmax, channels
-        degree = layout.l[layout.reduced][1:] - 1  # gate row for every l > 0 coefficient
-        self.register_buffer("expand_index", degree, persistent=False)
-        self.act = nn.SiLU()
-
-    def forward(self, gates: Tensor, tensors: Tensor) -> Tensor:
-        """``gates``: ``[N, lmax * C]``; ``tensors``: ``[N, R, C]``."""
-        g = torch.sigmoid(gates).reshape(-1, self.lmax, self.channels).index_select(1, self.expand_index)
-        return torch.cat([self.act(tensors[:, :1]), tensors[:, 1:] * g], dim=1)

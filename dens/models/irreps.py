@@ -1,0 +1,478 @@
+"""The e3nn irreps layers of Equiformer (flat ``[N, irreps.dim]`` features, e3nn's real basis).
+
+Linear maps per irrep, the depth-wise tensor product (weights stored flat in the official order), the
+radial profile and ExpNormal smearing, the irreps layer norm, the gate and the irreps dropout, plus the
+initialisation helpers they share. :mod:`dens.models.equiformer` builds the model from them; parameter
+names and shapes are the official ones, so official weights import by renaming.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from e3nn import o3
+from e3nn.math import normalize2mom
+from torch import Tensor, nn
+
+from .layers import smooth_leaky_relu
+
+__all__ = [
+    "DepthwiseTensorProduct",
+    "ExpNormalSmearing",
+    "Gate",
+    "IrrepsDropout",
+    "IrrepsLayerNorm",
+    "IrrepsLinear",
+    "RadialProfile",
+    "is_scalar",
+    "second_moment_constant",
+    "sort_even_first",
+]
+
+
+@functools.cache
+def second_moment_constant(name: str) -> float:
+    """e3nn's ``normalize2mom`` constant: ``c`` with ``E[(c f(z))^2] = 1`` for ``z ~ N(0, 1)``.
+
+    The official model wraps every activation (SiLU, sigmoid gates, SmoothLeakyReLU) this way.
+    """
+    fn = {
+        "silu": torch.nn.functional.silu,
+        "sigmoid": torch.sigmoid,
+        "smooth_leaky_relu": smooth_leaky_relu,
+    }[name]
+    return float(normalize2mom(fn).cst)
+
+
+def is_scalar(ir: o3.Irrep) -> bool:
+    return ir.l == 0 and ir.p == 1
+
+
+def sort_even_first(irreps: o3.Irreps) -> tuple[o3.Irreps, list[int]]:
+    """Sort irreps by degree, even parity first, keeping the original order otherwise.
+
+    Returns the sorted irreps and, for each original entry, its position after sorting.
+    """
+    order = sorted(range(len(irreps)), key=lambda i: (irreps[i].ir.l, -irreps[i].ir.p, i))
+    position = [0] * len(irreps)
+    for new, old in enumerate(order):
+        position[old] = new
+    return o3.Irreps([irreps[i] for i in order]), position
+
+
+def _draw_(weight: Tensor, fan_in: int, weight_init: str) -> None:
+    """Official normal init ``N(0, 1/fan_in)``, or ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    with torch.no_grad():
+        if weight_init == "normal":
+            weight.normal_(0.0, bound)
+        elif weight_init == "uniform":
+            weight.uniform_(-bound, bound)
+        else:
+            raise ValueError(f"weight_init must be 'normal' or 'uniform', got {weight_init!r}")
+
+
+class IrrepsLinear(nn.Module):
+    """Equivariant linear map between irreps (official ``LinearRS``): one matrix per pair of equal irreps.
+
+    Parameters
+    ----------
+    irreps_in, irreps_out : str or e3nn Irreps
+    bias : bool
+        Learnable bias on the even scalar outputs.
+
+    Notes
+    -----
+    ``weight`` is flat: for each input block (outer) and each output block of the same irrep (inner) a
+    ``[mul_in, mul_out]`` matrix, row-major; this is e3nn's weight order for the official
+    ``TensorProduct(irreps_in, '1x0e', irreps_out, 'uvw')`` with a constant second input, whose path
+    coefficients are exactly one. Output blocks no input reaches are zero.
+
+    Examples
+    --------
+    >>> lin = IrrepsLinear("4x0e+2x1e", "3x0e+1x1e+1x2e")
+    >>> lin.weight.numel(), lin(torch.randn(5, 10)).shape
+    (14, torch.Size([5, 11]))
+    """
+
+    def __init__(self, irreps_in: str | o3.Irreps, irreps_out: str | o3.Irreps, bias: bool = True) -> None:
+        super().__init__()
+        self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+        # (mul, 2l+1) per block as plain ints: forward never touches e3nn objects (torch.compile guards)
+        self.in_blocks = tuple((mul, ir.dim) for mul, ir in self.irreps_in)
+        self.out_blocks = tuple((mul, ir.dim) for mul, ir in self.irreps_out)
+        self.paths: list[tuple[int, int, slice]] = []
+        offset = 0
+        for i, (mul_in, ir_in) in enumerate(self.irreps_in):
+            for o, (mul_out, ir_out) in enumerate(self.irreps_out):
+                if ir_in == ir_out:
+                    self.paths.append((i, o, slice(offset, offset + mul_in * mul_out)))
+                    offset += mul_in * mul_out
+        self.weight = nn.Parameter(torch.empty(offset))
+        # biases on the even-scalar outputs, in order (official: one per block of the merged irreps)
+        simplified = self.irreps_out.simplify()
+        bias_index = [
+            c
+            for (_, ir), sl in zip(simplified, simplified.slices(), strict=True)
+            if is_scalar(ir)
+            for c in range(sl.start, sl.stop)
+        ]
+        self.register_buffer("bias_index", torch.tensor(bias_index, dtype=torch.long), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(len(bias_index))) if bias and bias_index else None
+        self.reset_parameters()
+
+    def fan_in(self, out_block: int) -> int:
+        return sum(self.irreps_in[i].mul for i, o, _ in self.paths if o == out_block)
+
+    def reset_parameters(self, weight_init: str = "normal") -> None:
+        for _, o, sl in self.paths:
+            _draw_(self.weight[sl], self.fan_in(o), weight_init)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _input_blocks(self, x: Tensor | list[Tensor]) -> list[tuple[int, int, Tensor]]:
+        """``(input block, first channel, [n, mul, 2l+1] tensor)`` pieces of the input.
+
+        A list input holds consecutive pieces (e.g. the unmerged output blocks of a tensor product); several
+        pieces may make up one block of ``irreps_in``. Passing pieces instead of one concatenated tensor saves
+        a concatenation, whose double backward (gradient forces) costs a full-size buffer per piece.
+        """
+        if isinstance(x, Tensor):
+            xs = x.split([mul * dim for mul, dim in self.in_blocks], dim=1)
+            return [
+                (i, 0, xi.reshape(x.shape[0], mul, dim))
+                for i, (xi, (mul, dim)) in enumerate(zip(xs, self.in_blocks, strict=True))
+            ]
+        pieces, block, used = [], 0, 0
+        for piece in x:
+            if block >= len(self.in_blocks) or piece.shape[2] != self.in_blocks[block][1]:
+                raise ValueError(f"input pieces do not match {self.irreps_in}")
+            pieces.append((block, used, piece))
+            used += piece.shape[1]
+            if used == self.in_blocks[block][0]:
+                block, used = block + 1, 0
+        if block != len(self.in_blocks):
+            raise ValueError(f"input pieces do not cover {self.irreps_in}")
+        return pieces
+
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor:
+        """``x``: ``[n, irreps_in.dim]``, or a list of consecutive ``[n, mul, 2l+1]`` pieces of it."""
+        pieces = self._input_blocks(x)
+        n = pieces[0][2].shape[0]
+        # split the weight once: a slice per path would cost a full-size zero gradient each in backward
+        ws = self.weight.split([sl.stop - sl.start for _, _, sl in self.paths])
+        blocks: list[Tensor | None] = [None] * len(self.out_blocks)
+        for (i, o, _), w in zip(self.paths, ws, strict=True):
+            w = w.view(self.in_blocks[i][0], self.out_blocks[o][0])
+            for block, first, piece in pieces:
+                if block == i:
+                    y = torch.einsum("nui,uw->nwi", piece, w[first : first + piece.shape[1]])
+                    blocks[o] = y if blocks[o] is None else blocks[o] + y
+        parts = [
+            (b.reshape(n, mul * dim) if b is not None else self.weight.new_zeros(n, mul * dim))
+            for b, (mul, dim) in zip(blocks, self.out_blocks, strict=True)
+        ]
+        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        if self.bias is not None:
+            out = out + self.bias.new_zeros(out.shape[1]).index_copy(0, self.bias_index, self.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.irreps_in} -> {self.irreps_out}, bias={self.bias is not None}"
+
+
+class DepthwiseTensorProduct(nn.Module):
+    """Channel-wise tensor product of node (or edge) features with edge spherical harmonics ('uvu').
+
+    Every input block ``mul x l1`` is combined with every harmonic ``l2`` into each ``l3`` that
+    ``irreps_filter`` contains (plus odd scalars, as in the official code); every channel keeps its own
+    weight, shared over edges (``internal_weights``) or given per edge (from a radial MLP). The output
+    blocks are sorted by degree, even parity first, and not merged (official ``DepthwiseTensorProduct``).
+
+    The path coefficient is ``sqrt(2 l3 + 1) * wigner_3j(l1, l2, l3)`` (e3nn 'component' normalisation, no
+    path normalisation), with e3nn's ``wigner_3j`` in double precision (buffers ``cg_{l1}_{l2}_{l3}``,
+    not saved; :meth:`set_coupling` replaces one, e.g. by an official checkpoint's own tensor).
+
+    Parameters
+    ----------
+    irreps_in, irreps_sh, irreps_filter : str or e3nn Irreps
+    internal_weights : bool
+        Learn one weight per path and channel, shared by all edges; otherwise ``forward`` takes
+        ``weight [E, weight_numel]``.
+
+    Examples
+    --------
+    >>> tp = DepthwiseTensorProduct("4x0e+2x1e", "1x0e+1x1e", "1x0e+1x1e", internal_weights=True)
+    >>> tp.irreps_out, tp.weight_numel
+    (4x0e+2x0e+4x1e+2x1e+2x1e, 14)
+    """
+
+    def __init__(
+        self,
+        irreps_in: str | o3.Irreps,
+        irreps_sh: str | o3.Irreps,
+        irreps_filter: str | o3.Irreps,
+        internal_weights: bool = False,
+    ) -> None:
+        super().__init__()
+        self.irreps_in, self.irreps_sh = o3.Irreps(irreps_in), o3.Irreps(irreps_sh)
+        self.in_blocks = tuple((mul, ir.dim) for mul, ir in self.irreps_in)  # plain ints for forward
+        irreps_filter = o3.Irreps(irreps_filter)
+        raw: list[tuple[int, int, int, o3.Irrep]] = []
+        for i, (mul, ir_in) in enumerate(self.irreps_in):
+            for j, (_, ir_sh) in enumerate(self.irreps_sh):
+                for ir_out in ir_in * ir_sh:
+                    if ir_out in irreps_filter or ir_out == o3.Irrep(0, -1):
+                        raw.append((i, j, mul, ir_out))
+        self.irreps_out, position = sort_even_first(o3.Irreps([(mul, ir) for _, _, mul, ir in raw]))
+        # paths in weight order: (input block, harmonic block, output position, (l1, l2, l3), weight slice)
+        self.paths: list[tuple[int, int, int, tuple[int, int, int], slice]] = []
+        offset = 0
+        for k, (i, j, mul, ir_out) in enumerate(raw):
+            ls = (self.irreps_in[i].ir.l, self.irreps_sh[j].ir.l, ir_out.l)
+            self.paths.append((i, j, position[k], ls, slice(offset, offset + mul)))
+            offset += mul
+        self.weight_numel = offset
+        for ls in sorted({p[3] for p in self.paths}):
+            self.register_buffer(self._cg_name(ls), o3.wigner_3j(*ls, dtype=torch.float64), persistent=False)
+        # Per input block, all its paths at once: y = x_i @ (sum_s Y_s(r) C_i[s]) -> [E, mul, K_i], with the
+        # paths' output components side by side (K_i); `column_path` names each column's path.
+        self.block_paths = [
+            [k for k, p in enumerate(self.paths) if p[0] == i] for i in range(len(self.irreps_in))
+        ]
+        for i, paths in enumerate(self.block_paths):
+            column_path = [n for n, k in enumerate(paths) for _ in range(2 * self.paths[k][3][2] + 1)]
+            self.register_buffer(
+                f"column_path_{i}", torch.tensor(column_path, dtype=torch.long), persistent=False
+            )
+        self._stack_couplings()
+        self.weight = nn.Parameter(torch.empty(offset)) if internal_weights else None
+        self.reset_parameters()
+
+    def _stack_couplings(self) -> None:
+        """``stack_{i} [irreps_sh.dim, 2l1+1, K_i]``: the path coefficients of input block ``i``."""
+        sh_start = [sl.start for sl in self.irreps_sh.slices()]
+        for i, paths in enumerate(self.block_paths):
+            d1 = self.irreps_in[i].ir.dim
+            dims = [2 * self.paths[k][3][2] + 1 for k in paths]
+            stack = torch.zeros(self.irreps_sh.dim, d1, sum(dims), dtype=torch.float64)
+            column = 0
+            for k, d3 in zip(paths, dims, strict=True):
+                _, j, _, ls, _ = self.paths[k]
+                cg = self.coupling(ls).to(torch.float64).transpose(0, 1) * math.sqrt(
+                    d3
+                )  # [2l2+1, 2l1+1, 2l3+1]
+                stack[sh_start[j] : sh_start[j] + cg.shape[0], :, column : column + d3] = cg
+                column += d3
+            old = getattr(self, f"stack_{i}", None)
+            self.register_buffer(f"stack_{i}", stack if old is None else stack.to(old), persistent=False)
+
+    @staticmethod
+    def _cg_name(ls: tuple[int, int, int]) -> str:
+        return "cg_{}_{}_{}".format(*ls)
+
+    def coupling(self, ls: tuple[int, int, int]) -> Tensor:
+        """The ``wigner_3j(l1, l2, l3)`` tensor this module uses."""
+        return getattr(self, self._cg_name(ls))
+
+    def set_coupling(self, ls: tuple[int, int, int], w3j: Tensor) -> None:
+        """Use ``w3j`` for the paths ``(l1, l2, l3)``; it must equal e3nn's ``wigner_3j`` to 1e-5."""
+        current = self.coupling(ls)
+        if w3j.shape != current.shape or not torch.allclose(w3j.to(current), current, atol=1e-5, rtol=0):
+            raise ValueError(f"coupling {ls} differs from e3nn's wigner_3j{ls} by more than 1e-5")
+        setattr(self, self._cg_name(ls), w3j.to(current))
+        self._stack_couplings()
+
+    def reset_parameters(self, weight_init: str = "normal") -> None:
+        if self.weight is not None:
+            _draw_(self.weight, 1, weight_init)  # every output block has a single path of fan-in 1
+
+    def forward(
+        self, x: Tensor, sh: Tensor, weight: Tensor | None = None, as_blocks: bool = False
+    ) -> Tensor | list[Tensor]:
+        """``x [E, irreps_in.dim]``, ``sh [E, irreps_sh.dim]``, ``weight [E, weight_numel]`` (external).
+
+        Returns ``[E, irreps_out.dim]``, or with ``as_blocks`` the list of ``[E, mul, 2l+1]`` output blocks
+        (for :class:`IrrepsLinear`, saving a concatenation).
+        """
+        if weight is None:
+            if self.weight is None:
+                raise ValueError("this tensor product takes per-edge weights: pass `weight`")
+            weight = self.weight.unsqueeze(0)
+        n = x.shape[0]
+        # split once (per-path slices would each cost a full-size zero gradient in backward)
+        xs = x.split([mul * dim for mul, dim in self.in_blocks], dim=1)
+        ws = weight.split(
+            [len(paths) * mul for paths, (mul, _) in zip(self.block_paths, self.in_blocks, strict=True)],
+            dim=1,
+        )
+        out: list[Tensor | None] = [None] * len(self.paths)
+        for i, paths in enumerate(self.block_paths):
+            if not paths:
+                continue
+            mul, dim = self.in_blocks[i]
+            stack = getattr(self, f"stack_{i}").to(x.dtype)  # [S, 2l1+1, K]
+            # explicit sizes: a graph without edges (n = 0) leaves no dimension to infer
+            coupling = (sh @ stack.reshape(stack.shape[0], -1)).view(sh.shape[0], dim, stack.shape[2])
+            y = torch.bmm(xs[i].reshape(n, mul, dim), coupling.expand(n, -1, -1))  # [E, mul, K]
+            w = ws[i].reshape(ws[i].shape[0], len(paths), mul).transpose(1, 2)  # [E, mul, paths]
+            y = y * w.index_select(2, getattr(self, f"column_path_{i}"))
+            pieces = y.split([2 * self.paths[k][3][2] + 1 for k in paths], dim=2)
+            for k, piece in zip(paths, pieces, strict=True):
+                out[self.paths[k][2]] = piece
+        if as_blocks:
+            return out  # type: ignore[return-value]
+        return torch.cat([y.reshape(n, y.shape[1] * y.shape[2]) for y in out], dim=1)  # type: ignore[union-attr]
+
+    def extra_repr(self) -> str:
+        kind = "internal" if self.weight is not None else "external"
+        return f"{self.irreps_in} x {self.irreps_sh} -> {self.irreps_out}, {kind} weights"
+
+
+class RadialProfile(nn.Module):
+    """Radial MLP: (Linear, LayerNorm, SiLU) per hidden layer, then a bias-free Linear plus ``offset``.
+
+    ``net`` indices match the official ``RadialProfile`` (``net.0, net.1, net.3, net.4, net.6``).
+    """
+
+    def __init__(self, channels: list[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for k in range(1, len(channels)):
+            last = k == len(channels) - 1
+            layers.append(nn.Linear(channels[k - 1], channels[k], bias=not last))
+            if not last:
+                layers += [nn.LayerNorm(channels[k]), nn.SiLU()]
+        self.net = nn.Sequential(*layers)
+        self.offset = nn.Parameter(torch.zeros(channels[-1]))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.net:
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        bound = 1.0 / math.sqrt(self.net[-1].in_features)
+        nn.init.uniform_(self.offset, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) + self.offset
+
+
+class ExpNormalSmearing(nn.Module):
+    """ExpNormal radial basis (PhysNet / TorchMD-Net) with a cosine cutoff, on ``[0, cutoff]``.
+
+    ``phi_k(d) = c(d) exp(-beta (exp(-alpha d) - mu_k)^2)`` with ``alpha = 5 / cutoff``, ``mu_k`` evenly
+    spaced in ``[exp(-5), 1]``, ``beta = (2 (1 - exp(-5)) / K)^-2`` and
+    ``c(d) = (cos(pi d / cutoff) + 1) / 2`` for ``d < cutoff`` (0 beyond).
+    """
+
+    def __init__(self, cutoff: float = 5.0, num_basis: int = 32) -> None:
+        super().__init__()
+        self.cutoff, self.alpha = cutoff, 5.0 / cutoff
+        start = torch.exp(torch.tensor(-cutoff, dtype=torch.float32))
+        self.register_buffer("means", torch.linspace(float(start), 1.0, num_basis))
+        self.register_buffer("betas", torch.full((num_basis,), float((2 / num_basis * (1 - start)) ** -2)))
+
+    def forward(self, dist: Tensor) -> Tensor:
+        d = dist.unsqueeze(-1)
+        envelope = 0.5 * (torch.cos(d * math.pi / self.cutoff) + 1.0) * (d < self.cutoff).to(d.dtype)
+        return envelope * torch.exp(-self.betas * (torch.exp(-self.alpha * d) - self.means) ** 2)
+
+
+class IrrepsLayerNorm(nn.Module):
+    """Equivariant layer norm (official ``EquivariantLayerNormV2``), per ``mul x l`` block.
+
+    Even scalars are centred over their channels; every block is divided by the root of the mean over
+    channels and components of its squares (plus ``eps``), scaled by one weight per channel, and even
+    scalars get a bias.
+    """
+
+    def __init__(self, irreps: str | o3.Irreps, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.irreps, self.eps = o3.Irreps(irreps), eps
+        self.blocks = tuple((mul, ir.dim, is_scalar(ir)) for mul, ir in self.irreps)  # plain, for forward
+        self.affine_weight = nn.Parameter(torch.ones(self.irreps.num_irreps))
+        self.affine_bias = nn.Parameter(torch.zeros(sum(m for m, ir in self.irreps if is_scalar(ir))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        fields, iw, ib = [], 0, 0
+        blocks = x.split([mul * dim for mul, dim, _ in self.blocks], dim=1)
+        for (mul, dim, scalar), block in zip(self.blocks, blocks, strict=True):
+            field = block.reshape(-1, mul, dim)
+            if scalar:
+                field = field - field.mean(dim=1, keepdim=True)
+            norm = field.pow(2).mean(dim=-1).mean(dim=1, keepdim=True)
+            scale = (norm + self.eps).pow(-0.5) * self.affine_weight[iw : iw + mul]
+            iw += mul
+            field = field * scale.unsqueeze(-1)
+            if scalar:
+                field = field + self.affine_bias[ib : ib + mul].unsqueeze(-1)
+                ib += mul
+            fields.append(field.reshape(-1, mul * dim))
+        return torch.cat(fields, dim=-1)
+
+
+class Gate(nn.Module):
+    """Gate activation: SiLU on the scalars, and each non-scalar copy times the sigmoid of one gate scalar.
+
+    Both activations are normalised to unit second moment (e3nn ``normalize2mom``). The input irreps are
+    ``scalars + gates + gated`` (``irreps_in``); the output irreps are ``irreps`` (``scalars + gated``).
+    """
+
+    def __init__(self, irreps: str | o3.Irreps) -> None:
+        super().__init__()
+        irreps = o3.Irreps(irreps)
+        scalars = o3.Irreps([(m, ir) for m, ir in irreps if is_scalar(ir)]).simplify()
+        gated = o3.Irreps([(m, ir) for m, ir in irreps if not is_scalar(ir)]).simplify()
+        self.irreps_out = scalars + gated
+        self.num_scalars, self.num_gates = scalars.dim, gated.num_irreps
+        self.irreps_in = (scalars + o3.Irreps(f"{self.num_gates}x0e") + gated).simplify()
+        if self.num_gates == 0:
+            self.irreps_in = scalars
+            if scalars.dim != irreps.dim:
+                raise ValueError(f"cannot gate {irreps}: odd scalars are not supported")
+        # copy k of the gated irreps is multiplied by gate k: the gate of every gated component
+        index = [
+            k for k, dim in enumerate(ir.dim for mul, ir in gated for _ in range(mul)) for _ in range(dim)
+        ]
+        self.register_buffer("gate_index", torch.tensor(index, dtype=torch.long), persistent=False)
+        self.silu_cst = second_moment_constant("silu")
+        self.sigmoid_cst = second_moment_constant("sigmoid")
+
+    def forward(self, x: Tensor) -> Tensor:
+        ns, ng = self.num_scalars, self.num_gates
+        if ng == 0:
+            return torch.nn.functional.silu(x) * self.silu_cst
+        scalars, gates, gated = x.split([ns, ng, x.shape[1] - ns - ng], dim=1)
+        scalars = torch.nn.functional.silu(scalars) * self.silu_cst
+        gated = gated * (torch.sigmoid(gates) * self.sigmoid_cst)[:, self.gate_index]
+        return torch.cat([scalars, gated], dim=1)
+
+
+class IrrepsDropout(nn.Module):
+    """Equivariant dropout: each irrep copy (all its components) is dropped as a whole."""
+
+    def __init__(self, irreps: str | o3.Irreps, p: float) -> None:
+        super().__init__()
+        self.irreps, self.p = o3.Irreps(irreps), p
+        self.num_copies = self.irreps.num_irreps
+        # the irrep copy of every component
+        index = [
+            k
+            for k, dim in enumerate(ir.dim for mul, ir in self.irreps for _ in range(mul))
+            for _ in range(dim)
+        ]
+        self.register_buffer("copy_index", torch.tensor(index, dtype=torch.long), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty(x.shape[0], self.num_copies, dtype=x.dtype, device=x.device)
+        keep = keep.bernoulli_(1 - self.p) / (1 - self.p)
+        return x * keep[:, self.copy_index]
