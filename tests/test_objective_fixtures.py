@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import shared_path
 
 from dens.testing import run_objective_fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-OBJECTIVE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official" / "objective"
+OBJECTIVE = shared_path("fixtures/official/objective")  # the repository's copy, else ../shared
 # case -> (the experiment whose shipped config must give the official objective, overrides)
 CASES = {
     "md17_s2ef": ("md17_ethanol_l2", ()),
