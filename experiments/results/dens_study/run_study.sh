@@ -11,7 +11,7 @@
 #   experiments/results/dens_study/run_study.sh progress4000 | report4000
 #   experiments/results/dens_study/run_study.sh stop       # end every worker and its runs (by recorded PID)
 set -euo pipefail
-PY=${PY:-/work/main/.venv/bin/python}
+PY=${PY:-python}  # the interpreter of the environment dens is installed in
 LOGS=${LOGS:-/tmp/dens_study}
 RUNS=${RUNS:-/tmp/dens_study/runs}
 OUT=experiments/results/dens_study
