@@ -633,7 +633,10 @@ def evaluate(
     forces: list[np.ndarray] = []
     extxyz = predictions_path is not None and Path(predictions_path).suffix.lower() in (".extxyz", ".xyz")
     kept: list[Mapping[str, Any]] = []
-    direct = getattr(model, "direct_forces", True)
+    from .models.potential import ForceField
+
+    # a ForceField with gradient forces differentiates; any other predictor is run without grad
+    direct = model.direct_forces if isinstance(model, ForceField) else True
     unseen = UnseenElements(model, unseen_elements, desc)
     for batch in _progress(loader, len(loader), desc, progress):
         unseen.update(batch)

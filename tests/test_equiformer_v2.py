@@ -98,7 +98,7 @@ def small_model(dens=False, direct_forces=True, seed=0):
         ffn_hidden_channels=16,
         edge_channels=16,
         grid_resolution=18,
-        use_force_encoding=dens,
+        dens_heads=dens,
         direct_forces=direct_forces,
     )
     with torch.no_grad():  # perturb every parameter so that no zero bias or unit norm hides a mistake
