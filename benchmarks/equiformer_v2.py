@@ -54,7 +54,7 @@ def run_case(args: argparse.Namespace) -> dict:
     overrides = {} if not args.quick else dict(num_layers=2, lmax=2, mmax=1, sphere_channels=16,
                                                 attn_hidden_channels=16, num_heads=2, attn_alpha_channels=8,
                                                 attn_value_channels=8, ffn_hidden_channels=16, edge_channels=16)  # fmt: skip
-    backbone = EquiformerV2.from_preset(args.preset, dens=dens, **overrides)
+    backbone = EquiformerV2.from_preset(args.preset, dens_heads=dens, **overrides)
     model = ForceField(backbone, cutoff=12.0, max_neighbors=20).to(device).train()
     batch = oc20_batch().to(device)
     batch.edge_index, batch.cell_offsets = radius_graph_pbc(

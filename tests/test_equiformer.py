@@ -223,13 +223,13 @@ def test_e3nn_044_sign_trap(fixtures):
     ],
 )
 def test_preset_parameter_counts(preset, dens, count):
-    model = Equiformer.from_preset(preset, dens=dens)
+    model = Equiformer.from_preset(preset, dens_heads=dens)
     assert sum(p.numel() for p in model.parameters()) == count
     assert (model.force_encoder is not None) == dens and (model.noise_head is not None) == dens
 
 
 def test_official_checkpoint_loader_with_preset():
-    model = Equiformer.from_preset("md17_l2", dens=True)
+    model = Equiformer.from_preset("md17_l2", dens_heads=True)
     checkpoint = {"state_dict": {f"module.{k}": v for k, v in export_official_equiformer(model).items()}}
     loaded = load_official_equiformer_checkpoint(checkpoint, preset="md17_l2")
     assert loaded.has_dens_heads

@@ -52,7 +52,7 @@ def test_parity_float64_is_tight():
 )
 def test_parameter_counts_equal_official(preset, expected):
     for dens, count in zip((False, True), expected, strict=True):
-        model = EquiformerV2.from_preset(preset, dens=dens)
+        model = EquiformerV2.from_preset(preset, dens_heads=dens)
         assert sum(p.numel() for p in model.parameters()) == count
 
 

@@ -193,7 +193,7 @@ def test_parameter_counts_of_the_small_fixture_configs():
 
 def test_parameter_counts_of_the_paper_preset():
     assert num_params(ESCN.from_preset("oc20_2m")) == 51_844_608
-    assert num_params(ESCN.from_preset("oc20_2m", dens=True)) == 51_878_784
+    assert num_params(ESCN.from_preset("oc20_2m", dens_heads=True)) == 51_878_784
     with pytest.raises(ValueError, match="unknown eSCN preset"):
         ESCN.from_preset("nope")
 

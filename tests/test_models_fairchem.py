@@ -362,7 +362,7 @@ def test_parameter_count_equals_fairchems(fixtures, name):
 def test_materials_presets(preset, dens, count):
     from dens.models import EquiformerV2
 
-    model = EquiformerV2.from_preset(preset, dens=dens)
+    model = EquiformerV2.from_preset(preset, dens_heads=dens)
     assert sum(p.numel() for p in model.parameters()) == count
     assert model.max_num_elements == 96 and model.stress_head is not None
 
