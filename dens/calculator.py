@@ -43,7 +43,8 @@ from . import runtime
 from .checkpoint import element_names, unseen_elements
 from .data.batch import DEFAULT_MIN_DISTANCE, collate, make_structure, min_pair_distance
 from .data.graph import radius_graph_pbc
-from .evaluate import load_model, model_device, model_dtype
+from .evaluate import load_model
+from .inference import model_device, model_dtype
 from .models import Backbone, ForceField
 
 __all__ = ["DeNSCalculator", "DirectForcesWarning", "element_limit"]
