@@ -42,7 +42,7 @@ from torch import nn
 from . import runtime
 from .checkpoint import element_names, unseen_elements
 from .data.batch import DEFAULT_MIN_DISTANCE, collate, make_structure, min_pair_distance
-from .data.graph import radius_graph_pbc
+from .data.graph import MIN_DISTANCE, near_duplicates
 from .evaluate import load_model
 from .inference import model_device, model_dtype
 from .models import Backbone, ForceField
@@ -101,7 +101,8 @@ class DeNSCalculator(Calculator):
         or nothing.
     min_distance : float
         Two atoms closer than this (Å; periodic images included) raise ``ValueError``: a duplicated atom
-        gets no graph edge and would be predicted silently. Checked for up to 5,000 atoms; 0 disables it.
+        gets no graph edge and would be predicted silently. Checked on the graph's edges (so up to the
+        model's cutoff) and by sorting, never over all pairs (:meth:`check_distances`); 0 disables it.
     **kwargs
         Passed to :class:`ase.calculators.calculator.Calculator`.
 
@@ -178,7 +179,8 @@ class DeNSCalculator(Calculator):
 
     # ----------------------------------------------------------------------------------------------
     def check_atoms(self, atoms: ase.Atoms) -> None:
-        """Raise ``ValueError`` for structures the model cannot evaluate (see the class docstring)."""
+        """Raise ``ValueError`` for structures the model cannot evaluate (see the class docstring); the
+        distances between atoms are checked on the graph, by :meth:`check_distances`."""
         if len(atoms) == 0:
             raise ValueError("DeNSCalculator: the structure has no atoms")
         numbers = np.asarray(atoms.numbers)
@@ -206,17 +208,6 @@ class DeNSCalculator(Calculator):
                 self._warned_elements.update(unseen)
         if not np.isfinite(atoms.positions).all():
             raise ValueError("DeNSCalculator: positions contain NaN or infinite values")
-        if self.min_distance > 0 and 1 < len(atoms) <= 5000:
-            d, i, j = min_pair_distance(
-                torch.as_tensor(atoms.positions),
-                torch.as_tensor(atoms.cell.array),
-                torch.as_tensor(atoms.pbc),
-            )
-            if d < self.min_distance:
-                raise ValueError(
-                    f"DeNSCalculator: atoms {i} and {j} are {d:.4f} Å apart (closer than min_distance="
-                    f"{self.min_distance} Å; duplicated atoms?)"
-                )
         pbc = np.asarray(atoms.pbc, dtype=bool)
         if pbc.any():
             cell = np.asarray(atoms.cell.array, dtype=np.float64)
@@ -246,6 +237,49 @@ class DeNSCalculator(Calculator):
                         f"{self.min_cell_height} Å (periodic images would overlap the atoms)"
                     )
 
+    def check_distances(
+        self,
+        pos: torch.Tensor,
+        cell: torch.Tensor | None,
+        pbc: torch.Tensor | None,
+        edge_index: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+    ) -> None:
+        """Raise ``ValueError`` when two atoms are closer than ``min_distance`` (periodic images included).
+
+        With the model's graph (``edge_index`` and ``shift`` of :meth:`~dens.models.ForceField.graph`),
+        the pairs inside the cutoff are its edges (an atom's nearest neighbour survives any neighbour cap),
+        and the coincident atoms it drops are found by :func:`~dens.data.graph.near_duplicates`; without
+        one (a model that builds its own graph), ``near_duplicates`` looks for pairs within
+        ``min_distance``. The suspects are then measured exactly; no step compares all pairs.
+        """
+        if self.min_distance <= 0 or pos.shape[0] < 2:
+            return
+        closest = []  # (distance, i, j) candidates, i < j
+        suspects = near_duplicates(
+            pos, cell, pbc, MIN_DISTANCE if edge_index is not None else self.min_distance
+        )
+        if suspects.numel() > 1:
+            d, i, j = min_pair_distance(pos[suspects], cell, pbc)
+            closest.append((d, int(suspects[i]), int(suspects[j])))
+        if edge_index is not None and shift is not None:
+            # an atom's own image is a lattice vector away: that is the cell checks' business
+            own = edge_index[0] == edge_index[1]
+            length = (
+                (pos[edge_index[0]] + shift - pos[edge_index[1]]).norm(dim=-1).masked_fill(own, float("inf"))
+            )
+            if length.numel() and bool(torch.isfinite(length).any()):
+                e = int(torch.argmin(length))
+                i, j = sorted(int(k) for k in edge_index[:, e])
+                closest.append((float(length[e]), i, j))
+        if closest:
+            d, i, j = min(closest)
+            if d < self.min_distance:
+                raise ValueError(
+                    f"DeNSCalculator: atoms {i} and {j} are {d:.4f} Å apart (closer than min_distance="
+                    f"{self.min_distance} Å; duplicated atoms?)"
+                )
+
     def calculate(
         self,
         atoms: ase.Atoms | None = None,
@@ -269,13 +303,12 @@ class DeNSCalculator(Calculator):
         )
         batch = collate([structure]).to(self.device)
         force_field = self.model if isinstance(self.model, ForceField) else None
-        if force_field is not None:
-            cutoff = force_field.cutoff
-            edge_index, offsets = radius_graph_pbc(
-                batch.pos, batch.cell, batch.pbc, batch.batch, float(cutoff), force_field.max_neighbors,
-                force_field.strict_max_neighbors, natoms=batch.natoms,
-            )  # fmt: skip
-            batch.edge_index, batch.cell_offsets = edge_index, offsets
+        if force_field is None:
+            self.check_distances(batch.pos, batch.cell, batch.pbc)
+        else:
+            batch.edge_index, batch.cell_offsets = force_field.build_graph(batch)
+            edge_index, shift = force_field.graph(batch)
+            self.check_distances(batch.pos, batch.cell, batch.pbc, edge_index, shift)
             self.num_edges = int(edge_index.shape[1])
             degree = torch.bincount(edge_index[1], minlength=batch.num_atoms)
             if self.warn_isolated and not self._warned_isolated and bool((degree == 0).any()):
@@ -284,7 +317,7 @@ class DeNSCalculator(Calculator):
                     "DeNSCalculator: atom(s) %s have no neighbour within the %.2f Å cutoff; they contribute "
                     "the model's isolated-atom energy and zero force",
                     lonely[:10],
-                    float(cutoff),
+                    float(force_field.cutoff),
                 )
                 self._warned_isolated = True
         if not self._warned_direct and force_field is not None and force_field.direct_forces:

@@ -20,6 +20,7 @@ from inference_helpers import tiny_force_field, write_checkpoint
 
 from dens.calculator import DeNSCalculator, element_limit
 from dens.data import atoms_to_structure, collate
+from dens.data.batch import min_pair_distance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,3 +147,34 @@ def test_from_checkpoint(tmp_path):
     expected = model.predict(collate([atoms_to_structure(atoms)]))
     assert atoms.get_potential_energy() == pytest.approx(float(expected["energy"][0]), abs=1e-5)
     assert calc.dtype == torch.float32
+
+
+def test_too_close_atoms_are_found_on_the_graph_without_comparing_all_pairs(monkeypatch):
+    import dens.calculator as calculator
+
+    measured = []  # the atoms handed to the exact all-pairs measure
+
+    def counting(pos, cell=None, pbc=None):
+        measured.append(pos.shape[0])
+        return min_pair_distance(pos, cell, pbc)
+
+    monkeypatch.setattr(calculator, "min_pair_distance", counting)
+    model = tiny_force_field(direct_forces=True)
+    pair = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.05]])  # an edge of the graph
+    pair.calc = DeNSCalculator(model)
+    with pytest.raises(ValueError, match=r"atoms 0 and 1 are 0\.0500 Å apart"):
+        pair.get_potential_energy()
+    same = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0]])  # no edge: the graph drops coincident atoms
+    same.calc = DeNSCalculator(model)
+    with pytest.raises(ValueError, match=r"atoms 0 and 1 are 0\.0000 Å apart"):
+        same.get_potential_energy()
+    image = Atoms("Cu2", positions=[[0, 0, 0], [2.99999, 0, 0]], cell=[3.0, 3.0, 3.0], pbc=True)
+    image.calc = DeNSCalculator(model)
+    with pytest.raises(ValueError, match=r"atoms 0 and 1 are 0\.0000 Å apart"):
+        image.get_potential_energy()
+    measured.clear()
+    big = fcc111("Cu", (6, 6, 4), vacuum=6.0)  # 144 atoms
+    big.calc = DeNSCalculator(model)
+    assert np.isfinite(big.get_potential_energy())
+    assert measured == []  # nothing measured over all pairs
+    DeNSCalculator(model, min_distance=0.0).check_distances(torch.zeros(2, 3), None, None)  # disabled

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dens.data import edge_vectors, num_images, radius_graph_pbc
+from dens.data.graph import near_duplicates
 
 
 def _load(shared_dir, name):
@@ -289,3 +290,20 @@ def test_cuda_gives_the_cpu_graph(shared_dir):
     )
     assert ei.is_cuda
     assert torch.equal(ei.cpu(), s["edge_index"]) and torch.equal(off.cpu(), s["cell_offsets"])
+
+
+@pytest.mark.parametrize("tolerance", [1e-4, 0.1])
+def test_near_duplicates_finds_every_close_pair_in_skewed_cells(tolerance):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(2, 30, (1,), generator=g))
+        cell = (
+            torch.eye(3, dtype=torch.float64) * 4 + torch.randn(3, 3, generator=g, dtype=torch.float64) * 1.5
+        )
+        pbc = torch.rand(3, generator=g) < 0.6
+        pos = torch.rand(n, 3, generator=g, dtype=torch.float64) @ cell
+        image = torch.randint(-2, 3, (3,), generator=g).double() * pbc  # atom 1 near an image of atom 0
+        step = torch.randn(3, generator=g, dtype=torch.float64)
+        pos[1] = pos[0] + image @ cell + step / step.norm() * tolerance * 0.999 * torch.rand(1, generator=g)
+        found = near_duplicates(pos, cell, pbc, tolerance).tolist()
+        assert 0 in found and 1 in found

@@ -57,6 +57,7 @@ __all__ = [
     "DEGENERACY_TOLERANCE",
     "MIN_DISTANCE",
     "edge_vectors",
+    "near_duplicates",
     "num_images",
     "radius_graph_pbc",
 ]
@@ -167,6 +168,61 @@ def num_images(cell: Tensor, pbc: Tensor, cutoff: float) -> Tensor:
     recip = torch.linalg.inv(_completed_cell(cell, pbc)).transpose(1, 2)  # rows: reciprocal vectors
     reps = torch.ceil(cutoff * recip.norm(dim=-1) - 1e-9).clamp_min(0).to(torch.long)
     return torch.where(pbc, reps, torch.zeros_like(reps))
+
+
+def near_duplicates(
+    pos: Tensor, cell: Tensor | None, pbc: Tensor | None, tolerance: float = MIN_DISTANCE
+) -> Tensor:
+    """Atoms of one structure that may lie within ``tolerance`` of another atom (periodic images included).
+
+    A superset, found by sorting instead of comparing all pairs: the atoms are binned on eight grids
+    (shifted by half a bin along each axis) whose bins are wider than twice ``tolerance``, so two atoms
+    within ``tolerance`` share a bin of one of them; the bins are periodic along periodic axes. The radius
+    graph drops pairs closer than :data:`MIN_DISTANCE` as one atom, so this finds what it cannot show.
+
+    Parameters
+    ----------
+    pos : Tensor
+        ``[N, 3]`` positions (Å).
+    cell, pbc : Tensor or None
+        ``[3, 3]`` (or ``[1, 3, 3]``) lattice vectors as rows and ``[3]`` periodic flags; None: a molecule.
+    tolerance : float
+        Distance (Å) below which two atoms count as duplicates.
+
+    Returns
+    -------
+    Tensor
+        Sorted indices (long) of the atoms that share a bin with another atom; the pairs among them within
+        ``tolerance`` are left to an exact check.
+
+    Examples
+    --------
+    >>> pos = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [2.99999, 0.0, 0.0]])
+    >>> near_duplicates(pos, None, None).tolist()
+    []
+    >>> near_duplicates(pos, torch.eye(3) * 3.0, torch.tensor([True, True, True])).tolist()
+    [0, 2]
+    """
+    pos = pos.detach().to(torch.float64)
+    n = pos.shape[0]
+    cell64 = torch.zeros(1, 3, 3, dtype=torch.float64, device=pos.device) if cell is None else cell
+    cell64 = cell64.detach().to(device=pos.device, dtype=torch.float64).reshape(1, 3, 3)
+    periodic = torch.zeros(3, dtype=torch.bool, device=pos.device) if pbc is None else pbc
+    periodic = periodic.to(device=pos.device, dtype=torch.bool).reshape(3)
+    inv = torch.linalg.inv(_completed_cell(cell64, periodic[None]))[0]
+    frac = pos @ inv
+    # a vector of length t has fractional components up to t * |reciprocal vector|
+    width = 2.5 * tolerance * inv.norm(dim=0)
+    bins = torch.floor(1.0 / width).clamp_min(1.0)  # bins per period: a whole number along periodic axes
+    scaled = torch.where(periodic, frac * bins, frac / width)
+    suspect = torch.zeros(n, dtype=torch.bool, device=pos.device)
+    for shift in range(8):
+        half = torch.tensor([(shift >> k) & 1 for k in range(3)], dtype=torch.float64, device=pos.device)
+        key = torch.floor(scaled + 0.5 * half)
+        key = torch.where(periodic, torch.remainder(key, bins), key).to(torch.long)
+        _, group, count = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+        suspect |= count[group] > 1
+    return torch.nonzero(suspect).flatten()
 
 
 def radius_graph_pbc(

@@ -247,17 +247,24 @@ class ForceField(nn.Module):
         """Whether the backbone predicts forces with a head (False: ``-dE/dpos``)."""
         return self.backbone.direct_forces
 
+    def build_graph(self, batch: Batch, pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The graph rule: ``edge_index`` and the integer images ``cell_offsets`` of the sources, built for
+        ``pos`` (default ``batch.pos``) with this model's cutoff and neighbour cap, whether or not the batch
+        holds a graph."""
+        pos = batch.pos if pos is None else pos
+        with torch.no_grad():
+            return radius_graph_pbc(
+                pos.detach(), batch.cell, batch.pbc, batch.batch, self.cutoff, self.max_neighbors,
+                self.strict_max_neighbors, natoms=batch.natoms,
+            )  # fmt: skip
+
     def graph(self, batch: Batch, pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``edge_index`` and the image shifts ``n @ cell`` of the sources (built if the batch has none)."""
         pos = batch.pos if pos is None else pos
         if batch.edge_index is not None:
             edge_index, offsets = batch.edge_index, batch.cell_offsets
         else:
-            with torch.no_grad():
-                edge_index, offsets = radius_graph_pbc(
-                    pos.detach(), batch.cell, batch.pbc, batch.batch, self.cutoff, self.max_neighbors,
-                    self.strict_max_neighbors, natoms=batch.natoms,
-                )  # fmt: skip
+            edge_index, offsets = self.build_graph(batch, pos)
         if offsets is None:
             return edge_index, pos.new_zeros(edge_index.shape[1], 3)
         # in float64 outside autocast: in bf16 the image shifts would be off by up to ~0.05 Å
