@@ -106,8 +106,18 @@ SUBMISSION_SPLITS: dict[str, tuple[str, ...]] = {
 class S2EFMetrics:
     """Streaming S2EF metrics (see the module docstring for the definitions and units).
 
-    Sums are kept in float64; :meth:`compute` divides them. Structures without force labels count for
-    the energy only.
+    The one implementation of the metrics: :func:`evaluate` and the trainer's validation
+    (:func:`dens.trainer.evaluate_s2ef`) both use it. Sums are kept in float64 on the device of the
+    predictions (no transfer or synchronisation per batch); :meth:`compute` divides them. Structures
+    without force labels count for the energy only.
+
+    Parameters
+    ----------
+    energy_threshold, force_threshold : float
+        EFwT thresholds (eV, eV/Å).
+    device : str or torch.device, optional
+        Where the sums live; default: where the first predictions are. Give it for :meth:`all_reduce`
+        (a rank that saw no batch must still take part).
 
     Examples
     --------
@@ -130,13 +140,24 @@ class S2EFMetrics:
         self,
         energy_threshold: float = EFWT_ENERGY_THRESHOLD,
         force_threshold: float = EFWT_FORCE_THRESHOLD,
+        device: str | torch.device | None = None,
     ) -> None:
         self.energy_threshold, self.force_threshold = energy_threshold, force_threshold
+        self.device = None if device is None else torch.device(device)
         self.reset()
 
     def reset(self) -> None:
         """Forget everything seen so far."""
-        self.sums = dict.fromkeys(self._KEYS, 0.0)
+        self.sums: Tensor | None = None if self.device is None else self._zeros(self.device)
+
+    def _zeros(self, device: torch.device) -> Tensor:
+        return torch.zeros(len(self._KEYS), dtype=torch.float64, device=device)
+
+    def _add(self, device: torch.device, **values: Tensor | float) -> None:
+        if self.sums is None:
+            self.sums = self._zeros(device)
+        for key, value in values.items():
+            self.sums[self._KEYS.index(key)] += value
 
     @torch.no_grad()
     def update(self, energy: Tensor | None, forces: Tensor | None, batch: Batch) -> None:
@@ -149,47 +170,56 @@ class S2EFMetrics:
         forces : Tensor, optional
             ``[N, 3]`` predicted forces of every atom (fixed ones are ignored).
         batch : Batch
-            The structures with their ``energy`` / ``forces`` labels and ``fixed`` flags.
+            The structures with their ``energy`` / ``forces`` labels and ``fixed`` flags, on the device of
+            the predictions.
         """
-        s = self.sums
         de = None
         if energy is not None and batch.energy is not None:
-            de = (energy.detach().double().cpu() - batch.energy.double().cpu()).abs()
-            s["e_abs"] += float(de.sum())
-            s["structures"] += int(de.numel())
+            de = (energy.detach().double() - batch.energy.double()).abs()
+            self._add(de.device, e_abs=de.sum(), structures=de.numel())
         if forces is None or batch.forces is None:
             return
-        free = ~batch.fixed.cpu()
-        pred = forces.detach().double().cpu()
-        target = batch.forces.double().cpu()
+        free = ~batch.fixed
+        pred = forces.detach().double()
+        target = batch.forces.double()
         df = (pred - target).abs()
         dff = df[free]
-        s["f_abs_x"] += float(dff[:, 0].sum())
-        s["f_abs_y"] += float(dff[:, 1].sum())
-        s["f_abs_z"] += float(dff[:, 2].sum())
-        s["atoms"] += int(free.sum())
-        s["cos"] += float(torch.cosine_similarity(pred[free], target[free], dim=-1, eps=1e-8).sum())
-        s["mag"] += float((pred[free].norm(dim=-1) - target[free].norm(dim=-1)).abs().sum())
+        self._add(
+            df.device,
+            f_abs_x=dff[:, 0].sum(),
+            f_abs_y=dff[:, 1].sum(),
+            f_abs_z=dff[:, 2].sum(),
+            atoms=free.sum(),
+            cos=torch.cosine_similarity(pred[free], target[free], dim=-1, eps=1e-8).sum(),
+            mag=(pred[free].norm(dim=-1) - target[free].norm(dim=-1)).abs().sum(),
+        )
         if de is not None:
-            idx = batch.batch.cpu()
             per_atom_max = torch.where(free, df.amax(dim=-1), torch.zeros_like(df[:, 0]))
-            max_df = torch.zeros(batch.num_graphs, dtype=torch.float64).scatter_reduce(
-                0, idx, per_atom_max, reduce="amax", include_self=True
+            max_df = torch.zeros(batch.num_graphs, dtype=torch.float64, device=df.device).scatter_reduce(
+                0, batch.batch, per_atom_max, reduce="amax", include_self=True
             )
             ok = (de < self.energy_threshold) & (max_df < self.force_threshold)
-            s["efwt"] += float(ok.sum())
-            s["efwt_n"] += int(ok.numel())
+            self._add(df.device, efwt=ok.sum(), efwt_n=ok.numel())
 
     @torch.no_grad()
     def update_stress(self, stress: Tensor, batch: Batch) -> None:
         """Add ``[B, 3, 3]`` predicted stresses (eV/Å³) against the batch's ``stress`` labels, if any."""
         total, count = stress_abs_errors(stress, batch.extra.get("stress"))
-        self.sums["s_abs"] += total
-        self.sums["s_n"] += count
+        self._add(stress.device, s_abs=total, s_n=count)
+
+    def all_reduce(self) -> None:
+        """Sum the counts of every rank of a distributed run (nothing outside one)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if self.sums is None:
+                raise RuntimeError(
+                    "S2EFMetrics.all_reduce: give the metrics a device (every rank takes part)"
+                )
+            torch.distributed.all_reduce(self.sums)
 
     def compute(self) -> dict[str, float]:
         """The metrics so far (meV, meV/Å, %, meV/Å³); keys whose labels were never seen are absent."""
-        s = self.sums
+        values = self.sums.tolist() if self.sums is not None else [0.0] * len(self._KEYS)
+        s = dict(zip(self._KEYS, values, strict=True))
         out: dict[str, float] = {}
         if s["structures"]:
             out["energy_mae"] = 1000.0 * s["e_abs"] / s["structures"]

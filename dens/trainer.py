@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from ase.units import GPa
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -37,8 +36,9 @@ from .checkpoint import (
 )
 from .data import BalancedBatchSampler, Batch, collate, get_natoms
 from .data.dataset import require_labels
+from .evaluate import S2EFMetrics
 from .losses import Corruption, DeNSSettings, LossSettings, corrupt, model_inputs, step_counts, training_loss
-from .losses.stress import materials_settings, stress_abs_errors, stress_term
+from .losses.stress import materials_settings, stress_term
 from .models.potential import ForceField, compile_backbone
 from .rundir import RunDirLock, archive_run, config_differences, format_differences, truncate_metrics
 from .runtime import retain_freed_memory
@@ -211,38 +211,31 @@ def evaluate_s2ef(
     """Energy MAE (meV), force MAE (meV/Å, free atoms) and counts over a loader; summed over DDP ranks.
 
     With a stress head and stress labels also the stress MAE over the nine components of the labelled
-    structures: ``stress_mae_meV_A3`` (meV/Å³) and ``stress_mae_GPa``.
+    structures: ``stress_mae_meV_A3`` (meV/Å³) and ``stress_mae_GPa``. The numbers are those of
+    :class:`dens.evaluate.S2EFMetrics` (the one implementation) under the trainer's names, which the
+    history, the logs and ``primary_metric`` use.
     """
     model.eval()
-    # |dE| sum, structures, |dF| sum, components, |dS| sum, stress components
-    sums = torch.zeros(6, dtype=torch.float64, device=device)
-    with_stress = model.has_stress_head
+    metrics = S2EFMetrics(device=device)
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         batch = batch.to(device)
         with torch.enable_grad() if not model.direct_forces else contextlib.nullcontext():
             pred = model.predict(batch)
-        free = ~batch.fixed
-        sums[0] += (pred["energy"] - batch.energy.to(torch.float64)).abs().sum()
-        sums[1] += batch.num_graphs
-        sums[2] += (pred["forces"][free].double() - batch.forces[free].double()).abs().sum()
-        sums[3] += 3 * free.sum()
-        if with_stress:
-            sums[4:6] += torch.tensor(
-                stress_abs_errors(pred["stress"], batch.extra.get("stress")), device=device
-            )
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-    metrics = {
-        "energy_mae_meV": 1000 * (sums[0] / sums[1].clamp(min=1)).item(),
-        "forces_mae_meV_A": 1000 * (sums[2] / sums[3].clamp(min=1)).item(),
-        "structures": int(sums[1].item()),
+        metrics.update(pred["energy"], pred["forces"], batch)
+        if "stress" in pred:
+            metrics.update_stress(pred["stress"], batch)
+    metrics.all_reduce()
+    values = metrics.compute()
+    out = {
+        "energy_mae_meV": values.get("energy_mae", 0.0),
+        "forces_mae_meV_A": values.get("forces_mae", 0.0),
+        "structures": int(values["structures"]),
     }
-    if sums[5] > 0:
-        stress_mae = (sums[4] / sums[5]).item()  # eV/Å³
-        metrics.update(stress_mae_meV_A3=1000 * stress_mae, stress_mae_GPa=stress_mae / GPa)
-    return metrics
+    if "stress_mae" in values:
+        out.update(stress_mae_meV_A3=values["stress_mae"], stress_mae_GPa=values["stress_mae_GPa"])
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
