@@ -78,6 +78,19 @@ def test_streaming_equals_one_shot():
         assert m.compute()[k] == pytest.approx(v)
 
 
+def test_trainer_validation_reports_the_evaluation_metrics():
+    from dens.trainer import evaluate_s2ef
+
+    model = tiny_force_field(direct_forces=False, double=False)
+    data = [demo_dataset("val")[i] for i in range(6)]
+    loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=collate)
+    val = evaluate_s2ef(model, loader, torch.device("cpu"))
+    ref = evaluate(model, data, batch_size=4)
+    assert val["energy_mae_meV"] == pytest.approx(ref["energy_mae"], rel=1e-12)
+    assert val["forces_mae_meV_A"] == pytest.approx(ref["forces_mae"], rel=1e-12)
+    assert val["structures"] == 6 and set(val) == {"energy_mae_meV", "forces_mae_meV_A", "structures"}
+
+
 def test_average_over_splits_is_plain_mean():
     avg = average_metrics(
         {"val_id": {"energy_mae": 100.0, "efwt": 2.0, "structures": 5.0},
