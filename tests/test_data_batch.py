@@ -66,3 +66,35 @@ def test_collate_real_lmdb_and_extras(shared_dir):
 def test_empty_collate_is_an_error():
     with pytest.raises(ValueError):
         collate([])
+
+
+def test_extra_entries_are_joined_by_their_declared_kind(monkeypatch):
+    import dens.data.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "FIELD_KINDS", dict(batch_module.FIELD_KINDS))
+    water = make_structure(torch.zeros(3, 3), [8, 1, 1], stress=torch.ones(1, 3, 3), vec=[0.0, 0.0, 1.0])
+    h2 = make_structure(torch.zeros(2, 3), [1, 1], stress=torch.ones(1, 3, 3), vec=[1.0, 0.0, 0.0])
+    # a per-structure 3-vector of a 3-atom molecule has a row per atom: undeclared, it is refused
+    with pytest.raises(ValueError, match=r"'vec' has one row per atom.*register_field\('vec'"):
+        collate([water])
+    assert collate([water, h2]).extra["vec"].shape == (2, 3)  # cannot be per-atom: stacked
+    batch_module.register_field("vec", "structure")
+    assert collate([water]).extra["vec"].tolist() == [[0.0, 0.0, 1.0]]
+    assert collate([water, water]).extra["vec"].shape == (2, 3)
+    # known keys: stress per structure whatever the atom count, pos_relaxed per atom
+    single = make_structure(torch.zeros(1, 3), [1], stress=torch.ones(1, 3, 3), pos_relaxed=torch.ones(1, 3))
+    e = collate([single, single]).extra
+    assert e["stress"].shape == (2, 1, 3, 3) and e["pos_relaxed"].shape == (2, 3)
+    batch_module.register_field("charge", "atom")
+    charged = make_structure(torch.zeros(3, 3), [8, 1, 1], charge=[-0.8, 0.4, 0.4])
+    assert collate([charged, charged]).extra["charge"].shape == (6,)
+    graph = dict(_mol(2, graph=True), bond_order=torch.ones(2))
+    batch_module.register_field("bond_order", "edge")
+    assert collate([graph, graph]).extra["bond_order"].shape == (4,)
+    assert collate([dict(_mol(1), tag=torch.tensor(3))] * 2).extra["tag"].tolist() == [3, 3]  # scalars
+    with pytest.raises(ValueError, match="already declared as 'structure'"):
+        batch_module.register_field("vec", "atom")
+    with pytest.raises(ValueError, match="standard structure key"):
+        batch_module.register_field("forces", "structure")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        batch_module.register_field("x", "node")

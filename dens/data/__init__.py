@@ -11,7 +11,15 @@ from .ase_io import (
     structure_to_atoms,
     write_aselmdb,
 )
-from .batch import STRUCTURE_KEYS, Batch, collate, make_structure, validate_structure
+from .batch import (
+    FIELD_KINDS,
+    STRUCTURE_KEYS,
+    Batch,
+    collate,
+    make_structure,
+    register_field,
+    validate_structure,
+)
 from .dataset import (
     ENERGY_UNITS,
     LENGTH_UNITS,
@@ -45,6 +53,7 @@ from .sampler import BalancedBatchSampler, balanced_partition
 __all__ = [
     "DEGENERACY_TOLERANCE",
     "ENERGY_UNITS",
+    "FIELD_KINDS",
     "LENGTH_UNITS",
     "MD17_MOLECULES",
     "MIN_DISTANCE",
@@ -87,6 +96,7 @@ __all__ = [
     "read_ase_file",
     "read_md17_npz",
     "read_md17_xyz",
+    "register_field",
     "save_split",
     "structure_from_record",
     "structure_to_atoms",

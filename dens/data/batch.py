@@ -17,8 +17,14 @@ key                 shape / dtype   meaning
 ``natoms``          [] long         N (optional; derived when absent)
 ==================  ==============  ===========================================================
 
-Any other tensor entry is carried into :attr:`Batch.extra` (per-atom entries are concatenated, others
-stacked), e.g. ``pos_relaxed`` and ``energy_relaxed`` of IS2RE data.
+Any other entry is carried into :attr:`Batch.extra`, joined as its declared kind says
+(:data:`FIELD_KINDS`, :func:`register_field`, as nequip's field registry): ``"atom"`` entries (one row
+per atom, e.g. ``pos_relaxed`` of IS2RE data) and ``"edge"`` entries (one row per edge of the item's
+graph) are concatenated, ``"structure"`` entries (``energy_relaxed``, ``stress``, ``md_split``) are
+stacked. An undeclared entry is stacked when it cannot be per-atom (a scalar, or a leading size other
+than the atom count); one that has a row per atom in every item of a batch is ambiguous (a 3-vector of
+a 3-atom molecule) and :func:`collate` refuses it, asking for a declaration. Non-tensor entries (strings)
+are kept as a list.
 
 :func:`collate` concatenates structures into a :class:`Batch`. If every item carries ``edge_index`` and
 ``cell_offsets`` (see :mod:`dens.data.graph` for the convention) the graphs are concatenated with
@@ -46,12 +52,14 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_MIN_DISTANCE",
+    "FIELD_KINDS",
     "STRUCTURE_KEYS",
     "Batch",
     "check_requirements",
     "collate",
     "make_structure",
     "min_pair_distance",
+    "register_field",
     "validate_structure",
 ]
 
@@ -73,6 +81,60 @@ STRUCTURE_KEYS = (
     "edge_index",
     "cell_offsets",
 )
+
+
+#: How :func:`collate` joins an extra entry: ``"atom"`` and ``"edge"`` (one row per atom / per edge:
+#: concatenated) or ``"structure"`` (one value per structure: stacked); :func:`register_field` adds to it.
+FIELD_KINDS: dict[str, str] = {
+    "pos_relaxed": "atom",
+    "energy_init": "structure",
+    "energy_relaxed": "structure",
+    "stress": "structure",
+    "md_split": "structure",
+}
+_KINDS = ("atom", "structure", "edge")
+
+
+def register_field(key: str, kind: str) -> None:
+    """Declare how :func:`collate` joins the extra entry ``key`` of structure dicts.
+
+    Call it where the dataset that makes the entry is defined (data loader workers import that module
+    too). Declaring a key again with the same kind is harmless; another kind is an error.
+
+    Parameters
+    ----------
+    key : str
+        The entry's name (not one of :data:`STRUCTURE_KEYS`).
+    kind : {"atom", "structure", "edge"}
+        One row per atom, one value per structure, or one row per edge of the item's graph.
+
+    Examples
+    --------
+    >>> register_field("dipole", "structure")
+    >>> s = make_structure(torch.zeros(3, 3), [8, 1, 1], dipole=[0.0, 0.0, 0.4])
+    >>> collate([s]).extra["dipole"].shape
+    torch.Size([1, 3])
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"register_field({key!r}): kind must be one of {_KINDS}, got {kind!r}")
+    if key in STRUCTURE_KEYS:
+        raise ValueError(f"register_field({key!r}): a standard structure key; collate joins it itself")
+    if FIELD_KINDS.get(key, kind) != kind:
+        raise ValueError(f"register_field({key!r}, {kind!r}): already declared as {FIELD_KINDS[key]!r}")
+    FIELD_KINDS[key] = kind
+
+
+def _field_kind(key: str, values: list[Tensor], natoms: list[int]) -> str:
+    """The declared kind of ``key``, or the only one its values allow (``ValueError`` when ambiguous)."""
+    kind = FIELD_KINDS.get(key)
+    if kind is not None:
+        return kind
+    if all(v.ndim >= 1 and v.shape[0] == n for v, n in zip(values, natoms, strict=True)):
+        raise ValueError(
+            f"collate: the entry {key!r} has one row per atom in every structure of this batch, so it may be "
+            f"per-atom or per-structure; declare it: dens.data.register_field({key!r}, 'atom' or 'structure')"
+        )
+    return "structure"
 
 
 def _tensor(x: Any, dtype: torch.dtype | None = None) -> Tensor:
@@ -350,7 +412,8 @@ class Batch:
     cell_offsets : Tensor or None
         ``[E, 3]`` long images of the sources.
     extra : dict
-        Other per-atom (concatenated) or per-structure (stacked) entries.
+        Other entries, joined as their kind says (:data:`FIELD_KINDS`): per-atom and per-edge entries
+        concatenated, per-structure entries stacked.
 
     Examples
     --------
@@ -541,13 +604,14 @@ def collate(items: Sequence[Mapping[str, Any]]) -> Batch:
         if not all(isinstance(v, Tensor) for v in vals):
             extra[key] = vals
             continue
-        if all(v.ndim >= 1 and v.shape[0] == n for v, n in zip(vals, natoms.tolist(), strict=True)):
+        kind = _field_kind(key, vals, natoms.tolist())
+        if kind != "structure":
             extra[key] = torch.cat(vals, 0)
-        else:
-            try:
-                extra[key] = torch.stack(vals)
-            except RuntimeError:
-                extra[key] = vals
+            continue
+        try:
+            extra[key] = torch.stack(vals)
+        except RuntimeError:
+            extra[key] = vals  # per-structure values of different shapes
 
     return Batch(
         pos=pos,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .batch import DEFAULT_MIN_DISTANCE, check_requirements, validate_structure
+from .batch import DEFAULT_MIN_DISTANCE, check_requirements, register_field, validate_structure
 
 __all__ = [
     "ENERGY_UNITS",
@@ -287,7 +287,8 @@ class ConcatDataset(StructureDataset):
 
 
 class SetFields:
-    """A transform that adds constant per-structure entries, e.g. ``SetFields({"md_split": True})``.
+    """A transform that adds constant per-structure entries, e.g. ``SetFields({"md_split": True})``; it
+    declares them per-structure (:func:`~dens.data.batch.register_field`).
 
     Examples
     --------
@@ -297,6 +298,8 @@ class SetFields:
 
     def __init__(self, values: dict[str, Any]) -> None:
         self.values = {k: torch.as_tensor(v) for k, v in values.items()}
+        for key in self.values:
+            register_field(key, "structure")
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         return {**item, **self.values}
