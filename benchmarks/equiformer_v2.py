@@ -241,8 +241,11 @@ def _report(args: argparse.Namespace, machine: dict, results: list[dict]) -> Non
     if args.versus:
         print(f"against {args.versus} (time now / time then; below 1: faster now)")
         for key in median:
-            if key[0] == "now" and (then := median.get((args.versus, *key[1:]))):
-                print(f"  {key[1]} {key[2]} load {key[3]} threads {key[4]}: x{median[key] / then:.2f}")
+            if key[0] != "now" or not key[1].startswith("fused"):
+                continue
+            then = [t for k, t in median.items() if k[0] == args.versus and k[2:] == key[2:]]
+            if then:  # the earlier revision ran with its own OpenMP policy
+                print(f"  {key[1]} {key[2]} load {key[3]} threads {key[4]}: x{median[key] / then[0]:.2f}")
     if "dens" in args.modes and "s2ef" in args.modes:
         for key in median:
             if key[2] == "dens" and (s2ef := median.get((key[0], key[1], "s2ef", *key[3:]))):
