@@ -64,7 +64,7 @@ def _one(lmax: int, dens: bool, steps: int, device: str) -> dict:
     from dens.models import equiformer
 
     torch.manual_seed(0)
-    model = equiformer.Equiformer.from_preset(f"md17_l{lmax}", dens=dens).to(device).train()
+    model = equiformer.Equiformer.from_preset(f"md17_l{lmax}", dens_heads=dens).to(device).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-6)
     batch_size = 8
     z, pos, forces = _aspirin_batch(batch_size)

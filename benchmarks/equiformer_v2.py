@@ -65,7 +65,10 @@ def run_case(args: argparse.Namespace) -> dict:
                                                 attn_value_channels=8, ffn_hidden_channels=16, edge_channels=16)  # fmt: skip
     if args.layers:
         overrides["num_layers"] = args.layers
-    backbone = EquiformerV2.from_preset(args.preset, dens=dens, **overrides)
+    try:
+        backbone = EquiformerV2.from_preset(args.preset, dens_heads=dens, **overrides)
+    except TypeError:  # a revision from before the name dens_heads (--versus)
+        backbone = EquiformerV2.from_preset(args.preset, dens=dens, **overrides)
     model = ForceField(backbone, cutoff=12.0, max_neighbors=20).to(device).train()
     batch = oc20_batch().to(device)
     batch.edge_index, batch.cell_offsets = radius_graph_pbc(

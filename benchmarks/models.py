@@ -213,7 +213,7 @@ def build_model(spec: ModelSpec, dens: bool, quick: bool, energy_mean: float) ->
 
     backbone_cls = {"eqv2": EquiformerV2, "escn": ESCN, "equiformer": Equiformer}[spec.family]
     overrides = {**spec.quick, **(spec.quick_dens if dens else {})} if quick else {}
-    backbone = backbone_cls.from_preset(spec.preset, dens=dens, **overrides)
+    backbone = backbone_cls.from_preset(spec.preset, dens_heads=dens, **overrides)
     return ForceField(backbone, spec.cutoff, spec.max_neighbors, energy_mean=energy_mean)
 
 

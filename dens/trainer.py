@@ -37,7 +37,7 @@ from .checkpoint import (
 )
 from .data import BalancedBatchSampler, Batch, collate, get_natoms
 from .data.dataset import require_labels
-from .losses import Corruption, DeNSSettings, LossSettings, corrupt, step_counts, training_loss
+from .losses import Corruption, DeNSSettings, LossSettings, corrupt, model_inputs, step_counts, training_loss
 from .losses.stress import materials_settings, stress_abs_errors, stress_term
 from .models.potential import ForceField, compile_backbone
 from .rundir import RunDirLock, archive_run, config_differences, format_differences, truncate_metrics
@@ -217,7 +217,7 @@ def evaluate_s2ef(
     model.eval()
     # |dE| sum, structures, |dF| sum, components, |dS| sum, stress components
     sums = torch.zeros(6, dtype=torch.float64, device=device)
-    with_stress = bool(getattr(model, "has_stress_head", False))
+    with_stress = model.has_stress_head
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -301,7 +301,7 @@ class Trainer:
             if dataset is not None:  # missing labels / unembedded elements: errors that name file and frame
                 require_labels(dataset, ("energy", "forces"), self._element_limit)
         if settings.compile:
-            if not getattr(self.model, "direct_forces", True):
+            if not self.model.direct_forces:
                 raise ValueError(
                     "trainer.compile: training a gradient-force model needs a double backward, which "
                     "torch.compile does not support; use compile=false for this model"
@@ -585,7 +585,7 @@ class Trainer:
         else:
             progress = self.step / self.schedule_steps
         totals: dict[str, float] = {}
-        use_dens = self.dens.enabled and self.model.uses_dens
+        use_dens = self.dens.enabled and self.model.has_dens_heads
         if corruptions is not None and len(corruptions) != len(micro_batches):
             raise ValueError(f"{len(corruptions)} corruptions for {len(micro_batches)} micro-batches")
         items = []
@@ -602,29 +602,10 @@ class Trainer:
             sync = i == len(items) - 1 or self.world_size == 1
             ctx = contextlib.nullcontext() if sync else self.ddp_model.no_sync()
             with ctx, self._autocast():
-                kwargs: dict[str, Any] = {}
-                if corruption is not None:
-                    kwargs["pos"] = corruption.pos
-                if self.model.uses_dens:
-                    # Without force encoding (or DeNS this step) the encoder still runs, on masked-out zero
-                    # forces: the same embedding as none (its l = 0 bias), but every parameter takes part,
-                    # which DDP requires.
-                    encode = corruption is not None and self.dens.force_encoding
-                    kwargs["encoded_forces"] = (
-                        batch.forces * self.dens.force_encoding_scale
-                        if encode
-                        else torch.zeros_like(batch.forces)
-                    )
-                    # head_mask: the corrupted atoms, and with dens.mask_atoms='all' the masked fixed ones
-                    kwargs["encode_mask"] = corruption.head_mask if encode else torch.zeros_like(batch.fixed)
-                    # the loss reads the force head on uncorrupted atoms and the noise head on corrupted
-                    # ones: run each head only where it is read (exact, and the noise head costs ~nothing)
-                    kwargs["noise_mask"] = None if corruption is None else corruption.head_mask
-                    kwargs["split_heads"] = True
-                if getattr(self.model.backbone, "stress_head", None) is not None:
-                    # a stress head with use_denoising off zeroes exactly the DeNS structures
-                    kwargs["denoising"] = False if corruption is None else corruption.dens_structures
-                out = self.ddp_model(batch, **kwargs)
+                inputs = model_inputs(
+                    batch, corruption, self.dens, self.model.has_dens_heads, self.model.has_stress_head
+                )
+                out = self.ddp_model(batch, **inputs)
                 loss, parts = training_loss(
                     out, batch, corruption, self.losses, self.dens, float(self.model.energy_mean),
                     float(self.model.energy_std), float(self.model.force_std), progress, counts=counts,
