@@ -50,7 +50,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +60,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ._machine import cpu_name, describe, header
 
 if TYPE_CHECKING:
     import torch
@@ -230,13 +231,6 @@ def _resident_data_mb() -> float:
     return _status_mb("VmRSS") - _status_mb("RssFile")
 
 
-def _cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo``), else what ``platform`` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.exists() else None
-    return found.group(1).strip() if found else platform.processor() or platform.machine()
-
-
 def _reset_peak(device: torch.device) -> None:
     """Start a new peak-memory measurement."""
     import torch
@@ -354,7 +348,7 @@ def run_case(case: Case) -> dict[str, Any]:
         **asdict(case), "batch_size": count, "structures": batch.num_graphs, "atoms": batch.num_atoms,
         "edges": int(edge_index.shape[1]), "params": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
     }  # fmt: skip
     if case.compile:
         compile_backbone(model.backbone, backend=case.backend)  # as the trainer
@@ -491,22 +485,14 @@ def _summary(r: dict[str, Any]) -> str:
     return f"{train}, {infer}"
 
 
-def _machine(device: str, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a run's figures depend on besides the options (torch and the device as the cases saw them)."""
+def _machine(device: str, results: list[dict[str, Any]], malloc: str) -> dict[str, Any]:
+    """What a run's figures depend on besides the options: :func:`benchmarks._machine.describe` plus torch
+    and the device as the cases saw them."""
     first = next((r for r in results if "torch" in r), {})
     return {
-        "python": platform.python_version(), "platform": platform.platform(), "torch": first.get("torch"),
-        "device": device, "device_name": first.get("device_name"), "threads": first.get("threads"),
-        "git_commit": _git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **describe(first.get("threads"), malloc), "platform": platform.platform(), "torch": first.get("torch"),
+        "device": device, "device_name": first.get("device_name"),
     }  # fmt: skip
-
-
-def _git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    except OSError:  # no git
-        return None
-    return done.stdout.strip() or None
 
 
 def _choices(text: str, allowed: list[str]) -> list[str]:
@@ -562,17 +548,18 @@ def main() -> None:
         results.append(run_in_process(context, case))
         print(f"  {model} DeNS {dens} compile {compiled} amp {amp}: {_summary(results[-1])}", file=sys.stderr)
         if args.json:  # after every case, so that an interrupted run keeps what it measured
-            payload = {"machine": _machine(args.device, results), "options": options,
+            payload = {"machine": _machine(args.device, results, args.malloc), "options": options,
                        "wall_s": time.perf_counter() - start, "results": results}  # fmt: skip
             Path(args.json).write_text(json.dumps(payload, indent=2))
     wall = time.perf_counter() - start
 
-    machine = _machine(args.device, results)
+    machine = _machine(args.device, results, args.malloc)
     size = "tiny models (--quick)" if args.quick else "paper sizes"
     backend = f"; compile backend {args.compile_backend}" if "on" in compile_modes else ""
     print(f"dens model benchmark: {size}, device {args.device} ({machine['device_name']}), "
           f"{machine['threads']} threads, torch {machine['torch']}; medians of {repeats} after {warmup} "
           f"warm-up{backend}; malloc {args.malloc}; wall {wall:.1f} s")  # fmt: skip
+    print(header(machine))
     print_table(results)
     print_comparisons(results, args.quick)
 

@@ -7,7 +7,16 @@ graphs), :mod:`dens.testing` (equivariance test helpers), :mod:`dens.ops` (scatt
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING
+
+# OpenMP threads that finish a parallel region early sleep rather than spin. libgomp reads this once,
+# when torch loads, so it is set here, before dens imports torch (an explicit value is kept). Spinning
+# made a two-thread training step 1.3-20x slower than one thread whenever another process held a core
+# (docs/performance.md, "Shared cores"); on idle cores the two policies time the same.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if TYPE_CHECKING:
     from .models.potential import ForceField

@@ -41,7 +41,7 @@ from .losses import Corruption, DeNSSettings, LossSettings, corrupt, model_input
 from .losses.stress import materials_settings, stress_term
 from .models.potential import ForceField, compile_backbone
 from .rundir import RunDirLock, archive_run, config_differences, format_differences, truncate_metrics
-from .runtime import retain_freed_memory
+from .runtime import retain_freed_memory, training_threads
 from .settings import check_settings
 
 __all__ = ["EMA", "OptimSettings", "Trainer", "TrainerSettings", "cosine_lambda", "evaluate_s2ef"]
@@ -105,6 +105,7 @@ class TrainerSettings:
     deterministic: bool = False
     seed: int = 0
     num_workers: int = 0
+    threads: int | None = None  # CPU threads; None: usable cores less num_workers (runtime.training_threads)
     nonfinite: str = "stop"  # stop | skip
     primary_metric: str = "forces_mae_meV_A"  # selects best.pt (OC22: energy_mae_meV)
     tensorboard: bool = True
@@ -283,8 +284,10 @@ class Trainer:
         np.random.seed(settings.seed + self.rank)  # noqa: NPY002
         random.seed(settings.seed + self.rank)
 
-        if settings.retain_freed_memory and self.device.type == "cpu":
-            retain_freed_memory()
+        if self.device.type == "cpu":
+            torch.set_num_threads(settings.threads or training_threads(settings.num_workers))
+            if settings.retain_freed_memory:
+                retain_freed_memory()
         self.model = model.to(self.device)
         self._element_limit = _element_limit(self.model)
         for dataset in (train_set, val_set):
