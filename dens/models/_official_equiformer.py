@@ -34,7 +34,7 @@ import torch
 from e3nn import o3
 from torch import Tensor
 
-from ._renames import prefix_rules
+from ._renames import apply_rules, prefix_rules
 from .equiformer import AVG_DEGREE, AVG_NUM_NODES, PRESETS, Equiformer, EquivariantGraphAttention
 from .irreps import DepthwiseTensorProduct, IrrepsLayerNorm, IrrepsLinear
 
@@ -64,8 +64,7 @@ _MODULES: list[tuple[str, str]] = [
     ("blocks.{n}.ffn.fctp_1", "blocks.{n}.ffn.linear_1"),
     ("blocks.{n}.ffn.fctp_2", "blocks.{n}.ffn.linear_2"),
 ]
-# Whose inverse depends on the model (the attention blocks' inner names, `head` vs `energy_head`): the
-# export spells them out in _official_module_name.
+# Whose inverse depends on the model (`head` or `energy_head`): the export keeps the pairs of its model.
 _MODEL_DEPENDENT: list[tuple[str, str]] = [
     ("blocks.{n}.ga", "blocks.{n}.attention"),
     ("denoising_pos_head", "noise_head"),
@@ -77,18 +76,20 @@ _MODEL_DEPENDENT: list[tuple[str, str]] = [
 # Key prefixes official -> dens, first match wins, anchored at the start.
 _RENAMES: list[tuple[str, str]] = prefix_rules([*_MODULES, *_MODEL_DEPENDENT], suffix=r"(?=\.)")
 # Inside an attention block (official GraphAttention -> EquivariantGraphAttention). `sep` is the single
-# separable tensor product of the linear-message variant, `sep_act`/`sep_value` those of non-linear ones.
-_ATTENTION_RENAMES: list[tuple[str, str]] = [
-    (r"sep_act\.dtp_rad\.", "message_radial."),
-    (r"sep_act\.dtp\.", "message_tp."),
-    (r"sep_act\.lin\.", "message_linear."),
-    (r"sep_alpha\.", "alpha_linear."),
-    (r"sep_value\.dtp\.", "value_tp."),
-    (r"sep_value\.lin\.", "value_linear."),
-    (r"sep\.dtp_rad\.", "message_radial."),
-    (r"sep\.dtp\.", "message_tp."),
-    (r"sep\.lin\.", "message_linear."),
+# separable tensor product of the linear-message variant, `sep_act`/`sep_value` those of non-linear ones;
+# the export keeps the pairs of the block's variant.
+_ATTENTION_MODULES: list[tuple[str, str]] = [
+    ("sep_act.dtp_rad", "message_radial"),
+    ("sep_act.dtp", "message_tp"),
+    ("sep_act.lin", "message_linear"),
+    ("sep_alpha", "alpha_linear"),
+    ("sep_value.dtp", "value_tp"),
+    ("sep_value.lin", "value_linear"),
+    ("sep.dtp_rad", "message_radial"),
+    ("sep.dtp", "message_tp"),
+    ("sep.lin", "message_linear"),
 ]
+_ATTENTION_RENAMES: list[tuple[str, str]] = prefix_rules(_ATTENTION_MODULES, suffix=r"(?=\.)")
 _ATTENTION = re.compile(r"^(blocks\.\d+\.attention\.|noise_head\.)(.*)$")
 # Official entries without a dens counterpart: e3nn output masks, the empty weights of gates and of
 # tensor products fed by a radial MLP. The `_w3j_*` buffers are read for the sign check.
@@ -132,19 +133,10 @@ _KNOWN_CONFIG = {
 
 def official_to_dens_name(key: str) -> str:
     """The dens state-dict name of an official parameter or buffer name."""
-    key = key.removeprefix("module.")
-    for pattern, replacement in _RENAMES:
-        key, count = re.subn("^" + pattern, replacement, key)
-        if count:
-            break
+    key = apply_rules(key.removeprefix("module."), _RENAMES)
     match = _ATTENTION.match(key)
     if match:
-        rest = match[2]
-        for pattern, replacement in _ATTENTION_RENAMES:
-            rest, count = re.subn("^" + pattern, replacement, rest)
-            if count:
-                break
-        key = match[1] + rest
+        key = match[1] + apply_rules(match[2], _ATTENTION_RENAMES)
     # e3nn's tensor-product weight and the official bias ParameterList
     return re.sub(r"\.bias\.0$", ".bias", re.sub(r"\.tp\.weight$", ".weight", key))
 
@@ -322,38 +314,22 @@ def load_official_equiformer(
     return flipped
 
 
-# dens module name -> official (the inverse of _MODULES)
-_INVERSE_RENAMES: list[tuple[str, str]] = prefix_rules(_MODULES, inverse=True, suffix=r"(?=\.|$)")
+def _only(pairs: list[tuple[str, str]], variant: str, variants: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The pairs whose official name is not that of another variant (``variants``, as prefixes)."""
+    return [p for p in pairs if not p[0].startswith(variants) or p[0].startswith(variant)]
 
 
 def _official_module_name(name: str, model: Equiformer) -> str:
-    """The official name of a dens module."""
-    for pattern, replacement in _INVERSE_RENAMES:
-        new, count = re.subn("^" + pattern, replacement, name)
-        if count:
-            return new
-    head = "energy_head" if model.has_dens_heads else "head"
-    new, count = re.subn(r"^energy_head\.linear_([12])$", lambda m: f"{head}.{2 * int(m[1]) - 2}", name)
-    if count:
-        return new
-    match = re.match(r"^(blocks\.\d+\.attention|noise_head)(?:\.(.+))?$", name)
-    if match is None:
-        return name
-    outer = "denoising_pos_head" if match[1] == "noise_head" else match[1].replace(".attention", ".ga")
-    if match[2] is None:
-        return outer
-    attention = dict(model.named_modules())[match[1]]
-    sep = "sep_act" if attention.nonlinear_message else "sep"
-    inner = {
-        "message_radial": f"{sep}.dtp_rad",
-        "message_tp": f"{sep}.dtp",
-        "message_linear": f"{sep}.lin",
-        "alpha_linear": "sep_alpha",
-        "value_tp": "sep_value.dtp",
-        "value_linear": "sep_value.lin",
-    }
-    first, _, rest = match[2].partition(".")
-    return f"{outer}.{inner.get(first, first)}" + (f".{rest}" if rest else "")
+    """The official name of a dens module: the import's renames inverted, for this model's variant."""
+    whole = r"(?=\.|$)"  # whole module names
+    match = re.match(r"^(blocks\.\d+\.attention|noise_head)\.(.+)$", name)
+    if match:
+        sep = "sep_act." if dict(model.named_modules())[match[1]].nonlinear_message else "sep."
+        inner = prefix_rules(_only(_ATTENTION_MODULES, sep, ("sep.", "sep_act.")), inverse=True, suffix=whole)
+        name = f"{match[1]}.{apply_rules(match[2], inner)}"
+    head = "energy_head." if model.has_dens_heads else "head."
+    outer = [*_MODULES, *_only(_MODEL_DEPENDENT, head, ("head.", "energy_head."))]
+    return apply_rules(name, prefix_rules(outer, inverse=True, suffix=whole))
 
 
 def export_official_equiformer(model: Equiformer) -> dict[str, Tensor]:
