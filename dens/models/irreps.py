@@ -163,18 +163,23 @@ class IrrepsLinear(nn.Module):
         n = pieces[0][2].shape[0]
         # split the weight once: a slice per path would cost a full-size zero gradient each in backward
         ws = self.weight.split([sl.stop - sl.start for _, _, sl in self.paths])
-        # accumulated component-major, [n, 2l+1, mul_out]: a piece that is a transposed view of a contiguous
+        # accumulated component-major, [n (2l+1), mul_out]: a piece that is a transposed view of a contiguous
         # [n, 2l+1, mul_in] tensor (DepthwiseTensorProduct's blocks) is then a plain matrix product, no copy
         blocks: list[Tensor | None] = [None] * len(self.out_blocks)
         for (i, o, _), w in zip(self.paths, ws, strict=True):
             w = w.view(self.in_blocks[i][0], self.out_blocks[o][0])
             for block, first, piece in pieces:
                 if block == i:
-                    y = piece.transpose(1, 2) @ w[first : first + piece.shape[1]]
-                    blocks[o] = y if blocks[o] is None else blocks[o] + y
+                    # [n (2l+1), mul_in]: a view for component-major pieces, a copy otherwise
+                    mul_in, dim = piece.shape[1], piece.shape[2]
+                    piece = piece.transpose(1, 2).reshape(n * dim, mul_in)
+                    w_piece = w[first : first + mul_in]
+                    # accumulate inside the product (addmm): no separate pass to add the paths
+                    acc = blocks[o]
+                    blocks[o] = piece @ w_piece if acc is None else torch.addmm(acc, piece, w_piece)
         parts = [
             (
-                b.transpose(1, 2).reshape(n, mul * dim)
+                b.view(n, dim, mul).transpose(1, 2).reshape(n, mul * dim)
                 if b is not None
                 else self.weight.new_zeros(n, mul * dim)
             )
@@ -340,9 +345,11 @@ class DepthwiseTensorProduct(nn.Module):
             # split, not sliced: a slice per path would cost a full-size zero gradient each in backward
             dims = [2 * self.paths[k][3][2] + 1 for k in paths]
             if y is None:
-                blocks = [c * xw[:, p : p + 1] for p, c in enumerate(coupling.split(dims, dim=1))]
+                blocks = [
+                    c * wp for c, wp in zip(coupling.split(dims, dim=1), xw.split(1, dim=1), strict=True)
+                ]
             else:
-                blocks = [b * w[:, p : p + 1] for p, b in enumerate(y.split(dims, dim=1))]
+                blocks = [b * wp for b, wp in zip(y.split(dims, dim=1), w.split(1, dim=1), strict=True)]
             for k, block in zip(paths, blocks, strict=True):
                 out[self.paths[k][2]] = block.transpose(1, 2)  # [E, mul, 2l3+1] view
         if as_blocks:
