@@ -230,7 +230,7 @@ class EquivariantGraphAttention(nn.Module):
             message = self.message_tp(message, sh, self.message_radial(radial_basis), as_blocks=True)
             alpha = self.alpha_linear(message)
             value = self.message_gate(self.message_linear(message))
-            value = self.value_linear(self.value_tp(value, sh, as_blocks=True))
+            value = self.value_linear(*self.value_tp.unweighted_blocks(value, sh))
         else:
             message = self.message_tp(message, sh, self.message_radial(radial_basis), as_blocks=True)
             message = self.message_linear(message)

@@ -157,9 +157,15 @@ class IrrepsLinear(nn.Module):
             raise ValueError(f"input pieces do not cover {self.irreps_in}")
         return pieces
 
-    def forward(self, x: Tensor | list[Tensor]) -> Tensor:
-        """``x``: ``[n, irreps_in.dim]``, or a list of consecutive ``[n, mul, 2l+1]`` pieces of it."""
+    def forward(self, x: Tensor | list[Tensor], scales: list[Tensor] | None = None) -> Tensor:
+        """``x``: ``[n, irreps_in.dim]``, or a list of consecutive ``[n, mul, 2l+1]`` pieces of it.
+
+        ``scales``: with a list input, a ``[mul]`` factor per channel of each piece, applied to the weight
+        rows (see :meth:`DepthwiseTensorProduct.unweighted_blocks`).
+        """
         pieces = self._input_blocks(x)
+        if scales is not None and len(scales) != len(pieces):
+            raise ValueError(f"{len(scales)} scales for {len(pieces)} input pieces")
         n = pieces[0][2].shape[0]
         # split the weight once: a slice per path would cost a full-size zero gradient each in backward
         ws = self.weight.split([sl.stop - sl.start for _, _, sl in self.paths])
@@ -168,12 +174,14 @@ class IrrepsLinear(nn.Module):
         blocks: list[Tensor | None] = [None] * len(self.out_blocks)
         for (i, o, _), w in zip(self.paths, ws, strict=True):
             w = w.view(self.in_blocks[i][0], self.out_blocks[o][0])
-            for block, first, piece in pieces:
+            for index, (block, first, piece) in enumerate(pieces):
                 if block == i:
                     # [n (2l+1), mul_in]: a view for component-major pieces, a copy otherwise
                     mul_in, dim = piece.shape[1], piece.shape[2]
                     piece = piece.transpose(1, 2).reshape(n * dim, mul_in)
                     w_piece = w[first : first + mul_in]
+                    if scales is not None:
+                        w_piece = scales[index].unsqueeze(1) * w_piece
                     # accumulate inside the product (addmm): no separate pass to add the paths
                     acc = blocks[o]
                     blocks[o] = piece @ w_piece if acc is None else torch.addmm(acc, piece, w_piece)
@@ -316,13 +324,34 @@ class DepthwiseTensorProduct(nn.Module):
             if self.weight is None:
                 raise ValueError("this tensor product takes per-edge weights: pass `weight`")
             weight = self.weight.unsqueeze(0)
+        out = self._blocks(x, sh, weight)
+        if as_blocks:
+            return out
+        n = sh.shape[0]
+        return torch.cat([y.reshape(n, y.shape[1] * y.shape[2]) for y in out], dim=1)
+
+    def unweighted_blocks(self, x: Tensor, sh: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """The output blocks before the internal weights, and those weights (``[mul]`` per block).
+
+        For a linear map that follows (:class:`IrrepsLinear` with ``scales``): a weight per path and channel,
+        shared by all edges, scales the linear's matrix rows instead of every edge's block, which saves a
+        pass over the largest per-edge tensors in forward, backward and double backward.
+        """
+        if self.weight is None:
+            raise ValueError("this tensor product has per-edge weights: use forward")
+        ws = self.weight.split([sl.stop - sl.start for *_, sl in self.paths])
+        scales: list[Tensor | None] = [None] * len(self.paths)
+        for (_, _, position, _, _), w in zip(self.paths, ws, strict=True):
+            scales[position] = w
+        return self._blocks(x, sh, None), scales  # type: ignore[return-value]
+
+    def _blocks(self, x: Tensor, sh: Tensor, weight: Tensor | None) -> list[Tensor]:
+        """Output blocks ``[E, mul, 2l+1]`` (transposed views), times ``weight [E or 1, weight_numel]``."""
         n = sh.shape[0]
         # split once (per-path slices would each cost a full-size zero gradient in backward)
         xs = x.split([mul * dim for mul, dim in self.in_blocks], dim=1)
-        ws = weight.split(
-            [len(paths) * mul for paths, (mul, _) in zip(self.block_paths, self.in_blocks, strict=True)],
-            dim=1,
-        )
+        numels = [len(paths) * mul for paths, (mul, _) in zip(self.block_paths, self.in_blocks, strict=True)]
+        ws = weight.split(numels, dim=1) if weight is not None else [None] * len(numels)
         out: list[Tensor | None] = [None] * len(self.paths)
         for i, paths in enumerate(self.block_paths):
             if not paths:
@@ -332,29 +361,24 @@ class DepthwiseTensorProduct(nn.Module):
             # explicit sizes: a graph without edges (n = 0) leaves no dimension to infer
             coupling = (sh @ stack.reshape(stack.shape[0], -1)).view(n, stack.shape[1], dim)  # [E, K, 2l1+1]
             xi = xs[i].reshape(x.shape[0], mul, dim).transpose(1, 2)  # [E or 1, 2l1+1, mul]
-            w = ws[i].reshape(ws[i].shape[0], len(paths), mul)  # [E or 1, paths, mul]
+            w = None if ws[i] is None else ws[i].reshape(ws[i].shape[0], len(paths), mul)  # [E|1, paths, mul]
+            dims = [2 * self.paths[k][3][2] + 1 for k in paths]
             if dim == 1:
                 # scalars in: each path is an outer product; weighting x first touches only small tensors
-                xw = xi * w  # [E, paths, mul]
-                y = None
-            elif x.shape[0] == 1 and n != 1:
-                y = (coupling.reshape(-1, dim) @ xi[0]).view(n, stack.shape[1], mul)  # one plain product
+                xws = [xi] * len(paths) if w is None else (xi * w).split(1, dim=1)  # [E, 1, mul] each
+                blocks = [c * v for c, v in zip(coupling.split(dims, dim=1), xws, strict=True)]
             else:
-                # a batched product of small matrices; a product per path would cost more calls
-                y = torch.bmm(coupling, xi)  # [E, K, mul]
-            # split, not sliced: a slice per path would cost a full-size zero gradient each in backward
-            dims = [2 * self.paths[k][3][2] + 1 for k in paths]
-            if y is None:
-                blocks = [
-                    c * wp for c, wp in zip(coupling.split(dims, dim=1), xw.split(1, dim=1), strict=True)
-                ]
-            else:
-                blocks = [b * wp for b, wp in zip(y.split(dims, dim=1), w.split(1, dim=1), strict=True)]
+                if x.shape[0] == 1 and n != 1:  # one input for all edges: one plain matrix product
+                    y = (coupling.reshape(n * stack.shape[1], dim) @ xi[0]).view(n, stack.shape[1], mul)
+                else:  # a batched product of small matrices; a product per path would cost more calls
+                    y = torch.bmm(coupling, xi)  # [E, K, mul]
+                # split, not sliced: a slice per path would cost a full-size zero gradient each in backward
+                blocks = list(y.split(dims, dim=1))
+                if w is not None:
+                    blocks = [b * wp for b, wp in zip(blocks, w.split(1, dim=1), strict=True)]
             for k, block in zip(paths, blocks, strict=True):
                 out[self.paths[k][2]] = block.transpose(1, 2)  # [E, mul, 2l3+1] view
-        if as_blocks:
-            return out  # type: ignore[return-value]
-        return torch.cat([y.reshape(n, y.shape[1] * y.shape[2]) for y in out], dim=1)  # type: ignore[union-attr]
+        return out  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
         kind = "internal" if self.weight is not None else "external"
