@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ._machine import describe, header
+
 ASPIRIN_Z = [6] * 9 + [8] * 4 + [1] * 8  # C9H8O4
 SHARED_ASPIRIN = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "md17" / "rmd17_aspirin_1000_meV.xyz"
@@ -62,7 +64,7 @@ def _one(lmax: int, dens: bool, steps: int, device: str) -> dict:
     from dens.models import equiformer
 
     torch.manual_seed(0)
-    model = equiformer.Equiformer.from_preset(f"md17_l{lmax}", dens=dens).to(device).train()
+    model = equiformer.Equiformer.from_preset(f"md17_l{lmax}", dens_heads=dens).to(device).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-6)
     batch_size = 8
     z, pos, forces = _aspirin_batch(batch_size)
@@ -154,6 +156,7 @@ def main() -> None:
         print(json.dumps(_one(int(args.one[0]), args.one[1] == "1", steps, args.device)))
         return
 
+    machine = describe(args.threads or torch.get_num_threads())
     rows = []
     for lmax in (2, 3):
         for dens in (False, True):
@@ -170,6 +173,7 @@ def main() -> None:
         + (f", {threads} threads" if args.device == "cpu" else "")
         + f", median of {steps} steps"
     )
+    print(header(machine))
     print(
         f"{'model':<18}{'params':>12}{'edges':>8}{'step (s)':>11}{'min (s)':>10}{'peak (MB)':>12}{'step mem (MB)':>15}"
     )

@@ -62,6 +62,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._machine import checkout, competing_load, cpu_name, describe, header
+
 if TYPE_CHECKING:
     import torch
 
@@ -212,7 +214,10 @@ def build_model(spec: ModelSpec, dens: bool, quick: bool, energy_mean: float) ->
 
     backbone_cls = {"eqv2": EquiformerV2, "escn": ESCN, "equiformer": Equiformer}[spec.family]
     overrides = {**spec.quick, **(spec.quick_dens if dens else {})} if quick else {}
-    backbone = backbone_cls.from_preset(spec.preset, dens=dens, **overrides)
+    try:
+        backbone = backbone_cls.from_preset(spec.preset, dens_heads=dens, **overrides)
+    except TypeError:  # a revision from before the name dens_heads (--versus)
+        backbone = backbone_cls.from_preset(spec.preset, dens=dens, **overrides)
     return ForceField(backbone, spec.cutoff, spec.max_neighbors, energy_mean=energy_mean)
 
 
@@ -228,13 +233,6 @@ def _status_mb(key: str) -> float:
 def _resident_data_mb() -> float:
     """Resident memory less the file pages (library code) paged in so far."""
     return _status_mb("VmRSS") - _status_mb("RssFile")
-
-
-def _cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo``), else what ``platform`` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.exists() else None
-    return found.group(1).strip() if found else platform.processor() or platform.machine()
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -354,7 +352,7 @@ def run_case(case: Case) -> dict[str, Any]:
         **asdict(case), "batch_size": count, "structures": batch.num_graphs, "atoms": batch.num_atoms,
         "edges": int(edge_index.shape[1]), "params": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
     }  # fmt: skip
     if case.compile:
         compile_backbone(model.backbone, backend=case.backend)  # as the trainer
@@ -441,14 +439,17 @@ COLUMNS = [
 
 def print_table(results: list[dict[str, Any]]) -> None:
     """One row per case; failed phases show their error below the table."""
-    head = f"{'model':<19}{'DeNS':>5}{'comp':>5}{'amp':>5}" + "".join(f"{h:>{w}}" for h, _, _, w in COLUMNS)
+    head = f"{'model':<19}{'DeNS':>5}{'comp':>5}{'amp':>5}{'thr':>4}{'load':>5}" + "".join(
+        f"{h:>{w}}" for h, _, _, w in COLUMNS
+    )
     print(head)
     print("-" * len(head))
     errors = []
     for r in results:
         cells = [" |" if key is None else f"{_fmt(r.get(key), fmt):>{w}}" for _, key, fmt, w in COLUMNS]
         print(
-            f"{r['model']:<19}{_onoff(r['dens']):>5}{_onoff(r['compile']):>5}{r['amp']:>5}" + "".join(cells)
+            f"{r['model']:<19}{_onoff(r['dens']):>5}{_onoff(r['compile']):>5}{r['amp']:>5}"
+            f"{r.get('threads') or '-':>4}{r.get('load', 0):>5}" + "".join(cells)
         )
         name = f"{r['model']} DeNS {_onoff(r['dens'])}, compile {_onoff(r['compile'])}, amp {r['amp']}"
         errors += [
@@ -480,6 +481,41 @@ def print_comparisons(results: list[dict[str, Any]], quick: bool) -> None:
                   f"(paper, V100: {paper})")  # fmt: skip
 
 
+def print_ratios(results: list[dict[str, Any]], then: list[dict[str, Any]], revision: str | None) -> None:
+    """Training time with 2+ threads over 1 thread per load, and now over ``revision`` per case."""
+    same = ("model", "dens", "compile", "amp", "load")
+    ones = {tuple(r[k] for k in same): r for r in results if r.get("threads") == 1 and "train_s" in r}
+    for r in results:
+        one = ones.get(tuple(r[k] for k in same))
+        if one is not None and r is not one and "train_s" in r:
+            print(f"threads {r['model']} DeNS {_onoff(r['dens'])} load {r['load']}: {r['threads']} threads / 1 "
+                  f"thread x{r['train_s'] / one['train_s']:.2f} (training step)")  # fmt: skip
+    for r in results:
+        key = (*(r[k] for k in same), r.get("threads"))
+        old = next(
+            (t for t in then if (*(t[k] for k in same), t.get("threads")) == key and "train_s" in t), None
+        )
+        if old is not None and "train_s" in r:
+            print(f"against {revision}: {r['model']} DeNS {_onoff(r['dens'])} threads {r['threads']} load {r['load']}"
+                  f": training x{r['train_s'] / old['train_s']:.2f}, inference "
+                  f"x{r.get('infer_s', float('nan')) / old.get('infer_s', float('nan')):.2f} (now / then)")  # fmt: skip
+
+
+def _run_revision(revision: str) -> list[dict[str, Any]]:
+    """This benchmark again, with the same options, on dens as of ``revision`` (its results)."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:  # the same options less --versus and --json
+        if not skip and arg.split("=")[0] not in ("--versus", "--json"):
+            argv.append(arg)
+        skip = arg in ("--versus", "--json")
+    with checkout(revision) as root, tempfile.TemporaryDirectory() as tmp:
+        (root / "benchmarks").symlink_to(REPO / "benchmarks")  # this benchmark code, that dens
+        out = Path(tmp) / "then.json"
+        subprocess.run([sys.executable, "-m", "benchmarks.models", *argv, "--json", str(out)], cwd=root,
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        return [{**r, "revision": revision} for r in json.loads(out.read_text())["results"]]
+
+
 def _summary(r: dict[str, Any]) -> str:
     """A case's result in a few words (progress output)."""
     if "error" in r:
@@ -491,22 +527,14 @@ def _summary(r: dict[str, Any]) -> str:
     return f"{train}, {infer}"
 
 
-def _machine(device: str, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a run's figures depend on besides the options (torch and the device as the cases saw them)."""
+def _machine(device: str, results: list[dict[str, Any]], malloc: str) -> dict[str, Any]:
+    """What a run's figures depend on besides the options: :func:`benchmarks._machine.describe` plus torch
+    and the device as the cases saw them."""
     first = next((r for r in results if "torch" in r), {})
     return {
-        "python": platform.python_version(), "platform": platform.platform(), "torch": first.get("torch"),
-        "device": device, "device_name": first.get("device_name"), "threads": first.get("threads"),
-        "git_commit": _git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **describe(first.get("threads"), malloc), "platform": platform.platform(), "torch": first.get("torch"),
+        "device": device, "device_name": first.get("device_name"),
     }  # fmt: skip
-
-
-def _git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    except OSError:  # no git
-        return None
-    return done.stdout.strip() or None
 
 
 def _choices(text: str, allowed: list[str]) -> list[str]:
@@ -531,7 +559,13 @@ def main() -> None:
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend (aot_eager: traces without generating code)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=lambda t: [int(v) for v in t.split(",")], default=[None],
+                        help="torch CPU threads, a comma list (e.g. 1,2; default: torch's)")  # fmt: skip
+    parser.add_argument("--load", type=lambda t: [int(v) for v in t.split(",")], default=[0],
+                        help="busy processes competing for the cores during the cases, a comma list (e.g. 0,1)")  # fmt: skip
+    parser.add_argument("--versus", default=None, metavar="REV",
+                        help="also run every case with dens as of git revision REV (same invocation) and print "
+                             "the time ratios")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=None,
                         help="structures per batch (default: 2 for OC20 models, 8 for MD17)")  # fmt: skip
     parser.add_argument(
@@ -556,25 +590,33 @@ def main() -> None:
     context.set_forkserver_preload(PRELOAD)
     start = time.perf_counter()
     results: list[dict[str, Any]] = []
-    for model, dens, compiled, amp in itertools.product(args.models, args.dens, compile_modes, amps):
-        case = Case(model, dens == "on", compiled == "on", args.compile_backend, amp, args.device,
-                    args.threads, args.batch_size, args.quick, warmup, repeats, args.malloc == "retain")  # fmt: skip
-        results.append(run_in_process(context, case))
-        print(f"  {model} DeNS {dens} compile {compiled} amp {amp}: {_summary(results[-1])}", file=sys.stderr)
-        if args.json:  # after every case, so that an interrupted run keeps what it measured
-            payload = {"machine": _machine(args.device, results), "options": options,
-                       "wall_s": time.perf_counter() - start, "results": results}  # fmt: skip
-            Path(args.json).write_text(json.dumps(payload, indent=2))
+    for load in args.load:
+        with competing_load(load):
+            for model, dens, compiled, amp, threads in itertools.product(
+                args.models, args.dens, compile_modes, amps, args.threads
+            ):
+                case = Case(model, dens == "on", compiled == "on", args.compile_backend, amp, args.device,
+                            threads, args.batch_size, args.quick, warmup, repeats, args.malloc == "retain")  # fmt: skip
+                results.append({**run_in_process(context, case), "load": load, "revision": "now"})
+                print(f"  {model} DeNS {dens} compile {compiled} amp {amp} threads {threads} load {load}: "
+                      f"{_summary(results[-1])}", file=sys.stderr)  # fmt: skip
+                if args.json:  # after every case, so that an interrupted run keeps what it measured
+                    payload = {"machine": _machine(args.device, results, args.malloc), "options": options,
+                               "wall_s": time.perf_counter() - start, "results": results}  # fmt: skip
+                    Path(args.json).write_text(json.dumps(payload, indent=2))
+    then = _run_revision(args.versus) if args.versus else []
     wall = time.perf_counter() - start
 
-    machine = _machine(args.device, results)
+    machine = _machine(args.device, results, args.malloc)
     size = "tiny models (--quick)" if args.quick else "paper sizes"
     backend = f"; compile backend {args.compile_backend}" if "on" in compile_modes else ""
     print(f"dens model benchmark: {size}, device {args.device} ({machine['device_name']}), "
           f"{machine['threads']} threads, torch {machine['torch']}; medians of {repeats} after {warmup} "
           f"warm-up{backend}; malloc {args.malloc}; wall {wall:.1f} s")  # fmt: skip
+    print(header(machine))
     print_table(results)
     print_comparisons(results, args.quick)
+    print_ratios(results, then, args.versus)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,17 @@ graphs), :mod:`dens.testing` (equivariance test helpers), :mod:`dens.ops` (scatt
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING
+
+# OpenMP threads that finish a parallel region early sleep rather than spin. libgomp reads this once,
+# when torch loads, so it is set here, before dens imports torch (an explicit value is kept). Spinning
+# made a two-thread training step up to 3x slower than one thread whenever another process held a core;
+# the price, on idle cores, is a wake-up per parallel region, which small models feel (docs/performance.md,
+# "Shared cores": OMP_WAIT_POLICY=ACTIVE for a small model on a machine of your own).
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if TYPE_CHECKING:
     from .models.potential import ForceField

@@ -43,7 +43,9 @@ from . import runtime
 from .checkpoint import element_names, unseen_elements
 from .data.batch import DEFAULT_MIN_DISTANCE, collate, make_structure, min_pair_distance
 from .data.graph import radius_graph_pbc
-from .evaluate import load_model, model_device, model_dtype
+from .evaluate import load_model
+from .inference import model_device, model_dtype
+from .models import Backbone, ForceField
 
 __all__ = ["DeNSCalculator", "DirectForcesWarning", "element_limit"]
 
@@ -58,7 +60,8 @@ logger = logging.getLogger(__name__)
 def element_limit(model: nn.Module) -> int | None:
     """The number of atomic numbers a model embeds (``Z < limit``), or None when it states none.
 
-    Read from the backbone's ``max_num_elements`` (EquiformerV2, eSCN) or ``max_atom_type`` (Equiformer).
+    Read from the backbone's declared ``max_num_elements`` (:class:`~dens.models.Backbone`); ``model`` is
+    a :class:`~dens.models.ForceField` or a backbone.
 
     Examples
     --------
@@ -68,14 +71,8 @@ def element_limit(model: nn.Module) -> int | None:
     ...     ffn_hidden_channels=4, edge_channels=4, grid_resolution=4)))
     90
     """
-    for module in (getattr(model, "backbone", None), model):
-        if module is None:
-            continue
-        for attr in ("max_num_elements", "max_atom_type"):
-            value = getattr(module, attr, None)
-            if isinstance(value, int):
-                return value
-    return None
+    backbone = model.backbone if isinstance(model, ForceField) else model
+    return backbone.max_num_elements if isinstance(backbone, Backbone) else None
 
 
 class DeNSCalculator(Calculator):
@@ -84,8 +81,8 @@ class DeNSCalculator(Calculator):
     Parameters
     ----------
     model : nn.Module
-        A :class:`~dens.models.ForceField` (or anything with its ``predict`` interface and, for the
-        graph, ``cutoff`` / ``max_neighbors`` / ``strict_max_neighbors``).
+        A :class:`~dens.models.ForceField` (the graph is built here with its rule), or anything with its
+        ``predict`` interface that builds its own graph (energy and forces only).
     device : str or torch.device, optional
         Where to run (default: where the model is; the model is moved there).
     min_cell_height : float
@@ -271,12 +268,12 @@ class DeNSCalculator(Calculator):
             dtype=self.dtype,
         )
         batch = collate([structure]).to(self.device)
-        cutoff = getattr(self.model, "cutoff", None)
-        if cutoff is not None:
+        force_field = self.model if isinstance(self.model, ForceField) else None
+        if force_field is not None:
+            cutoff = force_field.cutoff
             edge_index, offsets = radius_graph_pbc(
-                batch.pos, batch.cell, batch.pbc, batch.batch, float(cutoff),
-                getattr(self.model, "max_neighbors", None), getattr(self.model, "strict_max_neighbors", True),
-                natoms=batch.natoms,
+                batch.pos, batch.cell, batch.pbc, batch.batch, float(cutoff), force_field.max_neighbors,
+                force_field.strict_max_neighbors, natoms=batch.natoms,
             )  # fmt: skip
             batch.edge_index, batch.cell_offsets = edge_index, offsets
             self.num_edges = int(edge_index.shape[1])
@@ -290,7 +287,7 @@ class DeNSCalculator(Calculator):
                     float(cutoff),
                 )
                 self._warned_isolated = True
-        if not self._warned_direct and getattr(self.model, "direct_forces", False):
+        if not self._warned_direct and force_field is not None and force_field.direct_forces:
             warnings.warn(
                 "DeNSCalculator: this model predicts forces directly (not as -dE/dx): they are not "
                 "conservative, so NVE molecular dynamics drifts in energy; prefer a thermostat (NVT), short "
@@ -314,10 +311,9 @@ class DeNSCalculator(Calculator):
         """The model's predictions; stress when asked for and the model gives it (a stress head, or
         gradient forces: the conservative stress), or always when it comes at no cost (a stress head)."""
         predict = self.model.predict
-        has_head = bool(getattr(self.model, "has_stress_head", False))
-        can_strain = not bool(getattr(self.model, "direct_forces", True)) and hasattr(
-            self.model, "has_stress_head"
-        )
+        if not isinstance(self.model, ForceField):
+            return predict(batch)
+        has_head, can_strain = self.model.has_stress_head, not self.model.direct_forces
         if has_head or (want_stress and can_strain):
             return predict(batch, stress=True)
         return predict(batch)

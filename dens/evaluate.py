@@ -51,12 +51,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
-import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +66,7 @@ from torch import Tensor, nn
 from .checkpoint import element_names, unseen_elements
 from .data.batch import Batch, collate
 from .data.open import LABEL_OPTIONS
+from .inference import model_device, model_dtype, prepare_batch, progress_bar
 from .losses.stress import stress_abs_errors
 
 __all__ = [
@@ -486,35 +485,6 @@ def _official_normalizer(state: Mapping[str, Any]) -> tuple[float, float, float]
     return 0.0, 1.0, 1.0
 
 
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The floating dtype of a model's parameters (float32 for a model without parameters)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of a model's parameters (CPU for a model without parameters)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def prepare_batch(batch: Batch, device: torch.device | str, dtype: torch.dtype) -> Batch:
-    """``batch`` on ``device`` with positions and cell in ``dtype`` (labels keep their dtype)."""
-    batch = batch.to(device)
-    return dataclasses.replace(batch, pos=batch.pos.to(dtype), cell=batch.cell.to(dtype))
-
-
-def _progress(iterable: Iterable[Any], total: int | None, desc: str, enabled: bool) -> Iterable[Any]:
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, file=sys.stderr)
-
-
 class UnseenElements:
     """Counts the structures with elements a model never saw in training; warns or raises (``policy``).
 
@@ -633,9 +603,12 @@ def evaluate(
     forces: list[np.ndarray] = []
     extxyz = predictions_path is not None and Path(predictions_path).suffix.lower() in (".extxyz", ".xyz")
     kept: list[Mapping[str, Any]] = []
-    direct = getattr(model, "direct_forces", True)
+    from .models.potential import ForceField
+
+    # a ForceField with gradient forces differentiates; any other predictor is run without grad
+    direct = model.direct_forces if isinstance(model, ForceField) else True
     unseen = UnseenElements(model, unseen_elements, desc)
-    for batch in _progress(loader, len(loader), desc, progress):
+    for batch in progress_bar(loader, len(loader), desc, progress):
         unseen.update(batch)
         start = len(ids)
         batch = prepare_batch(batch, device, dtype)

@@ -53,7 +53,8 @@ import torch
 from torch import Tensor
 
 from .data.batch import Batch, collate
-from .evaluate import batch_ids, model_device, model_dtype, prepare_batch
+from .evaluate import batch_ids
+from .inference import model_device, model_dtype, prepare_batch
 from .ops import scatter_sum
 
 __all__ = [

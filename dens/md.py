@@ -47,7 +47,7 @@ from ase.data import atomic_masses, covalent_radii
 from torch import Tensor
 
 from .data.batch import collate
-from .evaluate import _progress, model_device, model_dtype, prepare_batch
+from .inference import model_device, model_dtype, prepare_batch, progress_bar
 from .lbfgs import select_structures
 from .ops import scatter_sum
 
@@ -479,7 +479,7 @@ class BatchedMD:
         self._record(0.0)
         t0 = time.perf_counter()
         steps = s.steps
-        bar = _progress(range(steps), steps, "md", progress)
+        bar = progress_bar(range(steps), steps, "md", progress)
         for k in bar:
             if not bool(self.active.any()):
                 break

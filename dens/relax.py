@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .evaluate import _progress, structure_id
+from .evaluate import structure_id
+from .inference import progress_bar
 from .lbfgs import (
     RELAX_PRESETS,
     AsePotential,
@@ -198,7 +199,7 @@ def relax_dataset(
     skipped = 0
     relaxed = 0
     next_part = len(list(parts.glob("part_*.npz")))
-    bar = _progress(range(len(dataset)), len(dataset), "relax", progress)
+    bar = progress_bar(range(len(dataset)), len(dataset), "relax", progress)
     update = getattr(bar, "update", lambda n: None)
     t0 = time.perf_counter()
     for chunk in _chunks(len(dataset), chunk_size):

@@ -1,5 +1,11 @@
 """Process settings that speed up CPU training without changing any number.
 
+Two of them concern threads. ``import dens`` (before torch) sets ``OMP_WAIT_POLICY=PASSIVE`` unless the
+environment sets it: OpenMP threads that finish a parallel region early then sleep instead of spinning,
+so that a step does not collapse when another process (a data worker, another job) holds a core
+(:func:`openmp_wait_policy`, ``docs/performance.md``). :func:`training_threads` is the trainer's default
+thread count: the usable cores less the data workers.
+
 Training allocates and frees the same large tensors (tens of MB: per-edge features of every block) at
 every step. glibc's malloc serves blocks above a threshold (at most 32 MB by default) with a fresh
 ``mmap`` and returns them to the system on ``free``, so the first write to every page of every such
@@ -15,9 +21,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
-__all__ = ["retain_freed_memory"]
+import torch
+
+__all__ = ["openmp_wait_policy", "retain_freed_memory", "training_threads", "usable_cores"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,3 +80,32 @@ def retain_freed_memory(max_block: int = 1 << 30) -> bool:
     if not _applied:
         logger.info("glibc refused the malloc settings; freed memory is unmapped as usual")
     return _applied
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a Slurm or container limit)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def training_threads(num_workers: int = 0) -> int:
+    """Intra-op threads for a training process with ``num_workers`` data workers.
+
+    The usable cores less one per worker (each worker runs one thread; more threads than cores make
+    every parallel region wait for a descheduled thread), at most torch's current count (which
+    ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` may have lowered), at least 1.
+
+    Examples
+    --------
+    >>> training_threads(num_workers=10**6)
+    1
+    """
+    return max(1, min(torch.get_num_threads(), usable_cores() - num_workers))
+
+
+def openmp_wait_policy() -> str:
+    """The OpenMP wait policy torch's threads run with: ``OMP_WAIT_POLICY`` as it was when torch loaded
+    (``import dens`` sets ``PASSIVE`` when torch is not loaded yet and the variable is unset), else
+    ``"unset"`` (libgomp spins about 0.3 ms before sleeping)."""
+    return os.environ.get("OMP_WAIT_POLICY", "unset")

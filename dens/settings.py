@@ -152,6 +152,8 @@ def check_settings(optim: Any, dens: Any, settings: Any) -> None:
         raise ConfigError(f"trainer.max_steps={settings.max_steps}: must be >= 0 (or null)")
     if settings.num_workers < 0:
         raise ConfigError(f"trainer.num_workers={settings.num_workers}: must be >= 0")
+    if settings.threads is not None and settings.threads < 1:
+        raise ConfigError(f"trainer.threads={settings.threads}: must be >= 1 (or null: automatic)")
     if settings.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"trainer.nonfinite={settings.nonfinite!r}: expected stop or skip")
     if settings.primary_metric not in ("forces_mae_meV_A", "energy_mae_meV"):

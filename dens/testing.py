@@ -473,11 +473,14 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
 class BackboneTests:
     """The tests every dens backbone passes, written once: subclass it in a test module.
 
-    A backbone is a ``torch.nn.Module`` called as ``model(atomic_numbers, pos, batch, edge_index,
-    edge_shift, num_graphs, extra_embedding=None, noise_mask=None, **kw)`` that returns a dict with
-    ``energy [B]`` and ``forces [N, 3]`` (and, for DeNS models, ``noise_head [N, 3]`` and a
-    ``force_encoder(forces, mask)`` whose output is passed as ``extra_embedding``). The suite checks:
+    A backbone is a ``torch.nn.Module`` that conforms to :class:`dens.models.Backbone`: called as
+    ``model(atomic_numbers, pos, batch, edge_index, edge_shift, num_graphs, extra_embedding=None,
+    noise_mask=None, **kw)`` it returns a dict with ``energy [B]`` and ``forces [N, 3]`` (and, for DeNS
+    models, ``noise_head [N, 3]`` and a ``force_encoder(forces, mask)`` whose output is passed as
+    ``extra_embedding``). The suite checks:
 
+    * the contract: every member declared (:func:`dens.models.check_backbone`), ``has_dens_heads``
+      as ``make_model`` was asked;
     * rotations: energies (``energy``, ``node_energy``) invariant, forces and the heads
       (``forces``, ``force_head``, ``noise_head``) rotate with the structure (DeNS inputs rotated too);
     * translations and permutations of atoms and edges: exact up to rounding;
@@ -503,7 +506,7 @@ class BackboneTests:
     >>> class TestMyModel(BackboneTests):
     ...     def make_model(self, dens):
     ...         torch.manual_seed(0)
-    ...         return MyModel(hidden=16, use_force_encoding=dens).double().eval()  # doctest: +SKIP
+    ...         return MyModel(hidden=16, dens_heads=dens).double().eval()  # doctest: +SKIP
 
     ``pytest tests/test_my_model.py`` then runs every test of the suite on ``MyModel``; an
     approximately equivariant model (e.g. one that samples the sphere on a grid) sets
@@ -551,12 +554,22 @@ class BackboneTests:
         return forces, torch.rand(n, generator=generator) < 0.5
 
     def _encode(self, model: torch.nn.Module, forces: Tensor, mask: Tensor, dtype: torch.dtype) -> dict:
-        encoder = getattr(model, "force_encoder", None)
+        encoder = model.force_encoder
         if encoder is None:
             return {}
         return {"extra_embedding": encoder(forces.to(dtype), mask), "noise_mask": mask}
 
     # --------------------------------------------------------------------------- the tests
+    def test_declares_the_contract(self) -> None:
+        from .models import check_backbone
+
+        for dens in (False, True):
+            model = self.make_model(dens=dens)
+            check_backbone(model)
+            assert model.has_dens_heads is dens, (
+                f"make_model(dens={dens}) has_dens_heads={model.has_dens_heads}"
+            )
+
     def test_rotation_equivariance(self) -> None:
         model = self.make_model(dens=True)
         s = batch_structures(self.structures())
@@ -640,7 +653,7 @@ class BackboneTests:
         s = self.fd_structure()
         pos = s["pos"].clone().requires_grad_(True)
         out = run_backbone(model, s, pos=pos)
-        if getattr(model, "direct_forces", True):
+        if model.direct_forces:
             (grad,) = torch.autograd.grad(out["energy"].sum(), pos)
         else:  # gradient forces: the model's forces must be -dE/dpos
             grad = -out["forces"].detach()
@@ -683,7 +696,7 @@ class BackboneTests:
         with torch.no_grad():
             assert "noise_head" not in run_backbone(plain_model, s), "a model without DeNS has a noise head"
             model = self.make_model(dens=True)
-            assert getattr(model, "force_encoder", None) is not None, "a DeNS model has a force_encoder"
+            assert model.force_encoder is not None, "a DeNS model has a force_encoder"
             forces, mask = self._dens_inputs(model, n)
             extra = model.force_encoder(forces.to(dtype), mask)
             assert extra.shape[0] == n
@@ -706,7 +719,7 @@ class BackboneTests:
         from .models.heads import split_head_edges
 
         model = self.make_model(dens=True)
-        if not getattr(model, "splits_heads", False):
+        if not model.splits_heads:
             import pytest
 
             pytest.skip("the model does not split its heads")

@@ -38,6 +38,7 @@ from .data.references import DEGENERATE_STD, Referenced, check_labels, element_r
 from .feedback import ValidationTable, learning_curve, next_steps, summary_metrics
 from .losses import DeNSSettings
 from .losses.stress import fit_element_references, fit_stress_statistics
+from .models.potential import gradient_force_std
 from .settings import validate_config
 from .trainer import OptimSettings, Trainer, TrainerSettings
 
@@ -279,9 +280,9 @@ def _initial_model(cfg: DictConfig, normalizer: dict[str, Any]) -> tuple[Any, di
     torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank and every run
     if not init:
         backbone = instantiate(cfg.model.backbone)
-        if not getattr(backbone, "direct_forces", True):
-            # gradient forces: the force labels are scaled by the energy std (as the official MD17 code)
-            normalizer["force_std"] = normalizer["energy_std"]
+        normalizer["force_std"] = gradient_force_std(
+            backbone.direct_forces, normalizer["energy_std"], normalizer["force_std"]
+        )
         return instantiate(cfg.model, backbone=backbone, **normalizer), None
     mode = cfg.trainer.get("init_normalizer", "refit")
     if mode not in ("refit", "keep"):
@@ -310,8 +311,9 @@ def _initial_model(cfg: DictConfig, normalizer: dict[str, Any]) -> tuple[Any, di
             normalizer.update(
                 {k: float(getattr(source, k)) for k in ("energy_mean", "energy_std", "force_std")}
             )
-    if not model.direct_forces:
-        normalizer["force_std"] = normalizer["energy_std"]
+    normalizer["force_std"] = gradient_force_std(
+        model.direct_forces, normalizer["energy_std"], normalizer["force_std"]
+    )
     # refit (or an official checkpoint's constants): rebuild the wrapper's buffers around the same weights
     fresh = type(model)(
         model.backbone, model.cutoff, model.max_neighbors, model.strict_max_neighbors, **normalizer

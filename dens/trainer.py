@@ -37,11 +37,11 @@ from .checkpoint import (
 )
 from .data import BalancedBatchSampler, Batch, collate, get_natoms
 from .data.dataset import require_labels
-from .losses import Corruption, DeNSSettings, LossSettings, corrupt, step_counts, training_loss
+from .losses import Corruption, DeNSSettings, LossSettings, corrupt, model_inputs, step_counts, training_loss
 from .losses.stress import materials_settings, stress_abs_errors, stress_term
 from .models.potential import ForceField, compile_backbone
 from .rundir import RunDirLock, archive_run, config_differences, format_differences, truncate_metrics
-from .runtime import retain_freed_memory
+from .runtime import retain_freed_memory, training_threads
 from .settings import check_settings
 
 __all__ = ["EMA", "OptimSettings", "Trainer", "TrainerSettings", "cosine_lambda", "evaluate_s2ef"]
@@ -105,6 +105,7 @@ class TrainerSettings:
     deterministic: bool = False
     seed: int = 0
     num_workers: int = 0
+    threads: int | None = None  # CPU threads; None: usable cores less num_workers (runtime.training_threads)
     nonfinite: str = "stop"  # stop | skip
     primary_metric: str = "forces_mae_meV_A"  # selects best.pt (OC22: energy_mae_meV)
     tensorboard: bool = True
@@ -216,7 +217,7 @@ def evaluate_s2ef(
     model.eval()
     # |dE| sum, structures, |dF| sum, components, |dS| sum, stress components
     sums = torch.zeros(6, dtype=torch.float64, device=device)
-    with_stress = bool(getattr(model, "has_stress_head", False))
+    with_stress = model.has_stress_head
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -290,15 +291,17 @@ class Trainer:
         np.random.seed(settings.seed + self.rank)  # noqa: NPY002
         random.seed(settings.seed + self.rank)
 
-        if settings.retain_freed_memory and self.device.type == "cpu":
-            retain_freed_memory()
+        if self.device.type == "cpu":
+            torch.set_num_threads(settings.threads or training_threads(settings.num_workers))
+            if settings.retain_freed_memory:
+                retain_freed_memory()
         self.model = model.to(self.device)
         self._element_limit = _element_limit(self.model)
         for dataset in (train_set, val_set):
             if dataset is not None:  # missing labels / unembedded elements: errors that name file and frame
                 require_labels(dataset, ("energy", "forces"), self._element_limit)
         if settings.compile:
-            if not getattr(self.model, "direct_forces", True):
+            if not self.model.direct_forces:
                 raise ValueError(
                     "trainer.compile: training a gradient-force model needs a double backward, which "
                     "torch.compile does not support; use compile=false for this model"
@@ -582,7 +585,7 @@ class Trainer:
         else:
             progress = self.step / self.schedule_steps
         totals: dict[str, float] = {}
-        use_dens = self.dens.enabled and self.model.uses_dens
+        use_dens = self.dens.enabled and self.model.has_dens_heads
         if corruptions is not None and len(corruptions) != len(micro_batches):
             raise ValueError(f"{len(corruptions)} corruptions for {len(micro_batches)} micro-batches")
         items = []
@@ -599,29 +602,10 @@ class Trainer:
             sync = i == len(items) - 1 or self.world_size == 1
             ctx = contextlib.nullcontext() if sync else self.ddp_model.no_sync()
             with ctx, self._autocast():
-                kwargs: dict[str, Any] = {}
-                if corruption is not None:
-                    kwargs["pos"] = corruption.pos
-                if self.model.uses_dens:
-                    # Without force encoding (or DeNS this step) the encoder still runs, on masked-out zero
-                    # forces: the same embedding as none (its l = 0 bias), but every parameter takes part,
-                    # which DDP requires.
-                    encode = corruption is not None and self.dens.force_encoding
-                    kwargs["encoded_forces"] = (
-                        batch.forces * self.dens.force_encoding_scale
-                        if encode
-                        else torch.zeros_like(batch.forces)
-                    )
-                    # head_mask: the corrupted atoms, and with dens.mask_atoms='all' the masked fixed ones
-                    kwargs["encode_mask"] = corruption.head_mask if encode else torch.zeros_like(batch.fixed)
-                    # the loss reads the force head on uncorrupted atoms and the noise head on corrupted
-                    # ones: run each head only where it is read (exact, and the noise head costs ~nothing)
-                    kwargs["noise_mask"] = None if corruption is None else corruption.head_mask
-                    kwargs["split_heads"] = True
-                if getattr(self.model.backbone, "stress_head", None) is not None:
-                    # a stress head with use_denoising off zeroes exactly the DeNS structures
-                    kwargs["denoising"] = False if corruption is None else corruption.dens_structures
-                out = self.ddp_model(batch, **kwargs)
+                inputs = model_inputs(
+                    batch, corruption, self.dens, self.model.has_dens_heads, self.model.has_stress_head
+                )
+                out = self.ddp_model(batch, **inputs)
                 loss, parts = training_loss(
                     out, batch, corruption, self.losses, self.dens, float(self.model.energy_mean),
                     float(self.model.energy_std), float(self.model.force_std), progress, counts=counts,

@@ -500,7 +500,7 @@ def run_one(
     test_set = _test_set(task, cfg, cache, smoke)
     test = evaluate(model, test_set, batch_size=task.eval_batch_size)
     denoising = None
-    if model.uses_dens and cfg.dens.enabled:
+    if model.has_dens_heads and cfg.dens.enabled:
         dens_cfg = OmegaConf.to_container(cfg.dens, resolve=True)
         denoising = denoising_errors(model, test_set, dens_cfg, task.eval_batch_size)
     eval_s = time.perf_counter() - start

@@ -153,7 +153,7 @@ def measure_step_time(device: str, simulations: int) -> float:
     from dens.models import ForceField
     from dens.models.equiformer import Equiformer
 
-    model = ForceField(Equiformer.from_preset("md17_l2", dens=True), cutoff=5.0, max_neighbors=None).to(
+    model = ForceField(Equiformer.from_preset("md17_l2", dens_heads=True), cutoff=5.0, max_neighbors=None).to(
         device
     )
     start = read_ase_file(T.SHARED_DATA / "md17" / "sgdml_geometries" / "aspirin.xyz", dtype=torch.float64)[0]

@@ -17,14 +17,14 @@ def tiny_eqv2():
     return EquiformerV2(
         num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8, num_heads=2,
         attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
-        grid_resolution=8, num_distance_basis=16, cutoff=5.0, use_force_encoding=True,
+        grid_resolution=8, num_distance_basis=16, cutoff=5.0, dens_heads=True,
     )  # fmt: skip
 
 
 def tiny_escn():
     return ESCN(
         num_layers=1, lmax=2, mmax=1, sphere_channels=8, hidden_channels=8, edge_channels=8,
-        num_sphere_samples=16, distance_resolution=1.0, cutoff=5.0, use_force_encoding=True,
+        num_sphere_samples=16, distance_resolution=1.0, cutoff=5.0, dens_heads=True,
     )  # fmt: skip
 
 
@@ -94,7 +94,7 @@ def test_equiformer_inference_compiles_block_by_block():
     reference = Equiformer(
         irreps_node_embedding="8x0e+4x1e+2x2e", num_layers=3, irreps_sh="1x0e+1x1e+1x2e", number_of_basis=8,
         fc_neurons=[8], irreps_feature="16x0e+8x1e+4x2e", irreps_head="4x0e+2x1e+1x2e", num_heads=2,
-        irreps_mlp_mid="16x0e+8x1e+4x2e", use_force_encoding=True, irreps_force_encoding="1x0e+1x1e+1x2e",
+        irreps_mlp_mid="16x0e+8x1e+4x2e", dens_heads=True, irreps_force_encoding="1x0e+1x1e+1x2e",
     ).eval()  # fmt: skip
     model = compile_backbone(copy.deepcopy(reference), backend="aot_eager", fullgraph=True)
     for batch, edge_index, mask in graphs():

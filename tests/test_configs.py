@@ -178,7 +178,7 @@ KEYS = dict(
     dens="dens.enabled", p_dens="dens.prob", lambda_dens="dens.coefficient", sigma="dens.sigma",
     r_dens="dens.corrupt_ratio", force_encoding="dens.force_encoding",
     energy_on_corrupted="dens.energy_on_corrupted", lambda_schedule="dens.coefficient_schedule",
-    selection="dens.selection", model_dens="model.backbone.use_force_encoding",
+    selection="dens.selection", model_dens="model.backbone.dens_heads",
     mask_atoms="dens.mask_atoms", normalization="dens.normalization", schedule_unit="dens.schedule_unit",
     encoding_scale="dens.force_encoding_scale", free_atoms="optim.train_on_free_atoms",
     normalizer="data.normalizer",
@@ -503,7 +503,7 @@ def test_models_without_dens_have_no_dens(composed, name):
     cfg = composed[name]
     dens_on = EXPECTED[name][2]["dens"]
     assert cfg.dens.enabled is dens_on
-    assert cfg.model.backbone.use_force_encoding is dens_on  # no force encoder, no noise head
+    assert cfg.model.backbone.dens_heads is dens_on  # no force encoder, no noise head
     if not dens_on:
         assert cfg.dens.prob == 0.0 and cfg.dens.coefficient == 0.0
     assert ("_baseline" in name) is (not dens_on)

@@ -40,7 +40,7 @@ def small_model(lmax: int = 2, dens: bool = True, seed: int = 0, **overrides) ->
         irreps_head="+".join(f"{m}x{l}e" for m, l in zip([4, 2, 2, 1], degrees, strict=False)),
         num_heads=2,
         irreps_mlp_mid="+".join(f"{m}x{l}e" for m, l in zip([16, 8, 8, 4], degrees, strict=False)),
-        use_force_encoding=dens,
+        dens_heads=dens,
         irreps_force_encoding="+".join(f"1x{l}e" for l in degrees),
     )
     kwargs.update(overrides)
@@ -223,16 +223,16 @@ def test_e3nn_044_sign_trap(fixtures):
     ],
 )
 def test_preset_parameter_counts(preset, dens, count):
-    model = Equiformer.from_preset(preset, dens=dens)
+    model = Equiformer.from_preset(preset, dens_heads=dens)
     assert sum(p.numel() for p in model.parameters()) == count
     assert (model.force_encoder is not None) == dens and (model.noise_head is not None) == dens
 
 
 def test_official_checkpoint_loader_with_preset():
-    model = Equiformer.from_preset("md17_l2", dens=True)
+    model = Equiformer.from_preset("md17_l2", dens_heads=True)
     checkpoint = {"state_dict": {f"module.{k}": v for k, v in export_official_equiformer(model).items()}}
     loaded = load_official_equiformer_checkpoint(checkpoint, preset="md17_l2")
-    assert loaded.uses_dens
+    assert loaded.has_dens_heads
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 

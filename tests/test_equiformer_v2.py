@@ -52,7 +52,7 @@ def test_parity_float64_is_tight():
 )
 def test_parameter_counts_equal_official(preset, expected):
     for dens, count in zip((False, True), expected, strict=True):
-        model = EquiformerV2.from_preset(preset, dens=dens)
+        model = EquiformerV2.from_preset(preset, dens_heads=dens)
         assert sum(p.numel() for p in model.parameters()) == count
 
 
@@ -98,7 +98,7 @@ def small_model(dens=False, direct_forces=True, seed=0):
         ffn_hidden_channels=16,
         edge_channels=16,
         grid_resolution=18,
-        use_force_encoding=dens,
+        dens_heads=dens,
         direct_forces=direct_forces,
     )
     with torch.no_grad():  # perturb every parameter so that no zero bias or unit norm hides a mistake

@@ -86,7 +86,7 @@ def _toy_model(dens: bool, detach_frames: bool, lmax: int, mmax: int) -> ESCN:
         edge_channels=16,
         num_sphere_samples=128,
         cutoff=5.0,
-        use_force_encoding=dens,
+        dens_heads=dens,
         detach_frames=detach_frames,
     )
     gen = torch.Generator().manual_seed(1)
@@ -188,12 +188,12 @@ def num_params(model: torch.nn.Module) -> int:
 
 def test_parameter_counts_of_the_small_fixture_configs():
     assert num_params(ESCN(**SMALL)) == 424_576
-    assert num_params(ESCN(**SMALL, use_force_encoding=True)) == 426_912
+    assert num_params(ESCN(**SMALL, dens_heads=True)) == 426_912
 
 
 def test_parameter_counts_of_the_paper_preset():
     assert num_params(ESCN.from_preset("oc20_2m")) == 51_844_608
-    assert num_params(ESCN.from_preset("oc20_2m", dens=True)) == 51_878_784
+    assert num_params(ESCN.from_preset("oc20_2m", dens_heads=True)) == 51_878_784
     with pytest.raises(ValueError, match="unknown eSCN preset"):
         ESCN.from_preset("nope")
 
@@ -262,7 +262,7 @@ def test_dens_model_in_s2ef_mode_adds_the_encoder_bias():
     with torch.no_grad():
         a, b = run(model, s), run(model, s, extra_embedding=explicit)
         c = run(model, s, extra_embedding=torch.zeros_like(explicit))
-    assert torch.equal(a["energy"], b["energy"]) and torch.equal(a["noise"], b["noise"])
+    assert torch.equal(a["energy"], b["energy"]) and torch.equal(a["noise_head"], b["noise_head"])
     assert rel_err(c["energy"], a["energy"]) > 1e-3  # the bias matters
 
 
@@ -281,8 +281,8 @@ def test_y_axis_rotations():
 
         rot = rotation_about_y(2 * math.pi / (2 * model.lmax + 3))
         frames = edge_frames(vec)
-        x = model.backbone(s["z"], s["edge_index"], vec, edge_frames=frames)
-        x_rot = model.backbone(s["z"], s["edge_index"], vec @ rot.T, edge_frames=frames @ rot.T)
+        x = model.node_features(s["z"], s["edge_index"], vec, edge_frames=frames)
+        x_rot = model.node_features(s["z"], s["edge_index"], vec @ rot.T, edge_frames=frames @ rot.T)
         expected = torch.einsum("ij,njc->nic", wigner_D(rot, model.lmax), x)
         assert rel_err(x_rot, expected) < 1e-6
 

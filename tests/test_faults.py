@@ -40,7 +40,7 @@ TINY = {
     "_target_": "dens.models.EquiformerV2", "num_layers": 1, "lmax": 2, "mmax": 1, "sphere_channels": 8,
     "attn_hidden_channels": 8, "num_heads": 2, "attn_alpha_channels": 4, "attn_value_channels": 4,
     "ffn_hidden_channels": 8, "edge_channels": 8, "grid_resolution": 8, "num_distance_basis": 16,
-    "use_force_encoding": False, "max_num_elements": 90, "cutoff": 4.0,
+    "dens_heads": False, "max_num_elements": 90, "cutoff": 4.0,
 }  # fmt: skip
 NORMALIZER = {"energy_mean": 0.0, "energy_std": 1.5, "force_std": 0.3}
 

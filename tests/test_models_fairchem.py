@@ -276,7 +276,7 @@ def test_export_of_a_dens_built_model(tmp_path, one_thread):
 
     backbone = EquiformerV2(num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8, num_heads=2,
                             attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
-                            grid_resolution=8, max_num_elements=96, use_force_encoding=True, stress_head="fairchem",
+                            grid_resolution=8, max_num_elements=96, dens_heads=True, stress_head="fairchem",
                             stress_use_denoising=False, cutoff=6.0)  # fmt: skip
     model = ForceField(backbone, cutoff=6.0, max_neighbors=20, strict_max_neighbors=False, energy_std=2.0)
     path = save_fairchem_checkpoint(model, tmp_path / "dens.pt")
@@ -316,7 +316,7 @@ def test_full_import_paths_as_in_the_mptrj_config(fixtures):
     ckpt = {"state_dict": f["state_dict"], "config": {"model": cfg}}
     assert is_fairchem_checkpoint(ckpt)
     model = load_fairchem_checkpoint(ckpt)
-    assert model.backbone.uses_dens and model.backbone.stress_head.use_denoising is False
+    assert model.backbone.has_dens_heads and model.backbone.stress_head.use_denoising is False
 
 
 def test_earlier_dens_head_era(fixtures):
@@ -362,7 +362,7 @@ def test_parameter_count_equals_fairchems(fixtures, name):
 def test_materials_presets(preset, dens, count):
     from dens.models import EquiformerV2
 
-    model = EquiformerV2.from_preset(preset, dens=dens)
+    model = EquiformerV2.from_preset(preset, dens_heads=dens)
     assert sum(p.numel() for p in model.parameters()) == count
     assert model.max_num_elements == 96 and model.stress_head is not None
 

@@ -197,7 +197,7 @@ def test_calculator_stress(one_thread):
 @pytest.mark.parametrize("use_denoising", [True, False])
 def test_stress_on_dens_batches(use_denoising, one_thread):
     """A DeNS forward (force encoding given) zeroes the stress only with use_denoising=False (fairchem)."""
-    backbone = tiny_v2(stress_head="equivariant", use_force_encoding=True, stress_use_denoising=use_denoising)
+    backbone = tiny_v2(stress_head="equivariant", dens_heads=True, stress_use_denoising=use_denoising)
     model = ForceField(backbone, cutoff=4.0, max_neighbors=None)
     batch = batch_of(crystal())
     forces = torch.randn(batch.num_atoms, 3, dtype=F64)

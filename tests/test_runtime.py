@@ -70,3 +70,43 @@ def test_retain_freed_memory_rejects_block_sizes_outside_int(max_block):
 
 def test_trainer_retains_freed_memory_by_default():
     assert TrainerSettings().retain_freed_memory is True
+
+
+def _wait_policy(code: str, **env: str) -> str:
+    """``OMP_WAIT_POLICY`` as a fresh interpreter sees it after ``code``."""
+    import os
+
+    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    probe = code + "; import os; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                          env={**base, **env})  # fmt: skip
+    return done.stdout.strip()
+
+
+def test_importing_dens_first_makes_openmp_threads_sleep_not_spin():
+    assert _wait_policy("import dens, torch") == "PASSIVE"
+    assert _wait_policy("import dens.train") == "PASSIVE"  # the trainer's entry point
+    assert _wait_policy("import dens", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"  # the user's choice stays
+    # libgomp has read the environment once torch is loaded: dens leaves it alone then
+    assert _wait_policy("import torch, dens") == "unset"
+
+
+def test_training_threads_leave_a_core_per_data_worker(monkeypatch):
+    import torch
+
+    from dens import runtime
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert [runtime.training_threads(w) for w in (0, 1, 3, 7, 8, 20)] == [8, 7, 5, 1, 1, 1]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # OMP_NUM_THREADS=2: never more
+    assert runtime.training_threads(0) == 2
+
+
+def test_trainer_threads_are_validated():
+    from dens.losses import DeNSSettings
+    from dens.settings import ConfigError, check_settings
+    from dens.trainer import OptimSettings
+
+    with pytest.raises(ConfigError, match=r"trainer\.threads=0"):
+        check_settings(OptimSettings(), DeNSSettings(), TrainerSettings(threads=0))

@@ -42,12 +42,24 @@ class PairLayer(nn.Module):
 class PairModel(nn.Module):
     """A gradient-force pair potential with the dens backbone interface and a DeNS noise head."""
 
+    # the backbone contract (dens.models.Backbone)
+    cutoff = 5.0
+    max_num_elements = 30
     direct_forces = False
+    splits_heads = False
+    stress_head = None
+
+    @property
+    def has_dens_heads(self) -> bool:
+        return self.force_encoder is not None
+
+    def compile_regions(self) -> list[nn.Module]:
+        return list(self.layers)
 
     def __init__(self, dens: bool, channels: int = 6) -> None:
         super().__init__()
         self.embedding = nn.Embedding(30, channels)
-        self.layers = nn.ModuleList([PairLayer(channels)])  # compile_backbone compiles the layers
+        self.layers = nn.ModuleList([PairLayer(channels)])
         self.force_encoder = NormForceEncoder(channels) if dens else None
         self.noise = nn.Linear(channels, 1) if dens else None
 
@@ -123,6 +135,10 @@ class NoiseHeadIgnored(PairModel):
         return super().forward(*args, **kw)
 
 
+class DeNSFlagWrong(PairModel):
+    has_dens_heads = False
+
+
 class NotRotationEquivariant(PairModel):
     def forward(self, *args, **kw):
         out = super().forward(*args, **kw)
@@ -139,6 +155,7 @@ class NotRotationEquivariant(PairModel):
         (WrongForces, "test_energy_gradient_matches_finite_differences"),
         (NoiseHeadIgnored, "test_dens_mode_outputs"),
         (NotRotationEquivariant, "test_rotation_equivariance"),
+        (DeNSFlagWrong, "test_declares_the_contract"),
     ],
 )
 def test_the_suite_fails_a_broken_model(cls, test):
@@ -147,5 +164,17 @@ def test_the_suite_fails_a_broken_model(cls, test):
             return pair_model(dens, cls)
 
     getattr(TestPairModel(), test)()  # the sound model passes
-    with pytest.raises(AssertionError):
+    with pytest.raises((AssertionError, TypeError)):
         getattr(Suite(), test)()
+
+
+def test_force_field_refuses_a_model_without_the_contract():
+    from dens.models import ForceField
+
+    class Undeclared(nn.Module):
+        def forward(self, *args, **kwargs):
+            return {}
+
+    with pytest.raises(TypeError, match="does not declare cutoff, max_num_elements, direct_forces"):
+        ForceField(Undeclared(), cutoff=5.0)
+    ForceField(pair_model(True))  # the declared cutoff

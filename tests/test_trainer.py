@@ -21,7 +21,7 @@ def tiny_model(dens=True, seed=0):
     backbone = EquiformerV2(
         num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8, num_heads=2,
         attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
-        grid_resolution=8, num_distance_basis=32, alpha_drop=0.0, drop_path_rate=0.0, use_force_encoding=dens,
+        grid_resolution=8, num_distance_basis=32, alpha_drop=0.0, drop_path_rate=0.0, dens_heads=dens,
         avg_num_nodes=60.0, avg_degree=8.0, cutoff=4.0,
     )  # fmt: skip
     return ForceField(

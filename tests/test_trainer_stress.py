@@ -47,7 +47,7 @@ def tiny(use_denoising=False, dens=True):
     backbone = EquiformerV2(num_layers=1, lmax=2, mmax=2, sphere_channels=8, attn_hidden_channels=8, num_heads=2,
                             attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
                             grid_resolution=8, num_distance_basis=16, cutoff=4.0, alpha_drop=0.0, drop_path_rate=0.0,
-                            avg_num_nodes=4.0, avg_degree=16.0, use_force_encoding=dens, stress_head="equivariant",
+                            avg_num_nodes=4.0, avg_degree=16.0, dens_heads=dens, stress_head="equivariant",
                             stress_use_denoising=use_denoising)  # fmt: skip
     return backbone
 

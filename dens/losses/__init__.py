@@ -8,6 +8,7 @@ from .dens import (
     corrupt,
     dens_coefficient,
     loss_rows,
+    model_inputs,
     step_counts,
     training_loss,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "force_errors",
     "loss_dtype",
     "loss_rows",
+    "model_inputs",
     "step_counts",
     "training_loss",
 ]

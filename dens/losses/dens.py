@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ __all__ = [
     "corrupt",
     "dens_coefficient",
     "loss_rows",
+    "model_inputs",
     "step_counts",
     "training_loss",
 ]
@@ -269,6 +271,50 @@ def corrupt(
     noise = normal * settings.sigma * moved[:, None]
     encode = None if settings.mask_atoms == "free" else mask
     return Corruption(batch.pos + noise, noise, moved, selected, encode)
+
+
+def model_inputs(
+    batch: Batch,
+    corruption: Corruption | None,
+    settings: DeNSSettings,
+    has_dens_heads: bool,
+    has_stress_head: bool = False,
+) -> dict[str, Any]:
+    """The keyword inputs of :meth:`dens.models.ForceField.forward` for a training batch and its
+    corruption (None: the original task for the whole batch): the one place where DeNS becomes model
+    inputs.
+
+    * ``pos``: the corrupted positions;
+    * DeNS models (``has_dens_heads``): ``encoded_forces`` (the labels times ``force_encoding_scale``)
+      and ``encode_mask`` (the corrupted atoms, with ``mask_atoms='all'`` the masked fixed ones too),
+      ``noise_mask`` (where ``forces`` is the noise head) and ``split_heads`` (each head run only where
+      the loss reads it: exact, and the noise head then costs almost nothing). Without force encoding
+      (``settings.force_encoding`` off, or no DeNS this step) the encoder still runs, on masked-out zero
+      forces: the same embedding as none (its ``l = 0`` bias), but every parameter takes part, which DDP
+      requires;
+    * a stress head: ``denoising``, the DeNS structures (a head with ``use_denoising`` off zeroes them).
+
+    Examples
+    --------
+    >>> from dens.data import collate, make_structure
+    >>> batch = collate([make_structure(torch.zeros(2, 3), [1, 1], forces=torch.ones(2, 3))])
+    >>> sorted(model_inputs(batch, None, DeNSSettings(), has_dens_heads=True))
+    ['encode_mask', 'encoded_forces', 'noise_mask', 'split_heads']
+    """
+    inputs: dict[str, Any] = {}
+    if corruption is not None:
+        inputs["pos"] = corruption.pos
+    if has_dens_heads:
+        encode = corruption is not None and settings.force_encoding
+        inputs["encoded_forces"] = (
+            batch.forces * settings.force_encoding_scale if encode else torch.zeros_like(batch.forces)
+        )
+        inputs["encode_mask"] = corruption.head_mask if encode else torch.zeros_like(batch.fixed)
+        inputs["noise_mask"] = None if corruption is None else corruption.head_mask
+        inputs["split_heads"] = True
+    if has_stress_head:
+        inputs["denoising"] = False if corruption is None else corruption.dens_structures
+    return inputs
 
 
 def dens_coefficient(settings: DeNSSettings, progress: float) -> float:

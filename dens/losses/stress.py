@@ -173,7 +173,7 @@ def materials_settings(model: Any, materials: Mapping[str, Any] | None) -> Stres
     coefficient = float(materials.get("stress_coefficient", 0.0))
     if coefficient == 0.0:
         return None
-    head = getattr(getattr(model, "backbone", None), "stress_head", None)
+    head = model.backbone.stress_head
     if head is None:
         raise ValueError(
             "materials.stress_coefficient > 0 needs a model with a stress head (backbone.stress_head)"

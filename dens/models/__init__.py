@@ -1,13 +1,14 @@
 """Equivariant models and their building blocks.
 
 The SO(3) / SO(2) / S2 core is re-exported flatly here; the model files (EquiformerV2, eSCN, Equiformer)
-build on it.
+build on it, and each conforms to the backbone contract :class:`Backbone` (:mod:`dens.models.interface`).
 """
 
 from .equiformer import Equiformer
 from .equiformer_v2 import EquiformerV2
 from .escn import ESCN
 from .force_encoder import ForceEncoder
+from .interface import Backbone, check_backbone
 from .layers import (
     EquivariantDropout,
     EquivariantLayerNorm,
@@ -32,6 +33,7 @@ from .so3 import (
 
 __all__ = [
     "ESCN",
+    "Backbone",
     "CoefficientLayout",
     "EdgeRotation",
     "Equiformer",
@@ -50,6 +52,7 @@ __all__ = [
     "SO3Linear",
     "SeparableS2Activation",
     "SphereGrid",
+    "check_backbone",
     "compile_backbone",
     "degree_rescale",
     "edge_frames",

@@ -197,7 +197,7 @@ def equiformer_from_official_config(config: Mapping[str, Any], dens: bool) -> Eq
         max_atom_type=irreps_in[0].mul,
         avg_num_nodes=AVG_NUM_NODES,
         avg_degree=AVG_DEGREE,
-        use_force_encoding=dens,
+        dens_heads=dens,
     )
     if dens:
         kwargs["irreps_force_encoding"] = config.get("irreps_equivariant_inputs", "1x0e+1x1e+1x2e")
@@ -332,7 +332,7 @@ def _official_module_name(name: str, model: Equiformer) -> str:
         new, count = re.subn("^" + pattern, replacement, name)
         if count:
             return new
-    head = "energy_head" if model.uses_dens else "head"
+    head = "energy_head" if model.has_dens_heads else "head"
     new, count = re.subn(r"^energy_head\.linear_([12])$", lambda m: f"{head}.{2 * int(m[1]) - 2}", name)
     if count:
         return new
@@ -423,7 +423,7 @@ def load_official_equiformer_checkpoint(
     if preset is not None:
         if preset not in PRESETS:
             raise KeyError(f"unknown Equiformer preset {preset!r}; choose from {sorted(PRESETS)}")
-        model = Equiformer.from_preset(preset, dens=dens)
+        model = Equiformer.from_preset(preset, dens_heads=dens)
     else:
         model = equiformer_from_official_config(config, dens)
     load_official_equiformer(model, state_dict)
@@ -457,7 +457,7 @@ def run_equiformer_fixture(
         pos = inputs["pos"].to(dtype)
         edge_index = inputs["edge_index"].long()
         extra, mask = None, None
-        if mode != "s2ef" and model.uses_dens:
+        if mode != "s2ef" and model.has_dens_heads:
             mask = inputs["noise_mask"].bool()
             extra = model.force_encoder(inputs["forces_in"].to(dtype), mask)
         out = model(

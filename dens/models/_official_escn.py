@@ -27,6 +27,8 @@ __all__ = [
     "run_escn_fixture",
 ]
 
+_OUTPUT_KEYS = ("energy", "node_energy", "forces", "force_head", "noise_head")
+
 # (official, dens) names, applied in order (see dens.models._renames: {n} a layer index, $ the key's end);
 # the import and the export rules are both derived from this one list.
 _NAMES: list[tuple[str, str]] = [
@@ -64,7 +66,6 @@ _PLAIN_CONFIG_KEYS = {
     "basis_width_scalar",
     "distance_resolution",
     "regress_forces",
-    "use_force_encoding",
 }
 
 
@@ -84,6 +85,8 @@ def config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if key in _PLAIN_CONFIG_KEYS:
             kwargs[key] = value
+        elif key == "use_force_encoding":  # official: the DeNS model's switch; here its DeNS parts
+            kwargs["dens_heads"] = bool(value)
         elif key in ("lmax_list", "mmax_list"):
             if len(value) != 1:
                 raise ValueError(f"only one resolution is implemented, got {key}={list(value)}")
@@ -207,9 +210,10 @@ def run_escn_fixture(
         denoising = "forces_in" in inputs
         mask = inputs.get("noise_mask")
         # S2EF mode of a DeNS model: extra=None makes the model add the encoder's l = 0 bias.
-        extra = None
+        extra, noise_mask = None, None
         if model.force_encoder is not None and denoising:
             extra = model.force_encoder(inputs["forces_in"].to(dtype), mask)
+            noise_mask = mask if mask is not None else torch.ones(num_atoms, dtype=torch.bool)
         with torch.no_grad():
             out = model.forward_edges(
                 inputs["atomic_numbers"],
@@ -219,16 +223,9 @@ def run_escn_fixture(
                 num_graphs=int(inputs["natoms"].numel()),
                 extra_embedding=extra,
                 edge_frames=frames,
+                noise_mask=noise_mask,
             )
-        available = {"energy": out["energy"], "node_energy": out["node_energy"]}
-        if "forces" in out:
-            available["force_head"] = out["forces"]
-            available["forces"] = out["forces"]
-        if "noise" in out:
-            available["noise_head"] = out["noise"]
-            if denoising:
-                noise_atoms = mask if mask is not None else torch.ones(num_atoms, dtype=torch.bool)
-                available["forces"] = torch.where(noise_atoms[:, None], out["noise"], out["forces"])
+        available = {k: v for k, v in out.items() if k in _OUTPUT_KEYS}
         wanted = fixture.get("outputs", {}).get(mode, available)
         results[mode] = {k: available[k] for k in wanted if k in available}
     return results

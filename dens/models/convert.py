@@ -120,7 +120,7 @@ def equiformer_v2_from_official_config(
         proj_drop=config.get("proj_drop", 0.0),
         avg_num_nodes=config.get("avg_num_nodes", 77.81317),
         avg_degree=config.get("avg_degree", AVG_DEGREE),
-        use_force_encoding=dens and config.get("use_force_encoding", True),
+        dens_heads=dens and config.get("use_force_encoding", True),
         **overrides,
     )
 
@@ -256,7 +256,7 @@ def build_official_model(model_name: str, config: Mapping[str, Any]) -> nn.Modul
         return equiformer_v2_from_official_config(config, EQV2_CLASSES[model_name])
     if model_name in ESCN_CLASSES:
         kwargs = config_to_kwargs(config)
-        kwargs["use_force_encoding"] = ESCN_CLASSES[model_name] and kwargs.get("use_force_encoding", True)
+        kwargs["dens_heads"] = ESCN_CLASSES[model_name] and kwargs.get("dens_heads", True)
         return ESCN(**kwargs)
     if model_name in EQUIFORMER_CLASSES:
         return equiformer_from_official_config(config, EQUIFORMER_CLASSES[model_name])
@@ -293,7 +293,7 @@ def _run_equiformer_v2(model: EquiformerV2, fixture: Mapping[str, Any], dtype: t
         edge_vec = shift
         frames = edge_frames_official(edge_vec, fixture["edge_frames"][mode]["edge_rand"].to(dtype) - 0.5)
         extra, mask = None, None
-        if mode != "s2ef" and model.uses_dens:
+        if mode != "s2ef" and model.has_dens_heads:
             forces = inputs["forces_in"].to(dtype)
             mask = inputs.get("noise_mask") if mode == "dens" else torch.ones(len(pos), dtype=torch.bool)
             extra = model.force_encoder(forces, None if mode == "dens_all" else mask)

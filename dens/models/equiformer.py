@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from ..ops import scatter_sum, segment_softmax
 from .force_encoder import IrrepsForceEncoder
 from .heads import assemble_dens_forces, gradient_forces, reduce_energy
+from .interface import dens_embedding, resolve_dens_heads
 from .irreps import (
     DepthwiseTensorProduct,
     ExpNormalSmearing,
@@ -401,8 +402,9 @@ class Equiformer(nn.Module):
     avg_num_nodes, avg_degree : float
         Fixed normalisation of the energy sum (divided by ``sqrt(avg_num_nodes)``) and of the edge-degree
         embedding (by ``sqrt(avg_degree)``).
-    use_force_encoding : bool
-        DeNS: build ``force_encoder`` and the noise head.
+    dens_heads : bool
+        DeNS: build ``force_encoder`` and the noise head (``use_force_encoding``: the deprecated name,
+        still accepted).
     irreps_force_encoding : str
         Spherical-harmonic degrees of the force encoding (``1x0e+1x1e+1x2e``).
     weight_init : {'normal', 'uniform'}
@@ -446,12 +448,13 @@ class Equiformer(nn.Module):
         max_atom_type: int = 64,
         avg_num_nodes: float = AVG_NUM_NODES,
         avg_degree: float = AVG_DEGREE,
-        use_force_encoding: bool = False,
+        dens_heads: bool = False,
         irreps_force_encoding: str = "1x0e+1x1e+1x2e",
         weight_init: str = "normal",
+        use_force_encoding: bool | None = None,
     ) -> None:
         super().__init__()
-        self.direct_forces = False  # forces are -dE/dpos (read by ForceField and the trainer)
+        dens_heads = resolve_dens_heads(dens_heads, use_force_encoding, "Equiformer")
         node, feature = o3.Irreps(irreps_node_embedding), o3.Irreps(irreps_feature)
         sh = o3.Irreps(irreps_sh)
         if any(mul != 1 or ir.p != 1 for mul, ir in sh):
@@ -466,7 +469,7 @@ class Equiformer(nn.Module):
         self.atom_embedding = IrrepsLinear(f"{max_atom_type}x0e", node)
         self.radial_basis = ExpNormalSmearing(max_radius, number_of_basis)
         self.edge_degree_embedding = EdgeDegreeEmbedding(node, sh, fc, avg_degree)
-        self.force_encoder = IrrepsForceEncoder(irreps_force_encoding, node) if use_force_encoding else None
+        self.force_encoder = IrrepsForceEncoder(irreps_force_encoding, node) if dens_heads else None
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 irreps_in=node,
@@ -495,7 +498,7 @@ class Equiformer(nn.Module):
         )
         self.silu_cst = second_moment_constant("silu")
         self.noise_head = None
-        if use_force_encoding:
+        if dens_heads:
             self.noise_head = EquivariantGraphAttention(
                 irreps_in=feature,
                 irreps_sh=sh,
@@ -530,24 +533,48 @@ class Equiformer(nn.Module):
             self.atom_embedding.weight.mul_(math.sqrt(self.max_atom_type))
 
     @classmethod
-    def from_preset(cls, name: str, dens: bool = False, **overrides: Any) -> Equiformer:
-        """A Table 4 configuration: ``'md17_l2'`` or ``'md17_l3'``, with ``dens=True`` for the DeNS model.
+    def from_preset(cls, name: str, dens_heads: bool = False, **overrides: Any) -> Equiformer:
+        """A Table 4 configuration: ``'md17_l2'`` or ``'md17_l3'``, ``dens_heads=True`` for the DeNS model.
 
-        ``dens=True`` adds the force encoder and the noise head and widens the final features, as the
+        ``dens_heads=True`` adds the force encoder and the noise head and widens the final features, as the
         official DeNS configurations do (4,000,577 and 6,354,241 parameters; 3,496,001 and 5,500,865
         without DeNS). Keyword overrides are applied last, e.g. the Table 5 variants
         ``attention=False, layer_norm=False, weight_init='uniform'``.
         """
         if name not in PRESETS:
             raise KeyError(f"unknown Equiformer preset {name!r}; choose from {sorted(PRESETS)}")
+        dens_heads = resolve_dens_heads(dens_heads, overrides.pop("dens", None), "from_preset", "dens")
         config = dict(PRESETS[name])
-        if dens:
+        if dens_heads:
             config.update(DENS_PRESETS[name])
-        return cls(**{**config, "use_force_encoding": dens, **overrides})
+        return cls(**{**config, "dens_heads": dens_heads, **overrides})
+
+    # the backbone contract (dens.models.Backbone)
+    #: forces are -dE/dpos
+    direct_forces = False
+    #: the noise head is one attention block over all edges (not split)
+    splits_heads = False
+    #: no stress head
+    stress_head = None
 
     @property
-    def uses_dens(self) -> bool:
+    def cutoff(self) -> float:
+        """The cutoff (Å) of the radial basis: ``max_radius``."""
+        return self.max_radius
+
+    @property
+    def max_num_elements(self) -> int:
+        """Size of the atom-type one-hot: ``max_atom_type``."""
+        return self.max_atom_type
+
+    @property
+    def has_dens_heads(self) -> bool:
+        """Whether the model has the DeNS force encoder and noise head."""
         return self.force_encoder is not None
+
+    def compile_regions(self) -> list[nn.Module]:
+        """The Transformer blocks (compiled one at a time)."""
+        return list(self.blocks)
 
     def forward(
         self,
@@ -604,8 +631,9 @@ class Equiformer(nn.Module):
             one_hot = torch.nn.functional.one_hot(atomic_numbers, self.max_atom_type).to(pos.dtype)
             x = self.atom_embedding(one_hot)
             x = x + self.edge_degree_embedding(edge_index, sh, radial_basis, num_atoms)
-            if self.force_encoder is not None and extra_embedding is None:
-                extra_embedding = self.force_encoder.bias_only(num_atoms, pos.dtype, pos.device)
+            extra_embedding = dens_embedding(
+                self.force_encoder, extra_embedding, num_atoms, pos.dtype, pos.device
+            )
             if extra_embedding is not None:
                 x = x + extra_embedding
             for block in self.blocks:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..ops import scatter_sum, segment_softmax
 from .force_encoder import ForceEncoder
 from .heads import assemble_dens_forces, gradient_forces, reduce_energy
+from .interface import dens_embedding, resolve_dens_heads
 from .layers import (
     EquivariantDropout,
     GaussianSmearing,
@@ -314,8 +315,9 @@ class EquiformerV2(nn.Module):
         Attention dropout, graph-wise drop path, dropout after each block branch.
     avg_num_nodes, avg_degree : float
         Fixed normalisation constants of the energy sum and the edge-degree embedding.
-    use_force_encoding : bool
-        DeNS: build the force encoder (Eq. 5) and the noise head.
+    dens_heads : bool
+        DeNS: build the force encoder (Eq. 5) and the noise head (``use_force_encoding``: the deprecated
+        name of this switch, still accepted).
     direct_forces : bool
         Forces from the force head; if False, forces are ``-dE/dpos`` (``pos`` must require grad).
     stress_head : {None, 'equivariant', 'fairchem'}
@@ -360,12 +362,14 @@ class EquiformerV2(nn.Module):
         proj_drop: float = 0.0,
         avg_num_nodes: float = 77.81317,
         avg_degree: float = AVG_DEGREE,
-        use_force_encoding: bool = False,
+        dens_heads: bool = False,
         direct_forces: bool = True,
         stress_head: str | None = None,
         stress_use_denoising: bool = True,
+        use_force_encoding: bool | None = None,
     ) -> None:
         super().__init__()
+        dens_heads = resolve_dens_heads(dens_heads, use_force_encoding, "EquiformerV2")
         self.lmax, self.mmax, self.sphere_channels = lmax, mmax, sphere_channels
         self.cutoff, self.avg_num_nodes, self.direct_forces = cutoff, avg_num_nodes, direct_forces
         self.max_num_elements = max_num_elements
@@ -409,8 +413,8 @@ class EquiformerV2(nn.Module):
             return SO2GraphAttention(**shared, output_channels=1, alpha_drop=0.0)
 
         self.force_block = attention_head() if direct_forces else None
-        self.force_encoder = ForceEncoder(lmax, sphere_channels) if use_force_encoding else None
-        self.denoising_pos_block = attention_head() if use_force_encoding else None
+        self.force_encoder = ForceEncoder(lmax, sphere_channels) if dens_heads else None
+        self.denoising_pos_block = attention_head() if dens_heads else None
         if stress_head == "fairchem":
             self.stress_head = FairchemRank2Head(lmax, sphere_channels, stress_use_denoising)
         elif stress_head == "equivariant":
@@ -455,24 +459,32 @@ class EquiformerV2(nn.Module):
         return block(x, atomic_numbers, rbf, edge_index, rotation)[:, 1:4, 0]
 
     @classmethod
-    def from_preset(cls, name: str, dens: bool = False, **overrides: Any) -> EquiformerV2:
+    def from_preset(cls, name: str, dens_heads: bool = False, **overrides: Any) -> EquiformerV2:
         """A paper configuration ('oc20_2m', 'oc20_all_md', 'oc20_31m', 'oc22') or a fairchem materials
         size ('omat24_s' / '_m' / '_l'; 'mptrj_dens_s' / '_m' / '_l' for the MPtrj DeNS models).
 
-        ``dens=True`` adds the force encoder and the noise head (the DeNS models of Tables 1-3).
+        ``dens_heads=True`` adds the force encoder and the noise head (the DeNS models of Tables 1-3).
         """
         if name not in PRESETS:
             raise KeyError(f"unknown EquiformerV2 preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], "use_force_encoding": dens, **overrides})
+        dens_heads = resolve_dens_heads(dens_heads, overrides.pop("dens", None), "from_preset", "dens")
+        return cls(**{**PRESETS[name], "dens_heads": dens_heads, **overrides})
 
+    # the backbone contract (dens.models.Backbone)
     @property
     def splits_heads(self) -> bool:
         """Whether ``forward`` accepts ``head_edges`` (direct forces; see ``ForceField(split_heads=)``)."""
         return self.direct_forces
 
     @property
-    def uses_dens(self) -> bool:
+    def has_dens_heads(self) -> bool:
+        """Whether the model has the DeNS force encoder and noise head."""
         return self.force_encoder is not None
+
+    def compile_regions(self) -> list[nn.Module]:
+        """The Transformer blocks and the two attention heads (compiled one at a time)."""
+        heads = [m for m in (self.force_block, self.denoising_pos_block) if m is not None]
+        return [*self.blocks, *heads]
 
     def forward(
         self,
@@ -542,8 +554,9 @@ class EquiformerV2(nn.Module):
 
         x = pos.new_zeros(num_atoms, self.layout.num_coefficients, self.sphere_channels)
         x[:, 0] = self.sphere_embedding(atomic_numbers)
-        if self.force_encoder is not None and extra_embedding is None:
-            extra_embedding = self.force_encoder.bias_only(num_atoms, pos.dtype, pos.device)
+        extra_embedding = dens_embedding(
+            self.force_encoder, extra_embedding, num_atoms, pos.dtype, pos.device
+        )
         if extra_embedding is not None:
             x = x + extra_embedding
         x = x + self.edge_degree_embedding(atomic_numbers, rbf, edge_index, rotation)

@@ -27,7 +27,7 @@ The model in one pass (read against Sec. 3 of the eSCN paper and the DeNS paper,
 
    - energy: ``E = 0.001 * sum_atoms mean_p MLP_E(x(p))``;
    - forces (direct): ``F_i = mean_p MLP_F(x_i(p)) * p``;
-   - DeNS noise head (``use_force_encoding``): a second force block ``denoising_pos_block``.
+   - DeNS noise head (``dens_heads``): a second force block ``denoising_pos_block``.
 
 The Wigner matrices of the edge frames are detached, as in the official code (the direct force head
 does not need their gradient; ``detach_frames=False`` keeps it). Both grids use e3nn's 'integral'
@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from ..ops import scatter_sum
 from .force_encoder import ForceEncoder
 from .heads import assemble_dens_forces
+from .interface import dens_embedding, resolve_dens_heads
 from .layers import GaussianSmearing
 from .s2 import S2Activation, SphereGrid
 from .so2 import EdgeRotation
@@ -396,10 +397,11 @@ class ESCN(nn.Module):
     distance_resolution : float
         Centre spacing target: ``int(cutoff / distance_resolution)`` Gaussians.
     regress_forces : bool
-        Build the direct force head ``force_block``.
-    use_force_encoding : bool
+        Build the direct force head ``force_block`` (the official switch; without it the model predicts
+        energies only: eSCN has no gradient forces).
+    dens_heads : bool
         DeNS: build :attr:`force_encoder` (the caller passes its output as ``extra_embedding``) and the
-        noise head ``denoising_pos_block``.
+        noise head ``denoising_pos_block`` (``use_force_encoding``: the deprecated name, still accepted).
     detach_frames : bool
         Detach the edge frames (and so the Wigner matrices) from the graph, as the official code does.
         Set False to differentiate the energy with respect to positions exactly.
@@ -438,10 +440,12 @@ class ESCN(nn.Module):
         basis_width_scalar: float = 2.0,
         distance_resolution: float = 0.02,
         regress_forces: bool = True,
-        use_force_encoding: bool = False,
+        dens_heads: bool = False,
         detach_frames: bool = True,
+        use_force_encoding: bool | None = None,
     ) -> None:
         super().__init__()
+        dens_heads = resolve_dens_heads(dens_heads, use_force_encoding, "ESCN")
         self.num_layers, self.lmax, self.mmax = num_layers, lmax, mmax
         self.sphere_channels, self.hidden_channels, self.edge_channels = (
             sphere_channels,
@@ -450,7 +454,7 @@ class ESCN(nn.Module):
         )
         self.num_sphere_samples = num_sphere_samples
         self.cutoff, self.max_neighbors, self.max_num_elements = cutoff, max_neighbors, max_num_elements
-        self.regress_forces, self.use_force_encoding = regress_forces, use_force_encoding
+        self.regress_forces = regress_forces
         self.detach_frames = detach_frames
         self.layout = CoefficientLayout(lmax, mmax)
         precompute(lmax)  # so3 constants, before any compiled forward
@@ -458,7 +462,7 @@ class ESCN(nn.Module):
         # 1. Embedding (and the DeNS force encoding that the caller adds as an extra embedding).
         self.sphere_embedding = nn.Embedding(max_num_elements, sphere_channels)
         self.force_encoder: ForceEncoder | None = None
-        if use_force_encoding:
+        if dens_heads:
             self.force_encoder = ForceEncoder(lmax, sphere_channels)
             nn.init.uniform_(self.force_encoder.linear.weight, -0.001, 0.001)
 
@@ -488,17 +492,36 @@ class ESCN(nn.Module):
         self.sphharm_weights = nn.Parameter(sh.float(), requires_grad=False)
         self.energy_block = SpherePointHead(sphere_channels)
         self.force_block = SpherePointHead(sphere_channels) if regress_forces else None
-        self.denoising_pos_block = SpherePointHead(sphere_channels) if use_force_encoding else None
+        self.denoising_pos_block = SpherePointHead(sphere_channels) if dens_heads else None
 
     @classmethod
-    def from_preset(cls, name: str, dens: bool = False, **overrides: Any) -> ESCN:
-        """Build a named configuration (see :data:`ESCN_PRESETS`); ``dens`` adds the DeNS parts.
+    def from_preset(cls, name: str, dens_heads: bool = False, **overrides: Any) -> ESCN:
+        """Build a named configuration (see :data:`ESCN_PRESETS`); ``dens_heads`` adds the DeNS parts.
 
-        ``ESCN.from_preset('oc20_2m')`` has 51,844,608 parameters, with ``dens=True`` 51,878,784.
+        ``ESCN.from_preset('oc20_2m')`` has 51,844,608 parameters, with ``dens_heads=True`` 51,878,784.
         """
         if name not in ESCN_PRESETS:
             raise ValueError(f"unknown eSCN preset {name!r}; available: {sorted(ESCN_PRESETS)}")
-        return cls(**{**ESCN_PRESETS[name], "use_force_encoding": dens, **overrides})
+        dens_heads = resolve_dens_heads(dens_heads, overrides.pop("dens", None), "from_preset", "dens")
+        return cls(**{**ESCN_PRESETS[name], "dens_heads": dens_heads, **overrides})
+
+    # the backbone contract (dens.models.Backbone)
+    #: forces come from the force head (eSCN has no gradient forces)
+    direct_forces = True
+    #: the heads read per-atom sphere samples, no edges: there is nothing to split
+    splits_heads = False
+    #: no stress head
+    stress_head = None
+
+    @property
+    def has_dens_heads(self) -> bool:
+        """Whether the model has the DeNS force encoder and noise head."""
+        return self.force_encoder is not None
+
+    def compile_regions(self) -> list[nn.Module]:
+        """The layers and the two vector heads (compiled one at a time)."""
+        heads = [m for m in (self.force_block, self.denoising_pos_block) if m is not None]
+        return [*self.layers, *heads]
 
     def forward(
         self,
@@ -520,16 +543,9 @@ class ESCN(nn.Module):
         """
         src, dst = edge_index
         edge_vec = pos[src] + edge_shift.to(pos.dtype) - pos[dst]
-        out = self.forward_edges(
-            atomic_numbers, edge_index, edge_vec, batch, num_graphs, extra_embedding, edge_frames
+        return self.forward_edges(
+            atomic_numbers, edge_index, edge_vec, batch, num_graphs, extra_embedding, edge_frames, noise_mask
         )
-        if "forces" in out:
-            out["force_head"] = out["forces"]
-        if "noise" in out:
-            out["noise_head"] = out.pop("noise")
-            if noise_mask is not None:
-                out["forces"] = assemble_dens_forces(out["forces"], out["noise_head"], noise_mask)
-        return out
 
     def forward_edges(
         self,
@@ -540,8 +556,9 @@ class ESCN(nn.Module):
         num_graphs: int,
         extra_embedding: Tensor | None = None,
         edge_frames: Tensor | None = None,
+        noise_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Energy, direct forces and (DeNS) noise predictions: :meth:`backbone`, then :meth:`heads`.
+        """Energy, direct forces and (DeNS) noise predictions: :meth:`node_features`, then :meth:`heads`.
 
         Parameters
         ----------
@@ -563,17 +580,25 @@ class ESCN(nn.Module):
         edge_frames : Tensor, optional
             ``[E, 3, 3]`` rotations taking each edge to ``+y``; by default the deterministic
             :func:`~dens.models.so3.edge_frames`. Pass the official frames to reproduce official outputs.
+        noise_mask : Tensor, optional
+            ``[N]`` bool: atoms whose output ``forces`` are the noise prediction (DeNS).
 
         Returns
         -------
         dict[str, Tensor]
-            ``energy [B]``, ``node_energy [N]`` (before the 0.001 scale and the sum), ``forces [N, 3]``
-            (force head, if ``regress_forces``), ``noise [N, 3]`` (noise head, if ``use_force_encoding``).
+            ``energy [B]``, ``node_energy [N]`` (before the 0.001 scale and the sum); with
+            ``regress_forces`` ``force_head [N, 3]`` and ``forces`` (the force head, or on ``noise_mask``
+            atoms the noise head); ``noise_head [N, 3]`` with ``dens_heads``.
         """
-        x = self.backbone(atomic_numbers, edge_index, edge_vec, extra_embedding, edge_frames)
-        return self.heads(x, batch, num_graphs)
+        x = self.node_features(atomic_numbers, edge_index, edge_vec, extra_embedding, edge_frames)
+        out = self.heads(x, batch, num_graphs)
+        if "force_head" in out:
+            out["forces"] = out["force_head"]
+            if "noise_head" in out and noise_mask is not None:
+                out["forces"] = assemble_dens_forces(out["force_head"], out["noise_head"], noise_mask)
+        return out
 
-    def backbone(
+    def node_features(
         self,
         atomic_numbers: Tensor,
         edge_index: Tensor,
@@ -595,8 +620,7 @@ class ESCN(nn.Module):
         x0 = self.sphere_embedding(atomic_numbers).to(edge_vec.dtype)
         rest = x0.new_zeros(num_atoms, self.layout.num_coefficients - 1, self.sphere_channels)
         x = torch.cat([x0[:, None], rest], dim=1)
-        if extra_embedding is None and self.force_encoder is not None:
-            extra_embedding = self.force_encoder.bias_only(num_atoms, x.dtype, x.device)
+        extra_embedding = dens_embedding(self.force_encoder, extra_embedding, num_atoms, x.dtype, x.device)
         if extra_embedding is not None:
             x = x + extra_embedding.to(x.dtype)
 
@@ -607,20 +631,21 @@ class ESCN(nn.Module):
         return x
 
     def heads(self, x: Tensor, batch: Tensor, num_graphs: int) -> dict[str, Tensor]:
-        """Readout on the sample points (step 3): see :meth:`forward` for the returned entries."""
+        """Readout on the sample points (step 3): ``energy``, ``node_energy``, ``force_head`` and
+        ``noise_head`` (those the model has)."""
         x_points = torch.einsum("pi,nic->npc", self.sphharm_weights.to(x.dtype), x)
         node_energy = self.energy_block.scalar(x_points)
         out = {"energy": 0.001 * scatter_sum(node_energy, batch, num_graphs), "node_energy": node_energy}
         points = self.sphere_points.to(x.dtype)
         if self.force_block is not None:
-            out["forces"] = self.force_block.vector(x_points, points)
+            out["force_head"] = self.force_block.vector(x_points, points)
         if self.denoising_pos_block is not None:
-            out["noise"] = self.denoising_pos_block.vector(x_points, points)
+            out["noise_head"] = self.denoising_pos_block.vector(x_points, points)
         return out
 
     def extra_repr(self) -> str:
         return (
             f"num_layers={self.num_layers}, lmax={self.lmax}, mmax={self.mmax}, "
             f"channels={self.sphere_channels}/{self.hidden_channels}/{self.edge_channels}, "
-            f"dens={self.use_force_encoding}"
+            f"dens_heads={self.has_dens_heads}"
         )

@@ -443,7 +443,7 @@ def _default_config(model: ForceField) -> dict[str, Any]:
     """A fairchem hydra ``config['model']`` for a dens EquiformerV2 force field (DeNS head names when it
     has a force encoder, as fairchem's DeNS configs use them)."""
     b: EquiformerV2 = model.backbone
-    dens = b.uses_dens
+    dens = b.has_dens_heads
     first = b.blocks[0]
     backbone = {
         "model": "equiformer_v2_dens_backbone" if dens else "equiformer_v2_backbone",
@@ -523,9 +523,9 @@ def load_pretrained(name: str, path: str | Path, use_ema: bool = True) -> ForceF
     b: EquiformerV2 = model.backbone
     want = PRESETS[preset]
     got = {"num_layers": len(b.blocks), "lmax": b.lmax, "mmax": b.mmax}
-    if any(got[k] != want[k] for k in got) or b.uses_dens != dens:
+    if any(got[k] != want[k] for k in got) or b.has_dens_heads != dens:
         raise ValueError(
-            f"{path} does not hold {name}: it has {got} (DeNS {b.uses_dens}), {name} is "
+            f"{path} does not hold {name}: it has {got} (DeNS {b.has_dens_heads}), {name} is "
             f"{ {k: want[k] for k in got} } (DeNS {dens})"
         )
     return model

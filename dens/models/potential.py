@@ -22,9 +22,23 @@ from torch import Tensor, nn
 from ..data.batch import Batch
 from ..data.graph import radius_graph_pbc
 from .heads import retain_energy_graph, split_head_edges
+from .interface import Backbone, check_backbone
 from .stress import assemble_stress
 
-__all__ = ["ForceField", "backbone_cutoff", "compile_backbone"]
+__all__ = ["ForceField", "backbone_cutoff", "compile_backbone", "gradient_force_std"]
+
+
+def gradient_force_std(direct_forces: bool, energy_std: float, force_std: float) -> float:
+    """The force normaliser a backbone trains with, the one rule: ``force_std = energy_std`` for gradient
+    forces (their normalised value must be ``-d(E / energy_std)/dx``, as in the official MD17 code),
+    ``force_std`` as given for direct forces.
+
+    Examples
+    --------
+    >>> gradient_force_std(False, 2.0, 0.5), gradient_force_std(True, 2.0, 0.5)
+    (2.0, 0.5)
+    """
+    return force_std if direct_forces else energy_std
 
 
 class ForceField(nn.Module):
@@ -32,10 +46,12 @@ class ForceField(nn.Module):
 
     Parameters
     ----------
-    backbone : nn.Module
-        A model with the dens backbone interface: ``backbone(atomic_numbers, pos, batch, edge_index,
-        edge_shift, num_graphs, extra_embedding=None, noise_mask=None) -> dict`` with ``energy`` and
-        ``forces`` (and ``noise_head`` for DeNS models, which have a ``force_encoder``).
+    backbone : Backbone
+        A model that conforms to :class:`~dens.models.Backbone` (``TypeError`` otherwise): ``backbone(
+        atomic_numbers, pos, batch, edge_index, edge_shift, num_graphs, extra_embedding=None,
+        noise_mask=None) -> dict`` with ``energy`` and ``forces`` (and ``noise_head`` for DeNS models,
+        which have a ``force_encoder``), and the declared flags ``direct_forces``, ``splits_heads``,
+        ``has_dens_heads``, ``stress_head``.
     cutoff : float, optional
         Graph cutoff (Å); default: the backbone's own ``cutoff`` / ``max_radius``, which it must equal
         (its radial basis and envelope end there: another graph cutoff would silently change the model).
@@ -70,7 +86,7 @@ class ForceField(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         cutoff: float | None = None,
         max_neighbors: int | None = None,
         strict_max_neighbors: bool = True,
@@ -84,6 +100,7 @@ class ForceField(nn.Module):
         element_references: Any = None,
     ) -> None:
         super().__init__()
+        check_backbone(backbone)
         own = backbone_cutoff(backbone)
         if cutoff is None:
             if own is None:
@@ -94,12 +111,11 @@ class ForceField(nn.Module):
                 f"ForceField cutoff {cutoff} Å differs from the backbone's cutoff {own} Å (its radial basis "
                 f"and envelope): build the backbone with cutoff={cutoff}, or leave ForceField's cutoff out"
             )
-        if not getattr(backbone, "direct_forces", True) and force_std != energy_std:
-            # forces are -dE/dx: normalised forces must be -d(E_normalised)/dx, i.e. F / energy_std
+        if force_std != gradient_force_std(backbone.direct_forces, energy_std, force_std):
             raise ValueError(
                 f"a gradient-force model needs force_std == energy_std (got {force_std} and {energy_std})"
             )
-        self.backbone = backbone
+        self.backbone: Backbone = backbone
         #: atomic numbers seen in training (from the checkpoint; None when unknown)
         self.training_elements: list[int] | None = None
         self.cutoff, self.max_neighbors, self.strict_max_neighbors = (
@@ -164,7 +180,7 @@ class ForceField(nn.Module):
         config = state.get("config") or {}
         if "model" not in config or "resolved_normalizer" not in config:
             raise ValueError(f"{path} is not a dens training checkpoint (no config.model / normaliser)")
-        model = instantiate(config["model"], **_plain(config["resolved_normalizer"]))
+        model = instantiate(upgrade_model_config(config["model"]), **_plain(config["resolved_normalizer"]))
         if not isinstance(model, cls):
             raise ValueError(f"{path}: config.model builds a {type(model).__name__}, not a {cls.__name__}")
         try:
@@ -184,7 +200,7 @@ class ForceField(nn.Module):
 
     @classmethod
     def from_preset(
-        cls, name: str, family: str = "equiformer_v2", dens: bool = False, **overrides: Any
+        cls, name: str, family: str = "equiformer_v2", dens_heads: bool = False, **overrides: Any
     ) -> ForceField:
         """An untrained paper model, ready for ``predict``: the backbone preset with its graph rule and
         official normaliser.
@@ -193,7 +209,8 @@ class ForceField(nn.Module):
         (``oc20_2m``) or ``equiformer`` (``md17_l2``, ``md17_l3``). Graph rules: OC20 20 neighbours
         (strict), OC22 20 (keeping ties), MD17 no cap; normalisers: the official OC20 / OC22 constants (OC22
         energies are then referenced by the OC22 linear reference, which is data, not part of the model);
-        MD17 models are normalised by their training data, so none here. ``overrides`` go to the backbone.
+        MD17 models are normalised by their training data, so none here. ``dens_heads`` adds the DeNS
+        force encoder and noise head; ``overrides`` go to the backbone.
 
         Examples
         --------
@@ -210,7 +227,7 @@ class ForceField(nn.Module):
         classes = {"equiformer_v2": EquiformerV2, "escn": ESCN, "equiformer": Equiformer}
         if family not in classes:
             raise ValueError(f"unknown model family {family!r}; choose from {sorted(classes)}")
-        backbone = classes[family].from_preset(name, dens=dens, **overrides)
+        backbone = classes[family].from_preset(name, dens_heads, **overrides)
         dataset = name.split("_")[0]
         norm: dict[str, float] = {}
         if dataset in ("oc20", "oc22"):
@@ -221,13 +238,14 @@ class ForceField(nn.Module):
         return cls(backbone, None, max_neighbors, strict_max_neighbors=dataset != "oc22", **norm).eval()
 
     @property
-    def uses_dens(self) -> bool:
-        """Whether the backbone has a force encoder and a noise head."""
-        return getattr(self.backbone, "force_encoder", None) is not None
+    def has_dens_heads(self) -> bool:
+        """Whether the backbone has the DeNS parts: a force encoder and a noise head."""
+        return self.backbone.has_dens_heads
 
     @property
     def direct_forces(self) -> bool:
-        return getattr(self.backbone, "direct_forces", True)
+        """Whether the backbone predicts forces with a head (False: ``-dE/dpos``)."""
+        return self.backbone.direct_forces
 
     def graph(self, batch: Batch, pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``edge_index`` and the image shifts ``n @ cell`` of the sources (built if the batch has none)."""
@@ -290,10 +308,10 @@ class ForceField(nn.Module):
             shift = shift + torch.einsum("eij,ej->ei", strain[batch.batch[edge_index[0]]], shift)
         extra = None
         if encoded_forces is not None:
-            if not self.uses_dens:
-                raise ValueError("force encoding needs a DeNS model (use_force_encoding=True)")
+            if not self.has_dens_heads:
+                raise ValueError("force encoding needs a DeNS model (dens_heads=True)")
             extra = self.backbone.force_encoder(encoded_forces.to(pos.dtype), encode_mask)
-        if split_heads and self.uses_dens and getattr(self.backbone, "splits_heads", False):
+        if split_heads and self.has_dens_heads and self.backbone.splits_heads:
             kwargs["head_edges"] = split_head_edges(edge_index, noise_mask)
         return self.backbone(
             batch.atomic_numbers, pos, batch.batch, edge_index, shift, batch.num_graphs,
@@ -303,7 +321,7 @@ class ForceField(nn.Module):
     @property
     def has_stress_head(self) -> bool:
         """Whether the backbone predicts stress directly (a rank-2 head)."""
-        return getattr(self.backbone, "stress_head", None) is not None
+        return self.backbone.stress_head is not None
 
     def predict(self, batch: Batch | Any, stress: bool | None = None) -> dict[str, Any]:
         """Energy (eV), forces (eV/Å) and stress (eV/Å³) of a batch, in the batch's float dtype.
@@ -398,13 +416,22 @@ class ForceField(nn.Module):
         return result
 
 
-def backbone_cutoff(backbone: nn.Module) -> float | None:
-    """The cutoff a backbone was built with (``cutoff`` or Equiformer's ``max_radius``), or None."""
-    for attr in ("cutoff", "max_radius"):
-        value = getattr(backbone, attr, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
+def backbone_cutoff(backbone: Backbone) -> float | None:
+    """The cutoff a backbone was built with (its declared ``cutoff``), or None."""
+    value = backbone.cutoff
+    return None if value is None else float(value)
+
+
+def upgrade_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``config.model`` with the keyword names of today: the backbone's
+    ``use_force_encoding`` (before the rename) becomes ``dens_heads``, the same switch."""
+    config = dict(config)
+    backbone = config.get("backbone")
+    if isinstance(backbone, Mapping) and "use_force_encoding" in backbone:
+        backbone = dict(backbone)
+        backbone.setdefault("dens_heads", backbone.pop("use_force_encoding"))
+        config["backbone"] = backbone
+    return config
 
 
 def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -412,10 +439,10 @@ def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in values.items()}
 
 
-def compile_backbone(backbone: nn.Module, **options: Any) -> nn.Module:
+def compile_backbone(backbone: Backbone, **options: Any) -> Backbone:
     """``torch.compile`` a backbone in place, block by block.
 
-    The repeated blocks (``backbone.blocks`` or ``backbone.layers``) and the attention heads are compiled
+    The modules of ``backbone.compile_regions()`` (the repeated blocks and the heads) are compiled
     one module at a time ("regional" compilation): identical blocks share one compiled graph, so
     compiling costs about one block instead of the whole network, and the rest (embeddings, graph
     helpers) stays eager. Without such blocks the whole backbone is compiled. Options default to
@@ -431,8 +458,7 @@ def compile_backbone(backbone: nn.Module, **options: Any) -> nn.Module:
     True
     """
     options = {"dynamic": True, **options}
-    regions = [*getattr(backbone, "blocks", []), *getattr(backbone, "layers", [])]
-    regions += [m for name in ("force_block", "denoising_pos_block") if (m := getattr(backbone, name, None))]
+    regions = backbone.compile_regions()
     if not regions:
         backbone.compile(**options)
     for module in regions:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .so3 import CoefficientLayout, spherical_harmonics
 
-__all__ = ["S2Activation", "SeparableS2Activation", "SphereGrid"]
+__all__ = ["S2Activation", "SeparableS2Activation", "SphereGrid", "set_grid_activation"]
 
 
 def _beta_quadrature(res_beta: int) -> Tensor:
@@ -154,9 +154,12 @@ class SphereGrid(nn.Module):
 
 
 def _chunk_rows(x: Tensor, num_points: int) -> int:
-    """Rows per chunk of the fused grid activation: about 128k grid values (0.5 MB in float32) on the
-    CPU, so each chunk's grid stays in cache, and 16M on accelerators, where launches cost more."""
-    budget = 1 << 17 if x.device.type == "cpu" else 1 << 24
+    """Rows per chunk of the fused grid activation: about 128k grid values (0.5 MB in float32) per CPU
+    thread, so each thread's share of a chunk's grid stays in its core's cache, and 16M on accelerators,
+    where launches cost more. Scaling with the threads keeps the parallel regions (each ends in a barrier
+    where threads wait for the slowest, badly so when another process holds a core) as few as the cache
+    allows."""
+    budget = (1 << 17) * torch.get_num_threads() if x.device.type == "cpu" else 1 << 24
     return max(1, budget // num_points)
 
 
@@ -203,6 +206,22 @@ def _silu_grid_backward(x: Tensor, grad: Tensor, to_grid: Tensor, from_grid: Ten
     return ((grad @ from_grid.T) * sig * (1 + h * (1 - sig))) @ to_grid.T
 
 
+_FUSED = True  # set_grid_activation
+
+
+def set_grid_activation(mode: str) -> None:
+    """Compute the SiLU grid activations ``"fused"`` (default: cache-sized chunks, grid recomputed in the
+    backward) or ``"plain"`` (one product per stage over all rows, grid stored, as the official models).
+
+    Both give the same numbers; ``"plain"`` is the reference design of ``benchmarks.equiformer_v2
+    --design``. The setting is process-wide.
+    """
+    global _FUSED
+    if mode not in ("fused", "plain"):
+        raise ValueError(f"grid activation mode must be 'fused' or 'plain', got {mode!r}")
+    _FUSED = mode == "fused"
+
+
 def _grid_silu(x: Tensor, grid: SphereGrid, first_row: int = 0) -> Tensor:
     """``from_grid(silu(to_grid(x)))[:, first_row:]`` for ``x`` ``[N, K, C]`` through one matrix product per
     chunk of ``N * C`` rows (instead of ``N`` small ones). The result is a transposed (non-contiguous) view."""
@@ -211,7 +230,7 @@ def _grid_silu(x: Tensor, grid: SphereGrid, first_row: int = 0) -> Tensor:
     from_grid = grid.from_grid_mat[first_row:].to(x.dtype).T
     x_rows = x.transpose(1, 2).reshape(num * channels, rows)
     # under torch.compile the compiler fuses a plain graph; an empty input has no chunks
-    if torch.compiler.is_compiling() or x_rows.shape[0] == 0:
+    if not _FUSED or torch.compiler.is_compiling() or x_rows.shape[0] == 0:
         y = F.silu(x_rows @ to_grid) @ from_grid
     else:
         y = _GridSiLU.apply(x_rows, to_grid, from_grid)
