@@ -168,11 +168,8 @@ class EquivariantGraphAttention(nn.Module):
         heads = sort_even_first(o3.Irreps([(m * num_heads, ir) for m, ir in irreps_head]))[0].simplify()
         mul_alpha = sum(m for m, ir in heads if is_scalar(ir))
         self.alpha_per_head = mul_alpha // num_heads
-        # head of every component of the value vector (e3nn layout of `heads`, head-major in each block)
-        head_index = []
-        for mul, ir in heads:
-            head_index += [c // (mul // num_heads) for c in range(mul) for _ in range(ir.dim)]
-        self.register_buffer("head_index", torch.tensor(head_index, dtype=torch.long), persistent=False)
+        # (mul, 2l+1) per block of `heads`; each block's channels are head-major
+        self.head_blocks = tuple((mul, ir.dim) for mul, ir in heads)
 
         if self.nonlinear_message:
             self.message_tp = DepthwiseTensorProduct(pre, irreps_sh, pre)
@@ -234,7 +231,7 @@ class EquivariantGraphAttention(nn.Module):
             message = self.message_tp(message, sh, self.message_radial(radial_basis), as_blocks=True)
             alpha = self.alpha_linear(message)
             value = self.message_gate(self.message_linear(message))
-            value = self.value_linear(self.value_tp(value, sh, as_blocks=True))
+            value = self.value_linear(*self.value_tp.unweighted_blocks(value, sh))
         else:
             message = self.message_tp(message, sh, self.message_radial(radial_basis), as_blocks=True)
             message = self.message_linear(message)
@@ -248,7 +245,7 @@ class EquivariantGraphAttention(nn.Module):
             weights = segment_softmax(logits, dst, num_nodes)
             if self.alpha_dropout is not None:
                 weights = self.alpha_dropout(weights)
-            value = value * weights[:, self.head_index]
+            value = self._weight_heads(value, weights)
         out = scatter_sum(value, dst, num_nodes)
         if self.rescale_degree:
             degree = torch.bincount(dst, minlength=num_nodes).to(out.dtype)
@@ -257,6 +254,19 @@ class EquivariantGraphAttention(nn.Module):
         if self.proj_drop is not None:
             out = self.proj_drop(out)
         return out
+
+    def _weight_heads(self, value: Tensor, weights: Tensor) -> Tensor:
+        """``value [E, heads.dim]`` times each head's attention weight ``weights [E, heads]``.
+
+        Per block by broadcasting: an index per component (and its scatter in backward) costs more.
+        """
+        n, h = value.shape[0], self.num_heads
+        blocks = value.split([mul * dim for mul, dim in self.head_blocks], dim=1)
+        parts = [
+            (block.reshape(n, h, mul // h, dim) * weights.view(n, h, 1, 1)).reshape(n, mul * dim)
+            for block, (mul, dim) in zip(blocks, self.head_blocks, strict=True)
+        ]
+        return torch.cat(parts, dim=1)
 
 
 class FeedForward(nn.Module):

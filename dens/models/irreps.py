@@ -157,21 +157,40 @@ class IrrepsLinear(nn.Module):
             raise ValueError(f"input pieces do not cover {self.irreps_in}")
         return pieces
 
-    def forward(self, x: Tensor | list[Tensor]) -> Tensor:
-        """``x``: ``[n, irreps_in.dim]``, or a list of consecutive ``[n, mul, 2l+1]`` pieces of it."""
+    def forward(self, x: Tensor | list[Tensor], scales: list[Tensor] | None = None) -> Tensor:
+        """``x``: ``[n, irreps_in.dim]``, or a list of consecutive ``[n, mul, 2l+1]`` pieces of it.
+
+        ``scales``: with a list input, a ``[mul]`` factor per channel of each piece, applied to the weight
+        rows (see :meth:`DepthwiseTensorProduct.unweighted_blocks`).
+        """
         pieces = self._input_blocks(x)
+        if scales is not None and len(scales) != len(pieces):
+            raise ValueError(f"{len(scales)} scales for {len(pieces)} input pieces")
         n = pieces[0][2].shape[0]
         # split the weight once: a slice per path would cost a full-size zero gradient each in backward
         ws = self.weight.split([sl.stop - sl.start for _, _, sl in self.paths])
+        # accumulated component-major, [n (2l+1), mul_out]: a piece that is a transposed view of a contiguous
+        # [n, 2l+1, mul_in] tensor (DepthwiseTensorProduct's blocks) is then a plain matrix product, no copy
         blocks: list[Tensor | None] = [None] * len(self.out_blocks)
         for (i, o, _), w in zip(self.paths, ws, strict=True):
             w = w.view(self.in_blocks[i][0], self.out_blocks[o][0])
-            for block, first, piece in pieces:
+            for index, (block, first, piece) in enumerate(pieces):
                 if block == i:
-                    y = torch.einsum("nui,uw->nwi", piece, w[first : first + piece.shape[1]])
-                    blocks[o] = y if blocks[o] is None else blocks[o] + y
+                    # [n (2l+1), mul_in]: a view for component-major pieces, a copy otherwise
+                    mul_in, dim = piece.shape[1], piece.shape[2]
+                    piece = piece.transpose(1, 2).reshape(n * dim, mul_in)
+                    w_piece = w[first : first + mul_in]
+                    if scales is not None:
+                        w_piece = scales[index].unsqueeze(1) * w_piece
+                    # accumulate inside the product (addmm): no separate pass to add the paths
+                    acc = blocks[o]
+                    blocks[o] = piece @ w_piece if acc is None else torch.addmm(acc, piece, w_piece)
         parts = [
-            (b.reshape(n, mul * dim) if b is not None else self.weight.new_zeros(n, mul * dim))
+            (
+                b.view(n, dim, mul).transpose(1, 2).reshape(n, mul * dim)
+                if b is not None
+                else self.weight.new_zeros(n, mul * dim)
+            )
             for b, (mul, dim) in zip(blocks, self.out_blocks, strict=True)
         ]
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
@@ -237,34 +256,29 @@ class DepthwiseTensorProduct(nn.Module):
         self.weight_numel = offset
         for ls in sorted({p[3] for p in self.paths}):
             self.register_buffer(self._cg_name(ls), o3.wigner_3j(*ls, dtype=torch.float64), persistent=False)
-        # Per input block, all its paths at once: y = x_i @ (sum_s Y_s(r) C_i[s]) -> [E, mul, K_i], with the
-        # paths' output components side by side (K_i); `column_path` names each column's path.
+        # Per input block, all its paths at once: y = (sum_s Y_s(r) C_i[s]) @ x_i -> [E, K_i, mul], with the
+        # paths' output components side by side (K_i, component-major: see `forward`).
         self.block_paths = [
             [k for k, p in enumerate(self.paths) if p[0] == i] for i in range(len(self.irreps_in))
         ]
-        for i, paths in enumerate(self.block_paths):
-            column_path = [n for n, k in enumerate(paths) for _ in range(2 * self.paths[k][3][2] + 1)]
-            self.register_buffer(
-                f"column_path_{i}", torch.tensor(column_path, dtype=torch.long), persistent=False
-            )
         self._stack_couplings()
         self.weight = nn.Parameter(torch.empty(offset)) if internal_weights else None
         self.reset_parameters()
 
     def _stack_couplings(self) -> None:
-        """``stack_{i} [irreps_sh.dim, 2l1+1, K_i]``: the path coefficients of input block ``i``."""
+        """``stack_{i} [irreps_sh.dim, K_i, 2l1+1]``: the path coefficients of input block ``i``."""
         sh_start = [sl.start for sl in self.irreps_sh.slices()]
         for i, paths in enumerate(self.block_paths):
             d1 = self.irreps_in[i].ir.dim
             dims = [2 * self.paths[k][3][2] + 1 for k in paths]
-            stack = torch.zeros(self.irreps_sh.dim, d1, sum(dims), dtype=torch.float64)
+            stack = torch.zeros(self.irreps_sh.dim, sum(dims), d1, dtype=torch.float64)
             column = 0
             for k, d3 in zip(paths, dims, strict=True):
                 _, j, _, ls, _ = self.paths[k]
-                cg = self.coupling(ls).to(torch.float64).transpose(0, 1) * math.sqrt(
+                cg = self.coupling(ls).to(torch.float64).permute(1, 2, 0) * math.sqrt(
                     d3
-                )  # [2l2+1, 2l1+1, 2l3+1]
-                stack[sh_start[j] : sh_start[j] + cg.shape[0], :, column : column + d3] = cg
+                )  # [2l2+1, 2l3+1, 2l1+1]
+                stack[sh_start[j] : sh_start[j] + cg.shape[0], column : column + d3] = cg
                 column += d3
             old = getattr(self, f"stack_{i}", None)
             self.register_buffer(f"stack_{i}", stack if old is None else stack.to(old), persistent=False)
@@ -294,37 +308,77 @@ class DepthwiseTensorProduct(nn.Module):
     ) -> Tensor | list[Tensor]:
         """``x [E, irreps_in.dim]``, ``sh [E, irreps_sh.dim]``, ``weight [E, weight_numel]`` (external).
 
+        ``x`` may also have a single row, shared by all edges (e.g. a constant input).
         Returns ``[E, irreps_out.dim]``, or with ``as_blocks`` the list of ``[E, mul, 2l+1]`` output blocks
         (for :class:`IrrepsLinear`, saving a concatenation).
+
+        Notes
+        -----
+        The blocks are computed component-major, ``[E, 2l+1, mul]`` contiguous, and returned as transposed
+        views: :class:`IrrepsLinear` then multiplies them as ``[E (2l+1), mul]`` matrices without copying,
+        and the per-edge, per-channel weight multiplies each path's block directly (no weight expanded to
+        every component). With a small batch the step is bound by the memory traffic of these per-edge
+        tensors (forward, backward and the double backward of gradient forces), so every pass saved counts.
         """
         if weight is None:
             if self.weight is None:
                 raise ValueError("this tensor product takes per-edge weights: pass `weight`")
             weight = self.weight.unsqueeze(0)
-        n = x.shape[0]
+        out = self._blocks(x, sh, weight)
+        if as_blocks:
+            return out
+        n = sh.shape[0]
+        return torch.cat([y.reshape(n, y.shape[1] * y.shape[2]) for y in out], dim=1)
+
+    def unweighted_blocks(self, x: Tensor, sh: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """The output blocks before the internal weights, and those weights (``[mul]`` per block).
+
+        For a linear map that follows (:class:`IrrepsLinear` with ``scales``): a weight per path and channel,
+        shared by all edges, scales the linear's matrix rows instead of every edge's block, which saves a
+        pass over the largest per-edge tensors in forward, backward and double backward.
+        """
+        if self.weight is None:
+            raise ValueError("this tensor product has per-edge weights: use forward")
+        ws = self.weight.split([sl.stop - sl.start for *_, sl in self.paths])
+        scales: list[Tensor | None] = [None] * len(self.paths)
+        for (_, _, position, _, _), w in zip(self.paths, ws, strict=True):
+            scales[position] = w
+        return self._blocks(x, sh, None), scales  # type: ignore[return-value]
+
+    def _blocks(self, x: Tensor, sh: Tensor, weight: Tensor | None) -> list[Tensor]:
+        """Output blocks ``[E, mul, 2l+1]`` (transposed views), times ``weight [E or 1, weight_numel]``."""
+        n = sh.shape[0]
         # split once (per-path slices would each cost a full-size zero gradient in backward)
         xs = x.split([mul * dim for mul, dim in self.in_blocks], dim=1)
-        ws = weight.split(
-            [len(paths) * mul for paths, (mul, _) in zip(self.block_paths, self.in_blocks, strict=True)],
-            dim=1,
-        )
+        numels = [len(paths) * mul for paths, (mul, _) in zip(self.block_paths, self.in_blocks, strict=True)]
+        ws = weight.split(numels, dim=1) if weight is not None else [None] * len(numels)
         out: list[Tensor | None] = [None] * len(self.paths)
         for i, paths in enumerate(self.block_paths):
             if not paths:
                 continue
             mul, dim = self.in_blocks[i]
-            stack = getattr(self, f"stack_{i}").to(x.dtype)  # [S, 2l1+1, K]
+            stack = getattr(self, f"stack_{i}").to(x.dtype)  # [S, K, 2l1+1]
             # explicit sizes: a graph without edges (n = 0) leaves no dimension to infer
-            coupling = (sh @ stack.reshape(stack.shape[0], -1)).view(sh.shape[0], dim, stack.shape[2])
-            y = torch.bmm(xs[i].reshape(n, mul, dim), coupling.expand(n, -1, -1))  # [E, mul, K]
-            w = ws[i].reshape(ws[i].shape[0], len(paths), mul).transpose(1, 2)  # [E, mul, paths]
-            y = y * w.index_select(2, getattr(self, f"column_path_{i}"))
-            pieces = y.split([2 * self.paths[k][3][2] + 1 for k in paths], dim=2)
-            for k, piece in zip(paths, pieces, strict=True):
-                out[self.paths[k][2]] = piece
-        if as_blocks:
-            return out  # type: ignore[return-value]
-        return torch.cat([y.reshape(n, y.shape[1] * y.shape[2]) for y in out], dim=1)  # type: ignore[union-attr]
+            coupling = (sh @ stack.reshape(stack.shape[0], -1)).view(n, stack.shape[1], dim)  # [E, K, 2l1+1]
+            xi = xs[i].reshape(x.shape[0], mul, dim).transpose(1, 2)  # [E or 1, 2l1+1, mul]
+            w = None if ws[i] is None else ws[i].reshape(ws[i].shape[0], len(paths), mul)  # [E|1, paths, mul]
+            dims = [2 * self.paths[k][3][2] + 1 for k in paths]
+            if dim == 1:
+                # scalars in: each path is an outer product; weighting x first touches only small tensors
+                xws = [xi] * len(paths) if w is None else (xi * w).split(1, dim=1)  # [E, 1, mul] each
+                blocks = [c * v for c, v in zip(coupling.split(dims, dim=1), xws, strict=True)]
+            else:
+                if x.shape[0] == 1 and n != 1:  # one input for all edges: one plain matrix product
+                    y = (coupling.reshape(n * stack.shape[1], dim) @ xi[0]).view(n, stack.shape[1], mul)
+                else:  # a batched product of small matrices; a product per path would cost more calls
+                    y = torch.bmm(coupling, xi)  # [E, K, mul]
+                # split, not sliced: a slice per path would cost a full-size zero gradient each in backward
+                blocks = list(y.split(dims, dim=1))
+                if w is not None:
+                    blocks = [b * wp for b, wp in zip(blocks, w.split(1, dim=1), strict=True)]
+            for k, block in zip(paths, blocks, strict=True):
+                out[self.paths[k][2]] = block.transpose(1, 2)  # [E, mul, 2l3+1] view
+        return out  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
         kind = "internal" if self.weight is not None else "external"
@@ -437,11 +491,7 @@ class Gate(nn.Module):
             self.irreps_in = scalars
             if scalars.dim != irreps.dim:
                 raise ValueError(f"cannot gate {irreps}: odd scalars are not supported")
-        # copy k of the gated irreps is multiplied by gate k: the gate of every gated component
-        index = [
-            k for k, dim in enumerate(ir.dim for mul, ir in gated for _ in range(mul)) for _ in range(dim)
-        ]
-        self.register_buffer("gate_index", torch.tensor(index, dtype=torch.long), persistent=False)
+        self.gated_blocks = tuple((mul, ir.dim) for mul, ir in gated)  # plain ints for forward
         self.silu_cst = second_moment_constant("silu")
         self.sigmoid_cst = second_moment_constant("sigmoid")
 
@@ -450,9 +500,17 @@ class Gate(nn.Module):
         if ng == 0:
             return torch.nn.functional.silu(x) * self.silu_cst
         scalars, gates, gated = x.split([ns, ng, x.shape[1] - ns - ng], dim=1)
+        n = x.shape[0]
         scalars = torch.nn.functional.silu(scalars) * self.silu_cst
-        gated = gated * (torch.sigmoid(gates) * self.sigmoid_cst)[:, self.gate_index]
-        return torch.cat([scalars, gated], dim=1)
+        gates = (torch.sigmoid(gates) * self.sigmoid_cst).split([mul for mul, _ in self.gated_blocks], dim=1)
+        blocks = gated.split([mul * dim for mul, dim in self.gated_blocks], dim=1)
+        # copy k of the gated irreps times gate k, per block by broadcasting (an index per component and its
+        # scatter in backward would cost a full-size pass each)
+        parts = [
+            (block.reshape(n, mul, dim) * gate.unsqueeze(-1)).reshape(n, mul * dim)
+            for block, gate, (mul, dim) in zip(blocks, gates, self.gated_blocks, strict=True)
+        ]
+        return torch.cat([scalars, *parts], dim=1)
 
 
 class IrrepsDropout(nn.Module):
