@@ -553,7 +553,7 @@ class Equiformer(nn.Module):
     #: forces are -dE/dpos
     direct_forces = False
     #: the noise head is one attention block over all edges (not split)
-    splits_heads = False
+    splits_heads = True  # the noise head runs on the edges into the corrupted atoms (head_edges)
     #: no stress head
     stress_head = None
 
@@ -586,6 +586,7 @@ class Equiformer(nn.Module):
         num_graphs: int,
         extra_embedding: Tensor | None = None,
         noise_mask: Tensor | None = None,
+        head_edges: tuple[Tensor | None, Tensor | None] | None = None,
     ) -> dict[str, Tensor]:
         """Energy, forces ``-dE/dpos`` and (DeNS models) the noise prediction of a batch of structures.
 
@@ -611,6 +612,11 @@ class Equiformer(nn.Module):
             (``self.force_encoder(forces, mask)``). A DeNS model given none adds the encoder's bias only.
         noise_mask : Tensor, optional
             ``[N]`` bool: atoms whose ``forces`` output is the noise prediction (DeNS).
+        head_edges : (Tensor or None, Tensor), optional
+            Indices of the edges of the force head and of the noise head
+            (:func:`~dens.models.heads.split_head_edges`). The forces are the gradient of the energy, so
+            the first is ignored; the noise head runs on the second only, the edges into the atoms where
+            the DeNS loss reads it: exact there, zero elsewhere (an atom without edges gets no message).
 
         Returns
         -------
@@ -648,6 +654,10 @@ class Equiformer(nn.Module):
             forces = gradient_forces(energy, pos, create_graph=self.training)
         out = {"energy": energy, "node_energy": node_energy, "forces": forces}
         if self.noise_head is not None:
+            if head_edges is not None and head_edges[1] is not None:
+                noise_edges = head_edges[1]
+                edge_index, sh = edge_index.index_select(1, noise_edges), sh.index_select(0, noise_edges)
+                radial_basis = radial_basis.index_select(0, noise_edges)
             out["noise_head"] = self.noise_head(x, edge_index, sh, radial_basis, num_atoms)
             if noise_mask is not None:
                 out["forces"] = assemble_dens_forces(forces, out["noise_head"], noise_mask)

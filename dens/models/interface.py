@@ -58,7 +58,8 @@ class Backbone(Protocol):
     splits_heads : bool
         Whether ``forward`` accepts ``head_edges = (force_edges, noise_edges)``
         (:func:`~dens.models.heads.split_head_edges`): each head on the edges into the atoms the DeNS
-        loss reads it at. False: ``head_edges`` is never passed.
+        loss reads it at (a gradient-force model splits its noise head only). False: ``head_edges`` is
+        never passed.
     has_dens_heads : bool
         Whether the model has the DeNS parts: a ``force_encoder`` and a noise head (``noise_head``
         output). ``force_encoder`` is None exactly when this is False.
