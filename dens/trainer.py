@@ -290,6 +290,16 @@ class Trainer:
                 retain_freed_memory()
         self.model = model.to(self.device)
         self._element_limit = _element_limit(self.model)
+        if (
+            dens.enabled
+            and dens.force_encoding
+            and self.model.has_dens_heads
+            and not self.model.has_force_encoder
+        ):
+            raise ValueError(
+                "dens.force_encoding=true, but the model has no force encoder (built with encode_forces=false, "
+                "the official no-encoding ablation): set dens.force_encoding=false"
+            )
         for dataset in (train_set, val_set):
             if dataset is not None:  # missing labels / unembedded elements: errors that name file and frame
                 require_labels(dataset, ("energy", "forces"), self._element_limit)
@@ -596,7 +606,12 @@ class Trainer:
             ctx = contextlib.nullcontext() if sync else self.ddp_model.no_sync()
             with ctx, self._autocast():
                 inputs = model_inputs(
-                    batch, corruption, self.dens, self.model.has_dens_heads, self.model.has_stress_head
+                    batch,
+                    corruption,
+                    self.dens,
+                    self.model.has_dens_heads,
+                    self.model.has_stress_head,
+                    self.model.has_force_encoder,
                 )
                 out = self.ddp_model(batch, **inputs)
                 loss, parts = training_loss(

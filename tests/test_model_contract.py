@@ -78,3 +78,78 @@ def test_gradient_forces_need_the_energy_std():
     backbone = Equiformer(**TINY[Equiformer])
     with pytest.raises(ValueError, match="force_std == energy_std"):
         ForceField(backbone, energy_std=2.0, force_std=0.5)
+
+
+# ------------------------------------------------------------- the official no-encoding ablation
+@pytest.mark.parametrize("cls", list(TINY))
+def test_a_noise_head_without_a_force_encoder(cls):
+    """``encode_forces=False`` (official ``use_force_encoding=False``, Table 6 Index 3): the noise head
+    stays, no encoder parameter exists, and encoded forces are refused rather than ignored."""
+    torch.manual_seed(0)
+    model = cls(**TINY[cls], dens_heads=True, encode_forces=False)
+    check_backbone(model)
+    assert model.has_dens_heads and model.force_encoder is None
+    assert not any("force_encoder" in name for name in model.state_dict())
+    field = ForceField(model, max_neighbors=8)
+    batch = _molecules()
+    mask = torch.zeros(batch.num_atoms, dtype=torch.bool)
+    mask[::3] = True
+    out = field(batch, noise_mask=mask, split_heads=True)
+    assert (
+        torch.equal(out["forces"][mask], out["noise_head"][mask]) and out["noise_head"][mask].abs().sum() > 0
+    )
+    with pytest.raises(ValueError, match="no force encoder"):
+        field(batch, encoded_forces=torch.zeros(batch.num_atoms, 3), encode_mask=mask)
+
+
+def _molecules():
+    from ase.build import molecule
+
+    from dens.data import collate, make_structure
+
+    atoms = [molecule("CH3CH2OH"), molecule("H2O")]
+    items = [make_structure(torch.tensor(a.positions, dtype=torch.float32), a.numbers, energy=0.0,
+                            forces=torch.zeros(len(a), 3)) for a in atoms]  # fmt: skip
+    return collate(items)
+
+
+def test_the_trainer_refuses_force_encoding_without_an_encoder(tmp_path):
+    from ase.build import molecule
+
+    from dens.data import InMemoryDataset, collate, make_structure
+    from dens.losses import DeNSSettings
+    from dens.trainer import OptimSettings, Trainer, TrainerSettings
+
+    items = [make_structure(torch.tensor(molecule(n).positions, dtype=torch.float32), molecule(n).numbers,
+                            energy=0.0, forces=torch.ones(len(molecule(n)), 3)) for n in ("CH3CH2OH", "H2O")]  # fmt: skip
+    torch.manual_seed(0)
+    field = ForceField(EquiformerV2(**TINY_BACKBONE, dens_heads=True, encode_forces=False), max_neighbors=8)
+    settings = TrainerSettings(run_dir=str(tmp_path), device="cpu", resume=None, tensorboard=False,
+                               progress_bar=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"dens\.force_encoding=false"):
+        Trainer(
+            field, InMemoryDataset(items), None, OptimSettings(batch_size=2), DeNSSettings(prob=1.0), settings
+        )
+    dens = DeNSSettings(prob=1.0, force_encoding=False)
+    trainer = Trainer(field, InMemoryDataset(items), None, OptimSettings(batch_size=2), dens, settings)
+    parts = trainer.train_step([collate(items)])
+    assert parts["noise"] > 0  # the noise head trained without an encoder
+
+
+def test_an_official_no_encoding_checkpoint_keeps_its_noise_head():
+    """Official EquiformerV2 DeNS with ``use_force_encoding=False``: no ``force_embedding`` weights, the
+    noise head imported (before: built as a model without DeNS parts, the noise head's weights refused)."""
+    from conftest import shared_path
+
+    from dens.models.convert import build_official_model, import_official_state_dict
+
+    fixture = torch.load(shared_path("fixtures/official/eqv2_dens_small.pt"), weights_only=False)
+    config = {**fixture["config"], "use_force_encoding": False}
+    state = {k: v for k, v in fixture["state_dict"].items() if not k.startswith("force_embedding.")}
+    model = build_official_model(fixture["model"], config)
+    assert model.has_dens_heads and model.force_encoder is None
+    import_official_state_dict(model, state)  # raises on a key without a place or a parameter left unset
+    noise = {k: v for k, v in model.state_dict().items() if k.startswith("denoising_pos_block.")}
+    assert noise and torch.equal(
+        noise["denoising_pos_block.alpha_dot"], state["denoising_pos_block.alpha_dot"]
+    )

@@ -279,6 +279,7 @@ def model_inputs(
     settings: DeNSSettings,
     has_dens_heads: bool,
     has_stress_head: bool = False,
+    has_force_encoder: bool = True,
 ) -> dict[str, Any]:
     """The keyword inputs of :meth:`dens.models.ForceField.forward` for a training batch and its
     corruption (None: the original task for the whole batch): the one place where DeNS becomes model
@@ -291,7 +292,8 @@ def model_inputs(
       the loss reads it: exact, and the noise head then costs almost nothing). Without force encoding
       (``settings.force_encoding`` off, or no DeNS this step) the encoder still runs, on masked-out zero
       forces: the same embedding as none (its ``l = 0`` bias), but every parameter takes part, which DDP
-      requires;
+      requires. A DeNS model without a force encoder (``has_force_encoder`` False, the official
+      no-encoding ablation) gets no encoding inputs;
     * a stress head: ``denoising``, the DeNS structures (a head with ``use_denoising`` off zeroes them).
 
     Examples
@@ -304,12 +306,13 @@ def model_inputs(
     inputs: dict[str, Any] = {}
     if corruption is not None:
         inputs["pos"] = corruption.pos
-    if has_dens_heads:
+    if has_dens_heads and has_force_encoder:
         encode = corruption is not None and settings.force_encoding
         inputs["encoded_forces"] = (
             batch.forces * settings.force_encoding_scale if encode else torch.zeros_like(batch.forces)
         )
         inputs["encode_mask"] = corruption.head_mask if encode else torch.zeros_like(batch.fixed)
+    if has_dens_heads:
         inputs["noise_mask"] = None if corruption is None else corruption.head_mask
         inputs["split_heads"] = True
     if has_stress_head:

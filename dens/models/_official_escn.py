@@ -85,8 +85,8 @@ def config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if key in _PLAIN_CONFIG_KEYS:
             kwargs[key] = value
-        elif key == "use_force_encoding":  # official: the DeNS model's switch; here its DeNS parts
-            kwargs["dens_heads"] = bool(value)
+        elif key == "use_force_encoding":  # only the DeNS class has it: encode forces or not, noise head kept
+            kwargs["dens_heads"], kwargs["encode_forces"] = True, bool(value)
         elif key in ("lmax_list", "mmax_list"):
             if len(value) != 1:
                 raise ValueError(f"only one resolution is implemented, got {key}={list(value)}")

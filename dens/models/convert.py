@@ -120,7 +120,9 @@ def equiformer_v2_from_official_config(
         proj_drop=config.get("proj_drop", 0.0),
         avg_num_nodes=config.get("avg_num_nodes", 77.81317),
         avg_degree=config.get("avg_degree", AVG_DEGREE),
-        dens_heads=dens and config.get("use_force_encoding", True),
+        # official use_force_encoding=False (Table 6, Index 3): the noise head without a force encoder
+        dens_heads=dens,
+        encode_forces=bool(config.get("use_force_encoding", True)),
         **overrides,
     )
 
@@ -256,7 +258,7 @@ def build_official_model(model_name: str, config: Mapping[str, Any]) -> nn.Modul
         return equiformer_v2_from_official_config(config, EQV2_CLASSES[model_name])
     if model_name in ESCN_CLASSES:
         kwargs = config_to_kwargs(config)
-        kwargs["dens_heads"] = ESCN_CLASSES[model_name] and kwargs.get("dens_heads", True)
+        kwargs["dens_heads"] = ESCN_CLASSES[model_name]  # the DeNS classes have the noise head either way
         return ESCN(**kwargs)
     if model_name in EQUIFORMER_CLASSES:
         return equiformer_from_official_config(config, EQUIFORMER_CLASSES[model_name])

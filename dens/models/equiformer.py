@@ -405,6 +405,9 @@ class Equiformer(nn.Module):
     dens_heads : bool
         DeNS: build ``force_encoder`` and the noise head (``use_force_encoding``: the deprecated name,
         still accepted).
+    encode_forces : bool
+        With ``dens_heads``: build the force encoder too (default). False is the official
+        ``use_force_encoding=False`` ablation (Table 6, Index 3): the noise head without a force encoder.
     irreps_force_encoding : str
         Spherical-harmonic degrees of the force encoding (``1x0e+1x1e+1x2e``).
     weight_init : {'normal', 'uniform'}
@@ -449,6 +452,7 @@ class Equiformer(nn.Module):
         avg_num_nodes: float = AVG_NUM_NODES,
         avg_degree: float = AVG_DEGREE,
         dens_heads: bool = False,
+        encode_forces: bool = True,
         irreps_force_encoding: str = "1x0e+1x1e+1x2e",
         weight_init: str = "normal",
         use_force_encoding: bool | None = None,
@@ -469,7 +473,9 @@ class Equiformer(nn.Module):
         self.atom_embedding = IrrepsLinear(f"{max_atom_type}x0e", node)
         self.radial_basis = ExpNormalSmearing(max_radius, number_of_basis)
         self.edge_degree_embedding = EdgeDegreeEmbedding(node, sh, fc, avg_degree)
-        self.force_encoder = IrrepsForceEncoder(irreps_force_encoding, node) if dens_heads else None
+        self.force_encoder = (
+            IrrepsForceEncoder(irreps_force_encoding, node) if dens_heads and encode_forces else None
+        )
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 irreps_in=node,
@@ -569,8 +575,9 @@ class Equiformer(nn.Module):
 
     @property
     def has_dens_heads(self) -> bool:
-        """Whether the model has the DeNS force encoder and noise head."""
-        return self.force_encoder is not None
+        """Whether the model has the DeNS noise head (and, unless built with ``encode_forces=False``, the
+        force encoder)."""
+        return self.noise_head is not None
 
     def compile_regions(self) -> list[nn.Module]:
         """The Transformer blocks (compiled one at a time)."""

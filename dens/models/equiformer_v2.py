@@ -318,6 +318,9 @@ class EquiformerV2(nn.Module):
     dens_heads : bool
         DeNS: build the force encoder (Eq. 5) and the noise head (``use_force_encoding``: the deprecated
         name of this switch, still accepted).
+    encode_forces : bool
+        With ``dens_heads``: build the force encoder too (default). False is the official
+        ``use_force_encoding=False`` ablation (Table 6, Index 3): the noise head without a force encoder.
     direct_forces : bool
         Forces from the force head; if False, forces are ``-dE/dpos`` (``pos`` must require grad).
     stress_head : {None, 'equivariant', 'fairchem'}
@@ -363,6 +366,7 @@ class EquiformerV2(nn.Module):
         avg_num_nodes: float = 77.81317,
         avg_degree: float = AVG_DEGREE,
         dens_heads: bool = False,
+        encode_forces: bool = True,
         direct_forces: bool = True,
         stress_head: str | None = None,
         stress_use_denoising: bool = True,
@@ -413,7 +417,7 @@ class EquiformerV2(nn.Module):
             return SO2GraphAttention(**shared, output_channels=1, alpha_drop=0.0)
 
         self.force_block = attention_head() if direct_forces else None
-        self.force_encoder = ForceEncoder(lmax, sphere_channels) if dens_heads else None
+        self.force_encoder = ForceEncoder(lmax, sphere_channels) if dens_heads and encode_forces else None
         self.denoising_pos_block = attention_head() if dens_heads else None
         if stress_head == "fairchem":
             self.stress_head = FairchemRank2Head(lmax, sphere_channels, stress_use_denoising)
@@ -478,8 +482,9 @@ class EquiformerV2(nn.Module):
 
     @property
     def has_dens_heads(self) -> bool:
-        """Whether the model has the DeNS force encoder and noise head."""
-        return self.force_encoder is not None
+        """Whether the model has the DeNS noise head (and, unless built with ``encode_forces=False``, the
+        force encoder)."""
+        return self.denoising_pos_block is not None
 
     def compile_regions(self) -> list[nn.Module]:
         """The Transformer blocks and the two attention heads (compiled one at a time)."""

@@ -402,6 +402,9 @@ class ESCN(nn.Module):
     dens_heads : bool
         DeNS: build :attr:`force_encoder` (the caller passes its output as ``extra_embedding``) and the
         noise head ``denoising_pos_block`` (``use_force_encoding``: the deprecated name, still accepted).
+    encode_forces : bool
+        With ``dens_heads``: build the force encoder too (default). False is the official
+        ``use_force_encoding=False`` ablation: the noise head without a force encoder.
     detach_frames : bool
         Detach the edge frames (and so the Wigner matrices) from the graph, as the official code does.
         Set False to differentiate the energy with respect to positions exactly.
@@ -441,6 +444,7 @@ class ESCN(nn.Module):
         distance_resolution: float = 0.02,
         regress_forces: bool = True,
         dens_heads: bool = False,
+        encode_forces: bool = True,
         detach_frames: bool = True,
         use_force_encoding: bool | None = None,
     ) -> None:
@@ -462,7 +466,7 @@ class ESCN(nn.Module):
         # 1. Embedding (and the DeNS force encoding that the caller adds as an extra embedding).
         self.sphere_embedding = nn.Embedding(max_num_elements, sphere_channels)
         self.force_encoder: ForceEncoder | None = None
-        if dens_heads:
+        if dens_heads and encode_forces:
             self.force_encoder = ForceEncoder(lmax, sphere_channels)
             nn.init.uniform_(self.force_encoder.linear.weight, -0.001, 0.001)
 
@@ -515,8 +519,9 @@ class ESCN(nn.Module):
 
     @property
     def has_dens_heads(self) -> bool:
-        """Whether the model has the DeNS force encoder and noise head."""
-        return self.force_encoder is not None
+        """Whether the model has the DeNS noise head (and, unless built with ``encode_forces=False``, the
+        force encoder)."""
+        return self.denoising_pos_block is not None
 
     def compile_regions(self) -> list[nn.Module]:
         """The layers and the two vector heads (compiled one at a time)."""

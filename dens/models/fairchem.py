@@ -468,7 +468,7 @@ def _default_config(model: ForceField) -> dict[str, Any]:
         "avg_num_nodes": b.avg_num_nodes,
         "avg_degree": b.edge_degree_embedding.avg_degree,
         "norm_type": "layer_norm_sh",
-        "use_force_encoding": dens,
+        "use_force_encoding": dens and b.force_encoder is not None,
     }
     heads: dict[str, Any] = {
         "energy": {"module": "eqV2_DeNS_scalar_head" if dens else "equiformerV2_scalar_head"},

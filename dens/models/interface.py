@@ -132,11 +132,9 @@ def check_backbone(module: Any) -> None:
     wrong = [f"{k}={v!r}" for k, v in flags.items() if not isinstance(v, bool)]
     if wrong:
         raise TypeError(f"{type(module).__name__}: {', '.join(wrong)} must be a bool")
-    if module.has_dens_heads != (module.force_encoder is not None):
-        raise TypeError(
-            f"{type(module).__name__}: has_dens_heads={module.has_dens_heads} but force_encoder is "
-            f"{'None' if module.force_encoder is None else 'set'}"
-        )
+    if module.force_encoder is not None and not module.has_dens_heads:
+        # a noise head without a force encoder is the official no-encoding ablation; the reverse is not
+        raise TypeError(f"{type(module).__name__}: a force_encoder but has_dens_heads=False")
 
 
 def dens_embedding(

@@ -238,8 +238,14 @@ class ForceField(nn.Module):
         return cls(backbone, None, max_neighbors, strict_max_neighbors=dataset != "oc22", **norm).eval()
 
     @property
+    def has_force_encoder(self) -> bool:
+        """Whether the backbone encodes forces (a DeNS model built with ``encode_forces=False`` does not)."""
+        return self.backbone.force_encoder is not None
+
+    @property
     def has_dens_heads(self) -> bool:
-        """Whether the backbone has the DeNS parts: a force encoder and a noise head."""
+        """Whether the backbone has the DeNS parts: a noise head (and a force encoder, see
+        :attr:`has_force_encoder`)."""
         return self.backbone.has_dens_heads
 
     @property
@@ -317,6 +323,11 @@ class ForceField(nn.Module):
         if encoded_forces is not None:
             if not self.has_dens_heads:
                 raise ValueError("force encoding needs a DeNS model (dens_heads=True)")
+            if self.backbone.force_encoder is None:
+                raise ValueError(
+                    "this DeNS model has no force encoder (built with encode_forces=False): pass no "
+                    "encoded_forces (training: dens.force_encoding=false)"
+                )
             extra = self.backbone.force_encoder(encoded_forces.to(pos.dtype), encode_mask)
         if split_heads and self.has_dens_heads and self.backbone.splits_heads:
             kwargs["head_edges"] = split_head_edges(edge_index, noise_mask)
