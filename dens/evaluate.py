@@ -458,7 +458,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
     """A :class:`~dens.models.ForceField` from a dens checkpoint, an official OCP/DeNS checkpoint or a
     fairchem 1.x EquiformerV2 checkpoint (OMat24 / MPtrj models, :mod:`dens.models.fairchem`).
 
-    Official checkpoints are imported with :func:`dens.models.convert.load_official_checkpoint`; the graph
+    Official checkpoints are imported with :func:`dens.models.official.load_official_checkpoint`; the graph
     settings come from their ``config['model']`` (``max_radius``, ``max_neighbors``,
     ``enforce_max_neighbors_strictly``) and the normalisation from their ``normalizers`` (or the
     ``normalizer`` of the training data's transforms).
@@ -481,7 +481,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
         return ForceField.from_checkpoint(path, device=device, use_ema=use_ema, state=state)
     if not isinstance(config.get("model"), Mapping) or "name" not in config["model"]:
         raise ValueError(f"{path} is neither a dens training checkpoint nor an official OCP/DeNS checkpoint")
-    from .models.convert import load_official_checkpoint
+    from .models.official import load_official_checkpoint
 
     backbone = load_official_checkpoint(state, use_ema=use_ema)
     mcfg = config["model"]

@@ -254,8 +254,8 @@ def _fixture_draws(fixture: Mapping[str, Any], sigma: float) -> Any:
 
 def _official_names(model: Any, official_keys: Sequence[str]) -> dict[str, str]:
     """official parameter name -> dens parameter name (the mapping the importers use)."""
-    from .models._official_equiformer import official_to_dens_name
     from .models.equiformer import Equiformer
+    from .models.official import official_to_dens_name
 
     if isinstance(model, Equiformer):
         return {k: official_to_dens_name(k) for k in official_keys}
@@ -333,13 +333,14 @@ def _objective_step(
     from .data import collate
     from .losses import corrupt
     from .models import ForceField
-    from .models._official_equiformer import (
+    from .models.equiformer_v2 import EquiformerV2
+    from .models.official import (
         EQUIFORMER_CLASSES,
+        build_official_model,
         equiformer_from_official_config,
+        import_official_state_dict,
         load_official_equiformer,
     )
-    from .models.convert import build_official_model, import_official_state_dict
-    from .models.equiformer_v2 import EquiformerV2
     from .models.so3 import edge_frames_official
     from .trainer import Trainer, TrainerSettings
 

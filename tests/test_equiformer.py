@@ -8,7 +8,8 @@ from itertools import permutations
 import pytest
 import torch
 
-from dens.models._official_equiformer import (
+from dens.models.equiformer import DepthwiseTensorProduct, Equiformer, EquivariantGraphAttention, IrrepsLinear
+from dens.models.official.equiformer import (
     equiformer_from_official_config,
     export_official_equiformer,
     load_official_equiformer,
@@ -16,7 +17,6 @@ from dens.models._official_equiformer import (
     official_to_dens_name,
     run_equiformer_fixture,
 )
-from dens.models.equiformer import DepthwiseTensorProduct, Equiformer, EquivariantGraphAttention, IrrepsLinear
 from dens.testing import BackboneTests, random_rotation
 
 F64 = torch.float64

@@ -4,8 +4,9 @@ import pytest
 import torch
 from conftest import shared_path
 
-from dens.models import convert
+from dens.models import convert, official
 from dens.models.equiformer_v2 import EquiformerV2
+from dens.models.official.equiformer_v2 import _edge_shift
 from dens.testing import BackboneTests, random_rotation, relative_error
 
 FIXTURES = shared_path("fixtures/official")
@@ -23,7 +24,7 @@ def load(name):
 )
 def test_parity_with_official_fixture(name, dtype, key, tol):
     fixture = load(name)
-    results = convert.run_fixture(fixture, dtype=dtype)
+    results = official.run_fixture(fixture, dtype=dtype)
     assert set(results) == set(fixture[key])
     for mode, outputs in results.items():
         assert set(outputs) == set(fixture[key][mode])
@@ -37,7 +38,7 @@ def test_parity_with_official_fixture(name, dtype, key, tol):
 def test_parity_float64_is_tight():
     # the mapping is exact: float64 agrees to ~3e-8 (the official float32 Wigner constants), far below 1e-6
     fixture = load("eqv2_dens_small")
-    for mode, outputs in convert.run_fixture(fixture).items():
+    for mode, outputs in official.run_fixture(fixture).items():
         for out_key, value in outputs.items():
             assert relative_error(value, fixture["outputs_float64"][mode][out_key]) < 1e-7
 
@@ -65,9 +66,9 @@ def test_31m_preset_and_unknown_preset():
 @needs_fixtures
 def test_state_dict_round_trip_and_errors():
     fixture = load("eqv2_dens_small")
-    model = convert.build_official_model(fixture["model"], fixture["config"])
-    convert.import_official_state_dict(model, {"module." + k: v for k, v in fixture["state_dict"].items()})
-    exported = convert.export_official_state_dict(model)
+    model = official.build_official_model(fixture["model"], fixture["config"])
+    official.import_official_state_dict(model, {"module." + k: v for k, v in fixture["state_dict"].items()})
+    exported = official.export_official_state_dict(model)
     params = {k: v for k, v in fixture["state_dict"].items() if k in exported}
     assert set(exported) == set(params) | {"distance_expansion.offset"} - set() or set(exported) >= set(
         params
@@ -78,7 +79,13 @@ def test_state_dict_round_trip_and_errors():
     broken["blocks.0.ga.extra.weight"] = torch.zeros(1)
     del broken["blocks.1.ffn.so3_linear_2.bias"]
     with pytest.raises(ValueError, match=r"blocks\.0\.ga\.extra\.weight.*blocks\.1\.ffn\.so3_linear_2\.bias"):
-        convert.import_official_state_dict(model, broken)
+        official.import_official_state_dict(model, broken)
+
+
+def test_convert_keeps_the_public_names():
+    # dens.models.convert is the older import path of the official-checkpoint API
+    for name in convert.__all__:
+        assert getattr(convert, name) is getattr(official, name), name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,7 +119,7 @@ def oc20():
     if not FIXTURES.exists():
         pytest.skip("../shared/fixtures/official is absent")
     inp = load("eqv2_small")["inputs"]["s2ef"]
-    shift = convert._edge_shift(inp, torch.float64)
+    shift = _edge_shift(inp, torch.float64)
     return dict(
         z=inp["atomic_numbers"].long(),
         pos=inp["pos"].double(),
@@ -233,7 +240,7 @@ class TestEquiformerV2Backbone(BackboneTests):
         if not FIXTURES.exists():
             pytest.skip("../shared/fixtures/official is absent")
         inp = load("eqv2_small")["inputs"]["s2ef"]
-        shift = convert._edge_shift(inp, torch.float64)
+        shift = _edge_shift(inp, torch.float64)
         target_structure = inp["batch"][inp["edge_index"][1]]
         structures, start = [], 0
         for g, n in enumerate(inp["natoms"].tolist()):

@@ -10,13 +10,13 @@ import torch
 from conftest import shared_path
 
 from dens.models import edge_frames, edge_frames_official, spherical_harmonics, wigner_D
-from dens.models._official_escn import (
+from dens.models.escn import ESCN, sphere_sample_points
+from dens.models.official.escn import (
     config_to_kwargs,
     export_official_escn,
     load_official_escn,
     run_escn_fixture,
 )
-from dens.models.escn import ESCN, sphere_sample_points
 from dens.testing import BackboneTests
 
 FIXTURES = shared_path("fixtures/official")

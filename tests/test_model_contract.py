@@ -141,7 +141,7 @@ def test_an_official_no_encoding_checkpoint_keeps_its_noise_head():
     noise head imported (before: built as a model without DeNS parts, the noise head's weights refused)."""
     from conftest import shared_path
 
-    from dens.models.convert import build_official_model, import_official_state_dict
+    from dens.models.official import build_official_model, import_official_state_dict
 
     fixture = torch.load(shared_path("fixtures/official/eqv2_dens_small.pt"), weights_only=False)
     config = {**fixture["config"], "use_force_encoding": False}

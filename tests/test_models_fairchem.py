@@ -11,7 +11,6 @@ import torch
 
 from dens.data import collate, make_structure
 from dens.data.graph import radius_graph_pbc
-from dens.models.convert import run_fixture
 from dens.models.fairchem import (
     build_fairchem_model,
     export_fairchem_state_dict,
@@ -21,6 +20,7 @@ from dens.models.fairchem import (
     resolve_pretrained,
     save_fairchem_checkpoint,
 )
+from dens.models.official import run_fixture
 from dens.models.potential import ForceField
 from dens.models.stress import assemble_stress, rank2_change_of_basis
 

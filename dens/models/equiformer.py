@@ -28,7 +28,7 @@ The irreps layers (linear maps, depth-wise tensor products, layer norm, gate, ra
 embeddings, the force encoder and the model. Features use e3nn's flat irreps layout ``[N, irreps.dim]`` (each ``mul x l`` block stored as
 ``[mul, 2l+1]``, e3nn's real spherical-harmonics basis), because the multiplicities differ per degree.
 Every tensor-product weight is stored flat in the official order, so official weights import by renaming
-(:mod:`dens.models._official_equiformer`). The Clebsch-Gordan coefficients are e3nn's ``wigner_3j``.
+(:mod:`dens.models.official.equiformer`). The Clebsch-Gordan coefficients are e3nn's ``wigner_3j``.
 
 Symmetry: the edge spherical harmonics are all labelled parity "e" (as in the official MD17 models), so
 the network is equivariant under rotations and translations (SE(3)) but not under reflections: a

@@ -8,7 +8,7 @@ attention block with one output channel read at ``l = 1``) and, for DeNS, the no
 block). The DeNS force encoding enters as an extra initial node embedding (``extra_embedding``).
 
 Parameter names and shapes are the official ones (``atomicarchitects/DeNS``), so official weights
-import exactly (:mod:`dens.models.convert`); buffers (grids, index maps) are computed, not stored.
+import exactly (:mod:`dens.models.official.equiformer_v2`); buffers (grids, index maps) are computed, not stored.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ reproduced to 7e-8 (energy) / 6e-7 (forces); with 'component' the errors would b
 Parameter names follow the official ``eSCN`` / ``eSCN_DenoisingPos`` modules, except
 ``layer_blocks -> layers``, ``message_block -> message``, ``edge_block -> edge``,
 ``so2_block_{source,target} -> so2_{source,target}``, ``sphharm_weights.0 -> sphharm_weights`` and
-``force_embedding -> force_encoder.linear``; :mod:`dens.models._official_escn` maps them.
+``force_embedding -> force_encoder.linear``; :mod:`dens.models.official.escn` maps them.
 """
 
 from __future__ import annotations

@@ -28,14 +28,14 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import load_checkpoint
-from .convert import (
+from .equiformer_v2 import EquiformerV2
+from .official.equiformer_v2 import (
     _EQV2_BUFFER,
     _adopt_official_grids,
     _run_equiformer_v2,
     equiformer_v2_from_official_config,
-    load_mapped_state_dict,
 )
-from .equiformer_v2 import EquiformerV2
+from .official.renames import load_mapped_state_dict
 from .potential import ForceField
 from .stress import FairchemRank2Head, assemble_stress
 

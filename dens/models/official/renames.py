@@ -3,6 +3,7 @@
 A rename is a pair of templates ``(official, dens)``: literal text in which ``{n}`` stands for a block
 index and a trailing ``$`` for the end of the key. :func:`prefix_rules` turns a list of them into the
 regular-expression rules of one direction, so the import and the export can never disagree.
+:func:`load_mapped_state_dict` loads the renamed state dict strictly, naming every key that does not fit.
 
 Examples
 --------
@@ -17,9 +18,11 @@ Examples
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-__all__ = ["apply_rules", "prefix_rules"]
+from torch import Tensor, nn
+
+__all__ = ["apply_rules", "load_mapped_state_dict", "prefix_rules"]
 
 
 def _pattern(template: str, suffix: str) -> str:
@@ -56,3 +59,27 @@ def apply_rules(key: str, rules: Sequence[tuple[str, str]]) -> str:
         if count:
             return new
     return key
+
+
+def load_mapped_state_dict(
+    model: nn.Module, mapped: Mapping[str, Tensor], source: str, unknown: list[str] | None = None
+) -> None:
+    """Load a state dict already renamed to ``model``'s names, strictly, with errors that list the keys.
+
+    ``source`` names where it came from (``official``, ``fairchem``); ``unknown``: keys the renaming could
+    not place, reported with the rest.
+    """
+    expected = model.state_dict()
+    unknown = list(unknown or []) + sorted(set(mapped) - set(expected))
+    missing = sorted(set(expected) - set(mapped))
+    if unknown or missing:
+        raise ValueError(
+            f"{source} state_dict does not match the dens model: unknown keys {unknown[:20]}"
+            f"{' ...' if len(unknown) > 20 else ''}, missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}"
+        )
+    for key, value in mapped.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"{source} {key} has shape {tuple(value.shape)}, dens expects {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(mapped, strict=True)

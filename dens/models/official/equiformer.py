@@ -34,9 +34,9 @@ import torch
 from e3nn import o3
 from torch import Tensor
 
-from ._renames import apply_rules, prefix_rules
-from .equiformer import AVG_DEGREE, AVG_NUM_NODES, PRESETS, Equiformer, EquivariantGraphAttention
-from .irreps import DepthwiseTensorProduct, IrrepsLayerNorm, IrrepsLinear
+from ..equiformer import AVG_DEGREE, AVG_NUM_NODES, PRESETS, Equiformer, EquivariantGraphAttention
+from ..irreps import DepthwiseTensorProduct, IrrepsLayerNorm, IrrepsLinear
+from .renames import apply_rules, prefix_rules
 
 __all__ = [
     "EQUIFORMER_CLASSES",
@@ -51,7 +51,7 @@ __all__ = [
 # official class name -> DeNS model?
 EQUIFORMER_CLASSES = {"GraphAttentionTransformerMD17": False, "Equiformer_MD17_DeNS": True}
 
-# Module names (official, dens) that map one to one (see dens.models._renames: {n} a block index); the
+# Module names (official, dens) that map one to one (see dens.models.official.renames: {n} a block index); the
 # import rules and the export rules are both derived from this list.
 _MODULES: list[tuple[str, str]] = [
     ("atom_embed.atom_type_lin", "atom_embedding"),

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._renames import apply_rules, prefix_rules
-from .escn import ESCN
-from .so3 import edge_frames_official
+from ..escn import ESCN
+from ..so3 import edge_frames_official
+from .renames import apply_rules, prefix_rules
 
 __all__ = [
     "config_to_kwargs",
@@ -29,7 +29,7 @@ __all__ = [
 
 _OUTPUT_KEYS = ("energy", "node_energy", "forces", "force_head", "noise_head")
 
-# (official, dens) names, applied in order (see dens.models._renames: {n} a layer index, $ the key's end);
+# (official, dens) names, applied in order (see dens.models.official.renames: {n} a layer index, $ the key's end);
 # the import and the export rules are both derived from this one list.
 _NAMES: list[tuple[str, str]] = [
     ("layer_blocks.{n}.message_block.edge_block.", "layers.{n}.message.edge."),
