@@ -2,6 +2,8 @@
 
 The SO(3) / SO(2) / S2 core is re-exported flatly here; the model files (EquiformerV2, eSCN, Equiformer)
 build on it, and each conforms to the backbone contract :class:`Backbone` (:mod:`dens.models.interface`).
+Official checkpoints are imported and exported by :mod:`dens.models.official` (not imported here: it
+builds on the models).
 """
 
 from .equiformer import Equiformer
