@@ -413,7 +413,7 @@ def denoising_errors(
     from torch.utils.data import DataLoader
 
     from dens.data import collate
-    from dens.losses import DeNSSettings, corrupt, force_errors
+    from dens.losses import DeNSSettings, corrupt, force_errors, model_inputs
 
     settings = DeNSSettings.from_dict({**dens_cfg, "prob": 1.0})
     generator = torch.Generator().manual_seed(seed)
@@ -423,17 +423,11 @@ def denoising_errors(
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
         corruption = corrupt(batch, settings, generator=generator)
         mask = corruption.head_mask
-        encode = settings.force_encoding
-        out = model(
-            batch,
-            pos=corruption.pos,
-            encoded_forces=batch.forces * settings.force_encoding_scale
-            if encode
-            else torch.zeros_like(batch.forces),
-            encode_mask=mask if encode else torch.zeros_like(batch.fixed),
-            noise_mask=mask,
-            split_heads=True,
+        # the trainer's own door from a corruption to model inputs (encoding only where the model has an encoder)
+        inputs = model_inputs(
+            batch, corruption, settings, model.has_dens_heads, model.has_stress_head, model.has_force_encoder
         )
+        out = model(batch, **inputs)
         noise = corruption.noise[mask]
         err += float(force_errors(out["noise_head"].detach()[mask], noise, settings.sigma).sum())
         zero += float(force_errors(torch.zeros_like(noise), noise, settings.sigma).sum())

@@ -6,9 +6,10 @@
 #   experiments/results/dens_study/run_study.sh            # launch (background; logs in $LOGS)
 #   experiments/results/dens_study/run_study.sh progress   # state of every run
 #   experiments/results/dens_study/run_study.sh report     # summary.md + PNGs from the finished runs
-# Then (optional) the same pairs trained twice as long, baseline and DeNS only, in steps4000/ (runs/logs *4000):
-#   experiments/results/dens_study/run_study.sh long       # two workers, each starts once a main worker is done
-#   experiments/results/dens_study/run_study.sh progress4000 | report4000
+# Then the longer study: baseline and DeNS, 6000 steps (3x), validated every 200 steps, seeds paired in order
+# (seed 0's pair first), one worker at nice 19, in steps6000/ (runs in ${RUNS}6000, log $LOGS/long.log):
+#   experiments/results/dens_study/run_study.sh long
+#   experiments/results/dens_study/run_study.sh progress6000 | report6000
 #   experiments/results/dens_study/run_study.sh stop       # end every worker and its runs (by recorded PID)
 set -euo pipefail
 PY=${PY:-python}  # the interpreter of the environment dens is installed in
@@ -23,27 +24,22 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 case "${1:-launch}" in
   progress) exec "$PY" experiments/small_scale.py --progress --runs "$RUNS" ;;
   report) exec "$PY" experiments/small_scale.py --report --out "$OUT" ;;
-  progress4000) exec "$PY" experiments/small_scale.py --progress --runs "${RUNS}4000" ;;
-  report4000) exec "$PY" experiments/small_scale.py --report --out "$OUT/steps4000" ;;
+  progress6000) exec "$PY" experiments/small_scale.py --progress --runs "${RUNS}6000" ;;
+  report6000) exec "$PY" experiments/small_scale.py --report --out "$OUT/steps6000" ;;
   long-worker)
-    LONG=("${ARGS[@]/#2000/4000}")
-    LONG=("${LONG[@]/#$OUT/$OUT/steps4000}")
-    LONG=("${LONG[@]/#$RUNS/${RUNS}4000}")
-    # first any main run that failed (e.g. at its evaluation): it resumes from its checkpoint
-    "$PY" experiments/small_scale.py "${ARGS[@]}" --variant baseline dens dens_no_fe --reference --report
-    "$PY" experiments/small_scale.py "${LONG[@]}" --variant baseline dens
-    "$PY" experiments/small_scale.py "${LONG[@]}" --variant baseline --reference --report ;;
-  long)  # wait for the main workers (one each), then the longer runs: never more than two runs at a time
+    LONG=("${ARGS[@]/#2000/6000}")
+    LONG=("${LONG[@]/#$OUT/$OUT/steps6000}")
+    LONG=("${LONG[@]/#$RUNS/${RUNS}6000}")
+    LONG=("${LONG[@]/#--override=trainer.eval_every=100/--override=trainer.eval_every=200}")
+    for seed in 0 1 2; do  # complete pairs first
+      "$PY" experiments/small_scale.py "${LONG[@]}" --seeds "$seed" --variant baseline dens  # the last --seeds wins
+    done
+    "$PY" experiments/small_scale.py --report --out "$OUT/steps6000" ;;
+  long)
     mkdir -p "$LOGS"
-    mapfile -t MAIN < "$LOGS/workers.pid"
-    for w in 1 2; do
-      pid=${MAIN[$((w - 1))]}
-      nohup nice -n 10 bash -c "while kill -0 $pid 2>/dev/null; do sleep 15; done; exec '$0' long-worker" \
-        > "$LOGS/long_worker$w.log" 2>&1 &
-      echo $! >> "$LOGS/long_workers.pid"
-      echo "long worker $w: PID $! (after PID $pid; log $LOGS/long_worker$w.log)"
-      sleep 1
-    done ;;
+    nohup nice -n 19 "$0" long-worker > "$LOGS/long.log" 2>&1 &
+    echo $! >> "$LOGS/long_workers.pid"
+    echo "long worker: PID $! (log $LOGS/long.log)" ;;
   worker)  # the main comparison first (complete pairs early), then Table 6 Index 3, then the reference
     "$PY" experiments/small_scale.py "${ARGS[@]}" --variant baseline dens
     "$PY" experiments/small_scale.py "${ARGS[@]}" --variant dens_no_fe
@@ -65,6 +61,6 @@ case "${1:-launch}" in
         for p in $pids; do kill "$p" 2>/dev/null || true; done
       done < "$f"
     done
-    rm -f "$RUNS"/*.lock "${RUNS}4000"/*.lock ;;
-  *) echo "usage: $0 [launch|progress|report|long|progress4000|report4000|stop]" >&2; exit 2 ;;
+    rm -f "$RUNS"/*.lock "${RUNS}6000"/*.lock ;;
+  *) echo "usage: $0 [launch|progress|report|long|progress6000|report6000|stop]" >&2; exit 2 ;;
 esac
