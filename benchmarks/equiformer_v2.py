@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -144,15 +145,20 @@ def _omp_env(policy: str, root: Path | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if policy.startswith("spin:"):  # libgomp's spin, shortened to N iterations before sleeping
         return {**env, "GOMP_SPINCOUNT": policy[5:]}
-    if policy == "dens":
-        probe = "import os, dens; print(os.environ.get('OMP_WAIT_POLICY', ''))"
-        path = os.pathsep.join(str(p) for p in (root, REPO) if p is not None)
-        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                              env={**env, "PYTHONPATH": path}, cwd=root or REPO)  # fmt: skip
-        value = done.stdout.strip()
-    else:
-        value = {"spin": "", "passive": "PASSIVE"}[policy]
+    value = _dens_wait_policy(root) if policy == "dens" else {"spin": "", "passive": "PASSIVE"}[policy]
     return {**env, "OMP_WAIT_POLICY": value} if value else env
+
+
+@functools.cache
+def _dens_wait_policy(root: Path | None) -> str:
+    """``OMP_WAIT_POLICY`` as dens (of ``root``, or this tree) leaves it when imported before torch (one
+    probe per revision, not per case)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    probe = "import os, dens; print(os.environ.get('OMP_WAIT_POLICY', ''))"
+    path = os.pathsep.join(str(p) for p in (root, REPO) if p is not None)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                          env={**env, "PYTHONPATH": path}, cwd=root or REPO)  # fmt: skip
+    return done.stdout.strip()
 
 
 def main() -> None:
