@@ -7,7 +7,7 @@
 #   experiments/results/dens_study/run_study.sh progress   # state of every run
 #   experiments/results/dens_study/run_study.sh report     # summary.md + PNGs from the finished runs
 # Then the longer study: baseline and DeNS, 6000 steps (3x), validated every 200 steps, seeds paired in order
-# (seed 0's pair first), one worker at nice 19, in steps6000/ (runs in ${RUNS}6000, log $LOGS/long.log):
+# (seed 0's pair first; seeds 0-4, or $LONG_SEEDS), then DeNS without force encoding, one worker at nice 19, in steps6000/ (runs in ${RUNS}6000, log $LOGS/long.log):
 #   experiments/results/dens_study/run_study.sh long
 #   experiments/results/dens_study/run_study.sh progress6000 | report6000
 #   experiments/results/dens_study/run_study.sh stop       # end every worker and its runs (by recorded PID)
@@ -31,8 +31,11 @@ case "${1:-launch}" in
     LONG=("${LONG[@]/#$OUT/$OUT/steps6000}")
     LONG=("${LONG[@]/#$RUNS/${RUNS}6000}")
     LONG=("${LONG[@]/#--override=trainer.eval_every=100/--override=trainer.eval_every=200}")
-    for seed in 0 1 2; do  # complete pairs first
+    for seed in ${LONG_SEEDS:-0 1 2 3 4}; do  # complete pairs first
       "$PY" experiments/small_scale.py "${LONG[@]}" --seeds "$seed" --variant baseline dens  # the last --seeds wins
+    done
+    for seed in ${LONG_SEEDS:-0 1 2 3 4}; do  # then Table 6 Index 3 (DeNS without force encoding)
+      "$PY" experiments/small_scale.py "${LONG[@]}" --seeds "$seed" --variant dens_no_fe
     done
     "$PY" experiments/small_scale.py --report --out "$OUT/steps6000" ;;
   long)
