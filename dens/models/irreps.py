@@ -103,6 +103,7 @@ class IrrepsLinear(nn.Module):
         # (mul, 2l+1) per block as plain ints: forward never touches e3nn objects (torch.compile guards)
         self.in_blocks = tuple((mul, ir.dim) for mul, ir in self.irreps_in)
         self.out_blocks = tuple((mul, ir.dim) for mul, ir in self.irreps_out)
+        self.in_irreps = tuple((ir.l, ir.p) for _, ir in self.irreps_in)
         self.paths: list[tuple[int, int, slice]] = []
         offset = 0
         for i, (mul_in, ir_in) in enumerate(self.irreps_in):
@@ -110,17 +111,17 @@ class IrrepsLinear(nn.Module):
                 if ir_in == ir_out:
                     self.paths.append((i, o, slice(offset, offset + mul_in * mul_out)))
                     offset += mul_in * mul_out
+        # per input block, its (path, output block) pairs
+        self.block_paths = tuple(
+            tuple((k, o) for k, (i, o, _) in enumerate(self.paths) if i == block)
+            for block in range(len(self.in_blocks))
+        )
         self.weight = nn.Parameter(torch.empty(offset))
-        # biases on the even-scalar outputs, in order (official: one per block of the merged irreps)
-        simplified = self.irreps_out.simplify()
-        bias_index = [
-            c
-            for (_, ir), sl in zip(simplified, simplified.slices(), strict=True)
-            if is_scalar(ir)
-            for c in range(sl.start, sl.stop)
-        ]
-        self.register_buffer("bias_index", torch.tensor(bias_index, dtype=torch.long), persistent=False)
-        self.bias = nn.Parameter(torch.zeros(len(bias_index))) if bias and bias_index else None
+        # biases on the even-scalar outputs, in order (official: one per block of the merged irreps, which
+        # holds the same channels as the unmerged blocks, in the same order)
+        self.bias_blocks = tuple(o for o, (_, ir) in enumerate(self.irreps_out) if is_scalar(ir))
+        num_bias = sum(self.out_blocks[o][0] for o in self.bias_blocks)
+        self.bias = nn.Parameter(torch.zeros(num_bias)) if bias and num_bias else None
         self.reset_parameters()
 
     def fan_in(self, out_block: int) -> int:
@@ -132,27 +133,38 @@ class IrrepsLinear(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def _input_blocks(self, x: Tensor | list[Tensor]) -> list[tuple[int, int, Tensor]]:
-        """``(input block, first channel, [n, mul, 2l+1] tensor)`` pieces of the input.
+    def _input_pieces(self, x: Tensor | list[Tensor]) -> list[tuple[list[tuple[int, int, int]], Tensor]]:
+        """The ``[n, mul, 2l+1]`` pieces of the input, each with the ``(block, first, channels)`` it spans.
 
-        A list input holds consecutive pieces (e.g. the unmerged output blocks of a tensor product); several
-        pieces may make up one block of ``irreps_in``. Passing pieces instead of one concatenated tensor saves
-        a concatenation, whose double backward (gradient forces) costs a full-size buffer per piece.
+        A list input holds consecutive pieces: several may make up one block of ``irreps_in``, and one may
+        span several consecutive blocks of the same irrep (e.g. a grouped output block of
+        :class:`DepthwiseTensorProduct` into an unmerged ``irreps_in``). Passing pieces instead of one
+        concatenated tensor saves a concatenation, whose double backward (gradient forces) costs a
+        full-size buffer per piece.
         """
         if isinstance(x, Tensor):
             xs = x.split([mul * dim for mul, dim in self.in_blocks], dim=1)
             return [
-                (i, 0, xi.reshape(x.shape[0], mul, dim))
+                ([(i, 0, mul)], xi.reshape(x.shape[0], mul, dim))
                 for i, (xi, (mul, dim)) in enumerate(zip(xs, self.in_blocks, strict=True))
             ]
         pieces, block, used = [], 0, 0
         for piece in x:
-            if block >= len(self.in_blocks) or piece.shape[2] != self.in_blocks[block][1]:
-                raise ValueError(f"input pieces do not match {self.irreps_in}")
-            pieces.append((block, used, piece))
-            used += piece.shape[1]
-            if used == self.in_blocks[block][0]:
-                block, used = block + 1, 0
+            spans: list[tuple[int, int, int]] = []
+            left = piece.shape[1]
+            while left > 0 or not spans:
+                if (
+                    block >= len(self.in_blocks)
+                    or piece.shape[2] != self.in_blocks[block][1]
+                    or (spans and self.in_irreps[block] != self.in_irreps[spans[0][0]])
+                ):
+                    raise ValueError(f"input pieces do not match {self.irreps_in}")
+                take = min(left, self.in_blocks[block][0] - used)
+                spans.append((block, used, take))
+                used, left = used + take, left - take
+                if used == self.in_blocks[block][0]:
+                    block, used = block + 1, 0
+            pieces.append((spans, piece))
         if block != len(self.in_blocks):
             raise ValueError(f"input pieces do not cover {self.irreps_in}")
         return pieces
@@ -162,41 +174,54 @@ class IrrepsLinear(nn.Module):
 
         ``scales``: with a list input, a ``[mul]`` factor per channel of each piece, applied to the weight
         rows (see :meth:`DepthwiseTensorProduct.unweighted_blocks`).
+
+        Each piece takes one matrix product per output block it reaches: its weight rows are gathered from
+        the paths of the input blocks it spans (parameters only, small), and the products of the pieces
+        accumulate in place (``addmm``), starting from the bias where there is one.
         """
-        pieces = self._input_blocks(x)
+        pieces = self._input_pieces(x)
         if scales is not None and len(scales) != len(pieces):
             raise ValueError(f"{len(scales)} scales for {len(pieces)} input pieces")
-        n = pieces[0][2].shape[0]
+        n = pieces[0][1].shape[0]
         # split the weight once: a slice per path would cost a full-size zero gradient each in backward
         ws = self.weight.split([sl.stop - sl.start for _, _, sl in self.paths])
+        bias: list[Tensor | None] = [None] * len(self.out_blocks)
+        if self.bias is not None:
+            split = self.bias.split([self.out_blocks[o][0] for o in self.bias_blocks])
+            for o, b in zip(self.bias_blocks, split, strict=True):
+                bias[o] = b
         # accumulated component-major, [n (2l+1), mul_out]: a piece that is a transposed view of a contiguous
         # [n, 2l+1, mul_in] tensor (DepthwiseTensorProduct's blocks) is then a plain matrix product, no copy
         blocks: list[Tensor | None] = [None] * len(self.out_blocks)
-        for (i, o, _), w in zip(self.paths, ws, strict=True):
-            w = w.view(self.in_blocks[i][0], self.out_blocks[o][0])
-            for index, (block, first, piece) in enumerate(pieces):
-                if block == i:
-                    # [n (2l+1), mul_in]: a view for component-major pieces, a copy otherwise
-                    mul_in, dim = piece.shape[1], piece.shape[2]
-                    piece = piece.transpose(1, 2).reshape(n * dim, mul_in)
-                    w_piece = w[first : first + mul_in]
-                    if scales is not None:
-                        w_piece = scales[index].unsqueeze(1) * w_piece
-                    # accumulate inside the product (addmm): no separate pass to add the paths
-                    acc = blocks[o]
-                    blocks[o] = piece @ w_piece if acc is None else torch.addmm(acc, piece, w_piece)
+        for index, (spans, piece) in enumerate(pieces):
+            # all spanned blocks hold the same irrep, hence reach the same output blocks
+            targets = self.block_paths[spans[0][0]]
+            if not targets:
+                continue
+            # [n (2l+1), mul_in]: a view for component-major pieces, a copy otherwise
+            mul_in, dim = piece.shape[1], piece.shape[2]
+            matrix = piece.transpose(1, 2).reshape(n * dim, mul_in)
+            for t, (_, o) in enumerate(targets):
+                mul_out = self.out_blocks[o][0]
+                rows = [
+                    ws[self.block_paths[i][t][0]].view(self.in_blocks[i][0], mul_out)[first : first + count]
+                    for i, first, count in spans
+                ]
+                w = rows[0] if len(rows) == 1 else torch.cat(rows)
+                if scales is not None:
+                    w = scales[index].unsqueeze(1) * w
+                # accumulate inside the product (addmm): no separate pass to add the pieces or the bias
+                acc = blocks[o] if blocks[o] is not None else bias[o]
+                blocks[o] = matrix @ w if acc is None else torch.addmm(acc, matrix, w)
         parts = [
             (
                 b.view(n, dim, mul).transpose(1, 2).reshape(n, mul * dim)
                 if b is not None
-                else self.weight.new_zeros(n, mul * dim)
+                else self.weight.new_zeros(n, mul * dim) + (0.0 if c is None else c)
             )
-            for b, (mul, dim) in zip(blocks, self.out_blocks, strict=True)
+            for b, c, (mul, dim) in zip(blocks, bias, self.out_blocks, strict=True)
         ]
-        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        if self.bias is not None:
-            out = out + self.bias.new_zeros(out.shape[1]).index_copy(0, self.bias_index, self.bias)
-        return out
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} -> {self.irreps_out}, bias={self.bias is not None}"
@@ -254,6 +279,27 @@ class DepthwiseTensorProduct(nn.Module):
             self.paths.append((i, j, position[k], ls, slice(offset, offset + mul)))
             offset += mul
         self.weight_numel = offset
+        # output groups: the paths into one irrep, consecutive after sorting (the blocks of
+        # irreps_out.simplify()), as (2l3+1, output positions); and the weight columns in group order
+        self.groups: list[tuple[int, list[int]]] = []
+        for position, (_, ir) in enumerate(self.irreps_out):
+            if position and ir == self.irreps_out[position - 1].ir:
+                self.groups[-1][1].append(position)
+            else:
+                self.groups.append((ir.dim, [position]))
+        path_at = {p[2]: k for k, p in enumerate(self.paths)}
+        order = [
+            c
+            for _, ps in self.groups
+            for p in ps
+            for c in range(self.paths[path_at[p]][4].start, self.paths[path_at[p]][4].stop)
+        ]
+        self.group_numels = [sum(self.irreps_out[p].mul for p in ps) for _, ps in self.groups]
+        self.register_buffer(
+            "weight_order",
+            torch.tensor(order, dtype=torch.long) if order != list(range(offset)) else None,
+            persistent=False,
+        )
         for ls in sorted({p[3] for p in self.paths}):
             self.register_buffer(self._cg_name(ls), o3.wigner_3j(*ls, dtype=torch.float64), persistent=False)
         # Per input block, all its paths at once: y = (sum_s Y_s(r) C_i[s]) @ x_i -> [E, K_i, mul], with the
@@ -309,16 +355,19 @@ class DepthwiseTensorProduct(nn.Module):
         """``x [E, irreps_in.dim]``, ``sh [E, irreps_sh.dim]``, ``weight [E, weight_numel]`` (external).
 
         ``x`` may also have a single row, shared by all edges (e.g. a constant input).
-        Returns ``[E, irreps_out.dim]``, or with ``as_blocks`` the list of ``[E, mul, 2l+1]`` output blocks
-        (for :class:`IrrepsLinear`, saving a concatenation).
+        Returns ``[E, irreps_out.dim]``, or with ``as_blocks`` one ``[E, mul, 2l+1]`` block per block of
+        ``irreps_out.simplify()`` (for :class:`IrrepsLinear`, saving a concatenation).
 
         Notes
         -----
-        The blocks are computed component-major, ``[E, 2l+1, mul]`` contiguous, and returned as transposed
-        views: :class:`IrrepsLinear` then multiplies them as ``[E (2l+1), mul]`` matrices without copying,
-        and the per-edge, per-channel weight multiplies each path's block directly (no weight expanded to
-        every component). With a small batch the step is bound by the memory traffic of these per-edge
-        tensors (forward, backward and the double backward of gradient forces), so every pass saved counts.
+        The paths into one irrep are consecutive in ``irreps_out`` and computed as one group: their blocks
+        side by side, component-major, ``[E, 2l+1, mul]`` contiguous, times the group's weights in one
+        product, and returned as a transposed view. Flattened mul-major, a group is the concatenation of its
+        paths' blocks, so the flat output is that of the unmerged ``irreps_out``. :class:`IrrepsLinear`
+        multiplies the groups as ``[E (2l+1), mul]`` matrices without copying, and the per-edge, per-channel
+        weight multiplies each group directly (no weight expanded to every component). With a small batch
+        the step is bound by the number of small operations (forward, backward and the double backward of
+        gradient forces), so one operation per group rather than per path counts.
         """
         if weight is None:
             if self.weight is None:
@@ -331,7 +380,7 @@ class DepthwiseTensorProduct(nn.Module):
         return torch.cat([y.reshape(n, y.shape[1] * y.shape[2]) for y in out], dim=1)
 
     def unweighted_blocks(self, x: Tensor, sh: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """The output blocks before the internal weights, and those weights (``[mul]`` per block).
+        """The grouped output blocks before the internal weights, and those weights (``[mul]`` per group).
 
         For a linear map that follows (:class:`IrrepsLinear` with ``scales``): a weight per path and channel,
         shared by all edges, scales the linear's matrix rows instead of every edge's block, which saves a
@@ -339,20 +388,20 @@ class DepthwiseTensorProduct(nn.Module):
         """
         if self.weight is None:
             raise ValueError("this tensor product has per-edge weights: use forward")
-        ws = self.weight.split([sl.stop - sl.start for *_, sl in self.paths])
-        scales: list[Tensor | None] = [None] * len(self.paths)
-        for (_, _, position, _, _), w in zip(self.paths, ws, strict=True):
-            scales[position] = w
-        return self._blocks(x, sh, None), scales  # type: ignore[return-value]
+        return self._blocks(x, sh, None), list(self._group_weights(self.weight))
+
+    def _group_weights(self, weight: Tensor) -> tuple[Tensor, ...]:
+        """``weight [..., weight_numel]`` split into ``[..., mul]`` per group (one reordering)."""
+        if self.weight_order is not None:
+            weight = weight.index_select(-1, self.weight_order)
+        return weight.split(self.group_numels, dim=-1)
 
     def _blocks(self, x: Tensor, sh: Tensor, weight: Tensor | None) -> list[Tensor]:
-        """Output blocks ``[E, mul, 2l+1]`` (transposed views), times ``weight [E or 1, weight_numel]``."""
+        """Grouped output blocks ``[E, mul, 2l+1]`` (transposed views), times ``weight [E or 1, weight_numel]``."""
         n = sh.shape[0]
         # split once (per-path slices would each cost a full-size zero gradient in backward)
         xs = x.split([mul * dim for mul, dim in self.in_blocks], dim=1)
-        numels = [len(paths) * mul for paths, (mul, _) in zip(self.block_paths, self.in_blocks, strict=True)]
-        ws = weight.split(numels, dim=1) if weight is not None else [None] * len(numels)
-        out: list[Tensor | None] = [None] * len(self.paths)
+        out: list[Tensor | None] = [None] * len(self.paths)  # [E, 2l3+1, mul] per output position
         for i, paths in enumerate(self.block_paths):
             if not paths:
                 continue
@@ -361,24 +410,27 @@ class DepthwiseTensorProduct(nn.Module):
             # explicit sizes: a graph without edges (n = 0) leaves no dimension to infer
             coupling = (sh @ stack.reshape(stack.shape[0], -1)).view(n, stack.shape[1], dim)  # [E, K, 2l1+1]
             xi = xs[i].reshape(x.shape[0], mul, dim).transpose(1, 2)  # [E or 1, 2l1+1, mul]
-            w = None if ws[i] is None else ws[i].reshape(ws[i].shape[0], len(paths), mul)  # [E|1, paths, mul]
             dims = [2 * self.paths[k][3][2] + 1 for k in paths]
-            if dim == 1:
-                # scalars in: each path is an outer product; weighting x first touches only small tensors
-                xws = [xi] * len(paths) if w is None else (xi * w).split(1, dim=1)  # [E, 1, mul] each
-                blocks = [c * v for c, v in zip(coupling.split(dims, dim=1), xws, strict=True)]
+            if dim == 1:  # scalars in: each path is an outer product
+                blocks = [c * xi for c in coupling.split(dims, dim=1)]
             else:
                 if x.shape[0] == 1 and n != 1:  # one input for all edges: one plain matrix product
                     y = (coupling.reshape(n * stack.shape[1], dim) @ xi[0]).view(n, stack.shape[1], mul)
                 else:  # a batched product of small matrices; a product per path would cost more calls
                     y = torch.bmm(coupling, xi)  # [E, K, mul]
                 # split, not sliced: a slice per path would cost a full-size zero gradient each in backward
-                blocks = list(y.split(dims, dim=1))
-                if w is not None:
-                    blocks = [b * wp for b, wp in zip(blocks, w.split(1, dim=1), strict=True)]
+                blocks = y.split(dims, dim=1)
             for k, block in zip(paths, blocks, strict=True):
-                out[self.paths[k][2]] = block.transpose(1, 2)  # [E, mul, 2l3+1] view
-        return out  # type: ignore[return-value]
+                out[self.paths[k][2]] = block
+        ws = self._group_weights(weight) if weight is not None else [None] * len(self.groups)
+        groups = []
+        for (_, positions), w in zip(self.groups, ws, strict=True):
+            parts = [out[p] for p in positions]
+            y = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]  # [E, 2l3+1, mul]
+            if w is not None:
+                y = y * w.unsqueeze(1)
+            groups.append(y.transpose(1, 2))  # [E, mul, 2l3+1] view
+        return groups
 
     def extra_repr(self) -> str:
         kind = "internal" if self.weight is not None else "external"
