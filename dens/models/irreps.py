@@ -134,7 +134,10 @@ class IrrepsLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _input_pieces(self, x: Tensor | list[Tensor]) -> list[tuple[list[tuple[int, int, int]], Tensor]]:
-        """The ``[n, mul, 2l+1]`` pieces of the input, each with the ``(block, first, channels)`` it spans.
+        """The pieces of the input, each with the ``(block, first, channels)`` it spans.
+
+        A piece is ``[n, mul, 2l+1]`` for a list input, or the ``[n, mul (2l+1)]`` columns of one block for a
+        tensor input.
 
         A list input holds consecutive pieces: several may make up one block of ``irreps_in``, and one may
         span several consecutive blocks of the same irrep (e.g. a grouped output block of
@@ -145,8 +148,7 @@ class IrrepsLinear(nn.Module):
         if isinstance(x, Tensor):
             xs = x.split([mul * dim for mul, dim in self.in_blocks], dim=1)
             return [
-                ([(i, 0, mul)], xi.reshape(x.shape[0], mul, dim))
-                for i, (xi, (mul, dim)) in enumerate(zip(xs, self.in_blocks, strict=True))
+                ([(i, 0, mul)], xi) for i, (xi, (mul, _)) in enumerate(zip(xs, self.in_blocks, strict=True))
             ]
         pieces, block, used = [], 0, 0
         for piece in x:
@@ -182,7 +184,7 @@ class IrrepsLinear(nn.Module):
         pieces = self._input_pieces(x)
         if scales is not None and len(scales) != len(pieces):
             raise ValueError(f"{len(scales)} scales for {len(pieces)} input pieces")
-        n = pieces[0][1].shape[0]
+        n, flat = pieces[0][1].shape[0], isinstance(x, Tensor)
         # split the weight once: a slice per path would cost a full-size zero gradient each in backward
         ws = self.weight.split([sl.stop - sl.start for _, _, sl in self.paths])
         bias: list[Tensor | None] = [None] * len(self.out_blocks)
@@ -198,13 +200,20 @@ class IrrepsLinear(nn.Module):
             targets = self.block_paths[spans[0][0]]
             if not targets:
                 continue
-            # [n (2l+1), mul_in]: a view for component-major pieces, a copy otherwise
-            mul_in, dim = piece.shape[1], piece.shape[2]
-            matrix = piece.transpose(1, 2).reshape(n * dim, mul_in)
+            # [n (2l+1), mul_in]: a view for scalars and component-major pieces, a copy otherwise
+            dim = self.in_blocks[spans[0][0]][1]
+            mul_in = sum(count for *_, count in spans)
+            if dim == 1:
+                matrix = piece if flat else piece.squeeze(2)
+            else:
+                piece = piece.view(n, mul_in, dim) if flat else piece
+                matrix = piece.transpose(1, 2).reshape(n * dim, mul_in)
             for t, (_, o) in enumerate(targets):
                 mul_out = self.out_blocks[o][0]
                 rows = [
-                    ws[self.block_paths[i][t][0]].view(self.in_blocks[i][0], mul_out)[first : first + count]
+                    self._rows(
+                        ws[self.block_paths[i][t][0]].view(self.in_blocks[i][0], mul_out), first, count
+                    )
                     for i, first, count in spans
                 ]
                 w = rows[0] if len(rows) == 1 else torch.cat(rows)
@@ -213,15 +222,19 @@ class IrrepsLinear(nn.Module):
                 # accumulate inside the product (addmm): no separate pass to add the pieces or the bias
                 acc = blocks[o] if blocks[o] is not None else bias[o]
                 blocks[o] = matrix @ w if acc is None else torch.addmm(acc, matrix, w)
-        parts = [
-            (
-                b.view(n, dim, mul).transpose(1, 2).reshape(n, mul * dim)
-                if b is not None
-                else self.weight.new_zeros(n, mul * dim) + (0.0 if c is None else c)
-            )
-            for b, c, (mul, dim) in zip(blocks, bias, self.out_blocks, strict=True)
-        ]
+        parts = []
+        for b, c, (mul, dim) in zip(blocks, bias, self.out_blocks, strict=True):
+            if b is None:  # no input reaches this block
+                b = self.weight.new_zeros(n, mul * dim) if c is None else c.repeat(n, 1)
+            elif dim > 1:  # mul-major
+                b = b.view(n, dim, mul).transpose(1, 2).reshape(n, mul * dim)
+            parts.append(b)
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    @staticmethod
+    def _rows(w: Tensor, first: int, count: int) -> Tensor:
+        """Rows ``first:first + count`` of ``w``; all of it unsliced (a slice costs an op and a zero gradient)."""
+        return w if first == 0 and count == w.shape[0] else w[first : first + count]
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} -> {self.irreps_out}, bias={self.bias is not None}"
