@@ -520,21 +520,23 @@ class IrrepsLayerNorm(nn.Module):
         self.affine_bias = nn.Parameter(torch.zeros(sum(m for m, ir in self.irreps if is_scalar(ir))))
 
     def forward(self, x: Tensor) -> Tensor:
-        fields, iw, ib = [], 0, 0
+        n = x.shape[0]
         blocks = x.split([mul * dim for mul, dim, _ in self.blocks], dim=1)
-        for (mul, dim, scalar), block in zip(self.blocks, blocks, strict=True):
-            field = block.reshape(-1, mul, dim)
-            if scalar:
-                field = field - field.mean(dim=1, keepdim=True)
-            norm = field.pow(2).mean(dim=-1).mean(dim=1, keepdim=True)
-            scale = (norm + self.eps).pow(-0.5) * self.affine_weight[iw : iw + mul]
-            iw += mul
-            field = field * scale.unsqueeze(-1)
-            if scalar:
-                field = field + self.affine_bias[ib : ib + mul].unsqueeze(-1)
-                ib += mul
-            fields.append(field.reshape(-1, mul * dim))
-        return torch.cat(fields, dim=-1)
+        # the affine parameters split once: a slice per block would cost an op and a zero gradient each
+        weights = self.affine_weight.split([mul for mul, _, _ in self.blocks])
+        biases = iter(self.affine_bias.split([mul for mul, _, scalar in self.blocks if scalar]))
+        fields = []
+        for (mul, dim, scalar), block, weight in zip(self.blocks, blocks, weights, strict=True):
+            if dim == 1:  # [n, mul] as it is, no reshapes
+                field = block - block.mean(dim=1, keepdim=True) if scalar else block
+                scale = torch.rsqrt(field.pow(2).mean(dim=1, keepdim=True) + self.eps) * weight
+                fields.append(torch.addcmul(next(biases), field, scale) if scalar else field * scale)
+            else:
+                field = block.reshape(n, mul, dim)
+                norm = field.pow(2).mean(dim=(1, 2), keepdim=True)  # [n, 1, 1]
+                scale = torch.rsqrt(norm + self.eps) * weight.unsqueeze(1)  # [n, mul, 1]
+                fields.append((field * scale).reshape(n, mul * dim))
+        return torch.cat(fields, dim=1)
 
 
 class Gate(nn.Module):
