@@ -487,3 +487,59 @@ def test_nve_energy_conservation(shared_dir):
     drift = np.abs(np.array(totals) - total0)
     assert torch.cdist(x, x).max() < 4.5  # still bound, inside the cutoff
     assert drift.max() < 1e-2, f"total-energy drift {drift.max():.3e} kcal/mol"
+
+
+# ------------------------------------------------------------------------------- grouped tensor product
+def _tp_reference(tp: DepthwiseTensorProduct, x: torch.Tensor, sh: torch.Tensor, weight: torch.Tensor):
+    """The flat tensor-product output path by path, from e3nn's ``wigner_3j``: an independent layout check."""
+    from e3nn import o3
+
+    out = x.new_zeros(sh.shape[0], tp.irreps_out.dim)
+    x_slices, sh_slices, out_slices = tp.irreps_in.slices(), tp.irreps_sh.slices(), tp.irreps_out.slices()
+    x = x.expand(sh.shape[0], -1)
+    for i, j, position, (l1, l2, l3), sl in tp.paths:
+        mul = tp.irreps_in[i].mul
+        xi = x[:, x_slices[i]].reshape(sh.shape[0], mul, 2 * l1 + 1)
+        cg = o3.wigner_3j(l1, l2, l3, dtype=x.dtype) * math.sqrt(2 * l3 + 1)
+        block = torch.einsum("eua,eb,abc->euc", xi, sh[:, sh_slices[j]], cg) * weight[:, sl].unsqueeze(-1)
+        out[:, out_slices[position]] = block.reshape(sh.shape[0], mul * (2 * l3 + 1))
+    return out
+
+
+@pytest.mark.parametrize("edges", [5, 1, 0])
+@pytest.mark.parametrize("rows", ["edges", "one"])
+def test_tensor_product_groups_paths_by_output_irrep(edges, rows):
+    """One ``[E, mul, 2l+1]`` block per irrep of ``irreps_out.simplify()``, in the unmerged flat layout; a
+    linear map takes the groups whole, also into unmerged input irreps (one piece over several blocks)."""
+    torch.manual_seed(0)
+    tp = DepthwiseTensorProduct("4x0e+2x1e+3x2e", "1x0e+1x1e+1x2e", "1x0e+1x1e+1x2e").double()
+    x = torch.randn(edges if rows == "edges" else 1, tp.irreps_in.dim, dtype=F64)
+    sh, weight = torch.randn(edges, 9, dtype=F64), torch.randn(edges, tp.weight_numel, dtype=F64)
+    blocks = tp(x, sh, weight, as_blocks=True)
+    merged = tp.irreps_out.simplify()
+    assert [b.shape for b in blocks] == [(edges, mul, ir.dim) for mul, ir in merged]
+    flat = tp(x, sh, weight)
+    torch.testing.assert_close(
+        flat, torch.cat([b.reshape(edges, b.shape[1] * b.shape[2]) for b in blocks], dim=1)
+    )
+    torch.testing.assert_close(flat, _tp_reference(tp, x, sh, weight))
+    for irreps_in in (tp.irreps_out, merged):  # unmerged: the 0e group spans three input blocks
+        linear = IrrepsLinear(irreps_in, "3x0e+2x1e+1x2e").double()
+        torch.testing.assert_close(linear(blocks), linear(flat))
+
+
+def test_linear_scales_and_mismatched_pieces():
+    torch.manual_seed(0)
+    tp = DepthwiseTensorProduct("4x0e+2x1e", "1x0e+1x1e", "1x0e+1x1e", internal_weights=True).double()
+    x, sh = torch.randn(6, tp.irreps_in.dim, dtype=F64), torch.randn(6, 4, dtype=F64)
+    linear = IrrepsLinear(tp.irreps_out.simplify(), "3x0e+1x1e").double()
+    blocks, scales = tp.unweighted_blocks(x, sh)
+    assert [s.shape[0] for s in scales] == [b.shape[1] for b in blocks]
+    torch.testing.assert_close(linear(blocks, scales), linear(tp(x, sh)))
+    with pytest.raises(ValueError, match="do not cover"):
+        linear(blocks[:1])
+    with pytest.raises(ValueError, match="do not match"):
+        linear(blocks[::-1])
+    unmerged = IrrepsLinear("2x0e+3x0o", "1x0e").double()
+    with pytest.raises(ValueError, match="do not match"):  # same dimension, another irrep
+        unmerged([torch.randn(6, 5, 1, dtype=F64)])
