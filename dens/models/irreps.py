@@ -246,7 +246,9 @@ class DepthwiseTensorProduct(nn.Module):
     Every input block ``mul x l1`` is combined with every harmonic ``l2`` into each ``l3`` that
     ``irreps_filter`` contains (plus odd scalars, as in the official code); every channel keeps its own
     weight, shared over edges (``internal_weights``) or given per edge (from a radial MLP). The output
-    blocks are sorted by degree, even parity first, and not merged (official ``DepthwiseTensorProduct``).
+    blocks are sorted by degree, even parity first, and not merged (official ``DepthwiseTensorProduct``);
+    the paths into one irrep, consecutive there, are computed as one group (``as_blocks``: one block per
+    irrep of ``irreps_out.simplify()``).
 
     The path coefficient is ``sqrt(2 l3 + 1) * wigner_3j(l1, l2, l3)`` (e3nn 'component' normalisation, no
     path normalisation), with e3nn's ``wigner_3j`` in double precision (buffers ``cg_{l1}_{l2}_{l3}``,
@@ -292,22 +294,19 @@ class DepthwiseTensorProduct(nn.Module):
             self.paths.append((i, j, position[k], ls, slice(offset, offset + mul)))
             offset += mul
         self.weight_numel = offset
-        # output groups: the paths into one irrep, consecutive after sorting (the blocks of
-        # irreps_out.simplify()), as (2l3+1, output positions); and the weight columns in group order
-        self.groups: list[tuple[int, list[int]]] = []
+        # output groups: the positions of the paths into one irrep, consecutive after sorting (the blocks
+        # of irreps_out.simplify()); and the weight columns in group order
+        self.groups: list[list[int]] = []
         for position, (_, ir) in enumerate(self.irreps_out):
             if position and ir == self.irreps_out[position - 1].ir:
-                self.groups[-1][1].append(position)
+                self.groups[-1].append(position)
             else:
-                self.groups.append((ir.dim, [position]))
-        path_at = {p[2]: k for k, p in enumerate(self.paths)}
+                self.groups.append([position])
+        slice_at = {position: sl for _, _, position, _, sl in self.paths}
         order = [
-            c
-            for _, ps in self.groups
-            for p in ps
-            for c in range(self.paths[path_at[p]][4].start, self.paths[path_at[p]][4].stop)
+            c for group in self.groups for p in group for c in range(slice_at[p].start, slice_at[p].stop)
         ]
-        self.group_numels = [sum(self.irreps_out[p].mul for p in ps) for _, ps in self.groups]
+        self.group_numels = [sum(self.irreps_out[p].mul for p in group) for group in self.groups]
         self.register_buffer(
             "weight_order",
             torch.tensor(order, dtype=torch.long) if order != list(range(offset)) else None,
@@ -437,8 +436,8 @@ class DepthwiseTensorProduct(nn.Module):
                 out[self.paths[k][2]] = block
         ws = self._group_weights(weight) if weight is not None else [None] * len(self.groups)
         groups = []
-        for (_, positions), w in zip(self.groups, ws, strict=True):
-            parts = [out[p] for p in positions]
+        for group, w in zip(self.groups, ws, strict=True):
+            parts = [out[p] for p in group]
             y = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]  # [E, 2l3+1, mul]
             if w is not None:
                 y = y * w.unsqueeze(1)
