@@ -124,7 +124,9 @@ def dens_loss_and_grads(model, batch, edge_index, mask, dtype):
     args = (batch.atomic_numbers, batch.pos.to(dtype), batch.batch, edge_index)
     out = model(*args, torch.zeros(edge_index.shape[1], 3, dtype=dtype), batch.num_graphs, extra_embedding=extra,
                 noise_mask=mask, head_edges=split_head_edges(edge_index, mask))  # fmt: skip
-    loss = out["energy"].square().sum() + (out["forces"] - forces).square().sum() + out["noise_head"].abs().sum()
+    loss = (
+        out["energy"].square().sum() + (out["forces"] - forces).square().sum() + out["noise_head"].abs().sum()
+    )
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     return out, loss, grads
 
@@ -150,7 +152,9 @@ def test_equiformer_trains_compiled_with_the_eager_loss_and_gradients():
         for name, g, r in zip(names, grads, ref_grads, strict=True):
             assert (g is None) == (r is None), name
             if g is not None:
-                torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11, msg=lambda m, name=name: f"{name}: {m}")
+                torch.testing.assert_close(
+                    g, r, rtol=1e-9, atol=1e-11, msg=lambda m, name=name: f"{name}: {m}"
+                )
         unique = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         graphs_seen = unique if count == 0 else graphs_seen
         assert unique == graphs_seen, f"recompiled for batch {count}"
@@ -188,7 +192,9 @@ def test_trainer_compiles_a_gradient_force_model(tmp_path):
     results = []
     for compiled in (False, True):
         backbone = tiny_equiformer(torch.float32, max_atom_type=90)  # the demo data has gold
-        model = ForceField(backbone, cutoff=5.0, max_neighbors=12, energy_mean=0.65, energy_std=1.55, force_std=1.55)
+        model = ForceField(
+            backbone, cutoff=5.0, max_neighbors=12, energy_mean=0.65, energy_std=1.55, force_std=1.55
+        )
         settings = TrainerSettings(run_dir=str(tmp_path / str(compiled)), device="cpu", max_steps=3,
                                    eval_every=1000, checkpoint_every=1000, log_every=1, progress_bar=False,
                                    tensorboard=False, deterministic=True, seed=0, compile=compiled,
