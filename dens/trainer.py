@@ -96,6 +96,7 @@ class TrainerSettings:
     grad_accumulation: int = 1
     amp: str | None = None  # None | bf16 | fp16
     compile: bool = False  # torch.compile the backbone (dynamic shapes; the wrapper stays eager)
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": tracing only, for checks)
     retain_freed_memory: bool = True  # CPU training: reuse freed memory, no page faults (dens.runtime)
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -304,13 +305,9 @@ class Trainer:
             if dataset is not None:  # missing labels / unembedded elements: errors that name file and frame
                 require_labels(dataset, ("energy", "forces"), self._element_limit)
         if settings.compile:
-            if not self.model.direct_forces:
-                raise ValueError(
-                    "trainer.compile: training a gradient-force model needs a double backward, which "
-                    "torch.compile does not support; use compile=false for this model"
-                )
-            # in place, block by block: parameter names, checkpoints and DDP see the unchanged module
-            compile_backbone(self.model.backbone)
+            # in place (block by block, or a gradient-force model's energy with its gradient): parameter
+            # names, checkpoints and DDP see the unchanged module
+            compile_backbone(self.model.backbone, training=True, backend=settings.compile_backend)
         self.ddp_model: nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None

@@ -9,7 +9,7 @@ import torch._dynamo
 
 from dens.data import collate, make_structure
 from dens.data.graph import radius_graph_pbc
-from dens.models import ESCN, Equiformer, EquiformerV2, compile_backbone
+from dens.models import ESCN, Equiformer, EquiformerV2, ForceField, compile_backbone
 from dens.models.heads import split_head_edges
 
 
@@ -86,8 +86,8 @@ def test_regional_compile_shares_one_graph_between_identical_blocks():
 
 def test_equiformer_inference_compiles_block_by_block():
     """Equiformer's gradient forces (one backward through the compiled blocks) equal eager ones for every
-    size; the first blocks share a graph and the last one (other output irreps) has its own. Training it
-    compiled needs a double backward, which torch.compile does not support (the trainer refuses)."""
+    size; the first blocks share a graph and the last one (other output irreps) has its own. (Training
+    compiled blocks would need a double backward: see ``compile_gradient`` below.)"""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     torch.manual_seed(0)
@@ -104,3 +104,108 @@ def test_equiformer_inference_compiles_block_by_block():
         for key in ("energy", "forces", "noise_head"):
             torch.testing.assert_close(out[key], ref[key])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def tiny_equiformer(dtype=torch.float64, max_atom_type=64):
+    torch.manual_seed(0)
+    return Equiformer(
+        irreps_node_embedding="8x0e+4x1e+2x2e", num_layers=2, irreps_sh="1x0e+1x1e+1x2e", number_of_basis=8,
+        fc_neurons=[8], irreps_feature="16x0e+8x1e+4x2e", irreps_head="4x0e+2x1e+1x2e", num_heads=2,
+        irreps_mlp_mid="16x0e+8x1e+4x2e", dens_heads=True, irreps_force_encoding="1x0e+1x1e+1x2e",
+        max_atom_type=max_atom_type,
+    ).to(dtype).train()  # fmt: skip
+
+
+def dens_loss_and_grads(model, batch, edge_index, mask, dtype):
+    """A DeNS-style training loss on energy, gradient forces and the noise head, and its weight gradients."""
+    generator = torch.Generator().manual_seed(batch.num_atoms)
+    forces = torch.randn(batch.num_atoms, 3, generator=generator, dtype=dtype)
+    extra = model.force_encoder(forces, mask)
+    args = (batch.atomic_numbers, batch.pos.to(dtype), batch.batch, edge_index)
+    out = model(*args, torch.zeros(edge_index.shape[1], 3, dtype=dtype), batch.num_graphs, extra_embedding=extra,
+                noise_mask=mask, head_edges=split_head_edges(edge_index, mask))  # fmt: skip
+    loss = (
+        out["energy"].square().sum() + (out["forces"] - forces).square().sum() + out["noise_head"].abs().sum()
+    )
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    return out, loss, grads
+
+
+def test_equiformer_trains_compiled_with_the_eager_loss_and_gradients():
+    """``compile_gradient``: the energy and its gradient are one compiled graph, so the forces are an output
+    and a training loss on them is differentiated once. Energy, forces, noise head, the loss and the
+    gradient of every weight equal eager ones (float64, 1e-10) for batches of every size, and new sizes
+    do not recompile (aot_eager: the traced graphs, not inductor's kernels)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    reference = tiny_equiformer()
+    model = compile_backbone(copy.deepcopy(reference), training=True, backend="aot_eager", fullgraph=True)
+    assert model._compiled_gradient is not None and reference._compiled_gradient is None
+    graphs_seen = None
+    for count, (batch, edge_index, mask) in enumerate(graphs()):
+        out, loss, grads = dens_loss_and_grads(model, batch, edge_index, mask, torch.float64)
+        ref_out, ref_loss, ref_grads = dens_loss_and_grads(reference, batch, edge_index, mask, torch.float64)
+        for key in ("energy", "forces", "noise_head"):
+            torch.testing.assert_close(out[key], ref_out[key], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=0)
+        names = [name for name, _ in model.named_parameters()]
+        for name, g, r in zip(names, grads, ref_grads, strict=True):
+            assert (g is None) == (r is None), name
+            if g is not None:
+                torch.testing.assert_close(
+                    g, r, rtol=1e-9, atol=1e-11, msg=lambda m, name=name: f"{name}: {m}"
+                )
+        unique = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        graphs_seen = unique if count == 0 else graphs_seen
+        assert unique == graphs_seen, f"recompiled for batch {count}"
+    # evaluation stays eager: the same outputs, no new graph
+    model.eval(), reference.eval()
+    batch, edge_index, mask = next(graphs())
+    args = (batch.atomic_numbers, batch.pos.double(), batch.batch, edge_index)
+    shift = torch.zeros(edge_index.shape[1], 3, dtype=torch.float64)
+    torch.testing.assert_close(model(*args, shift, batch.num_graphs)["forces"],
+                               reference(*args, shift, batch.num_graphs)["forces"])  # fmt: skip
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_seen
+    torch._dynamo.reset()
+
+
+def test_compile_for_training_refuses_a_gradient_force_backbone_it_cannot_compile():
+    class Plain(torch.nn.Module):
+        direct_forces = False
+
+    with pytest.raises(ValueError, match="double backward"):
+        compile_backbone(Plain(), training=True)
+    # direct-force backbones compile block by block for training as for inference
+    model = compile_backbone(tiny_eqv2(), training=True, backend="eager")
+    assert all(hasattr(block, "_compiled_call_impl") for block in model.compile_regions())
+
+
+def test_trainer_compiles_a_gradient_force_model(tmp_path):
+    """``trainer.compile=true`` on Equiformer (MD17-style DeNS training): the steps' losses and the weights
+    after them equal an eager trainer's."""
+    from dens.data import Subset
+    from dens.data.demo import demo_dataset
+    from dens.losses import DeNSSettings
+    from dens.trainer import OptimSettings, Trainer, TrainerSettings
+
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        backbone = tiny_equiformer(torch.float32, max_atom_type=90)  # the demo data has gold
+        model = ForceField(
+            backbone, cutoff=5.0, max_neighbors=12, energy_mean=0.65, energy_std=1.55, force_std=1.55
+        )
+        settings = TrainerSettings(run_dir=str(tmp_path / str(compiled)), device="cpu", max_steps=3,
+                                   eval_every=1000, checkpoint_every=1000, log_every=1, progress_bar=False,
+                                   tensorboard=False, deterministic=True, seed=0, compile=compiled,
+                                   compile_backend="aot_eager", threads=1)  # fmt: skip
+        optim = OptimSettings(batch_size=4, lr=2e-3, max_epochs=10, warmup_epochs=0.0, ema_decay=0.0)
+        dens = DeNSSettings(enabled=True, prob=1.0, corrupt_ratio=0.5, sigma=0.05, coefficient=5.0)
+        trainer = Trainer(model, Subset(demo_dataset("train"), list(range(8))), None, optim, dens, settings)
+        trainer.fit()
+        losses = [r["train/loss"] for r in trainer.history if "train/loss" in r]
+        results.append((losses, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    assert backbone._compiled_gradient is not None and len(results[1][0]) == 3
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()

@@ -38,6 +38,7 @@ molecule and its mirror image get different energies in general (the model is ch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 
 from ..ops import scatter_sum, segment_softmax
 from .force_encoder import IrrepsForceEncoder
-from .heads import assemble_dens_forces, gradient_forces, reduce_energy
+from .heads import assemble_dens_forces, edge_gradient_forces, gradient_forces, reduce_energy
 from .interface import dens_embedding, resolve_dens_heads
 from .irreps import (
     DepthwiseTensorProduct,
@@ -519,6 +520,8 @@ class Equiformer(nn.Module):
                 alpha_drop=alpha_drop,
                 proj_drop=proj_drop,
             )
+        # set by `compile_gradient`: a plain function, so deepcopy and state dicts are unaffected
+        self._compiled_gradient: Callable[..., tuple[Tensor, ...]] | None = None
         self.reset_parameters(weight_init)
 
     def reset_parameters(self, weight_init: str | None = None) -> None:
@@ -583,6 +586,52 @@ class Equiformer(nn.Module):
         """The Transformer blocks (compiled one at a time)."""
         return list(self.blocks)
 
+    def compile_gradient(self, **options: Any) -> None:
+        """Compile the energy *and its gradient* as one graph, for training steps.
+
+        Training with gradient forces differentiates twice (the loss on ``-dE/dpos`` is differentiated
+        for the weights), and a compiled graph cannot be differentiated twice. Here the gradient is taken
+        inside the compiled function (``torch.func.grad_and_value`` of :meth:`energy_from_edges` with
+        respect to the edge vectors), so the forces are an *output* of the graph and the training backward
+        is its single backward. The noise head stays eager (in DeNS training it runs on the few edges into
+        the corrupted atoms). ``options`` go to ``torch.compile`` (default ``dynamic=True``). Only
+        training-mode calls use the compiled function; evaluation stays eager (no second compilation
+        for ``eval()``).
+        """
+        self._compiled_gradient = torch.compile(_energy_and_edge_gradient, **{"dynamic": True, **options})
+
+    def energy_from_edges(
+        self,
+        atomic_numbers: Tensor,
+        edge_vec: Tensor,
+        edge_index: Tensor,
+        batch: Tensor,
+        num_graphs: int,
+        extra_embedding: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The network from the edge vectors to the energy: everything but the forces and the noise head.
+
+        Returns ``energy [B]``, ``node_energy [N]``, the final node features ``[N, irreps_feature.dim]``
+        and the edge spherical harmonics and radial basis (the noise head's inputs).
+        """
+        num_atoms = atomic_numbers.shape[0]
+        sh = o3.spherical_harmonics(self.sh_degrees, edge_vec, normalize=True, normalization="component")
+        radial_basis = self.radial_basis(edge_vec.norm(dim=-1))
+        one_hot = torch.nn.functional.one_hot(atomic_numbers, self.max_atom_type).to(edge_vec.dtype)
+        x = self.atom_embedding(one_hot)
+        x = x + self.edge_degree_embedding(edge_index, sh, radial_basis, num_atoms)
+        if extra_embedding is not None:
+            x = x + extra_embedding
+        for block in self.blocks:
+            x = block(x, edge_index, sh, radial_basis, batch, num_graphs)
+        x = self.norm(x)
+        if self.out_dropout is not None:
+            x = self.out_dropout(x)
+        hidden = torch.nn.functional.silu(self.energy_head["linear_1"](x)) * self.silu_cst
+        node_energy = self.energy_head["linear_2"](hidden).squeeze(-1)
+        energy = reduce_energy(node_energy, batch, num_graphs, math.sqrt(self.avg_num_nodes))
+        return energy, node_energy, x, sh, radial_basis
+
     def forward(
         self,
         atomic_numbers: Tensor,
@@ -632,33 +681,26 @@ class Equiformer(nn.Module):
             structure over ``sqrt(avg_num_nodes)``), ``forces [N, 3]`` and, for DeNS models,
             ``noise_head [N, 3]`` for every atom.
         """
+        num_atoms = atomic_numbers.shape[0]
+        src, dst = edge_index
+        extra_embedding = dens_embedding(
+            self.force_encoder, extra_embedding, num_atoms, pos.dtype, pos.device
+        )
+        args = (edge_index, batch, num_graphs, extra_embedding)
         with torch.enable_grad():
-            if not pos.requires_grad:
-                pos = pos.detach().requires_grad_(True)
-            num_atoms = atomic_numbers.shape[0]
-            src, dst = edge_index
-            edge_vec = pos[src] + edge_shift.to(pos.dtype) - pos[dst]
-            sh = o3.spherical_harmonics(self.sh_degrees, edge_vec, normalize=True, normalization="component")
-            radial_basis = self.radial_basis(edge_vec.norm(dim=-1))
-
-            one_hot = torch.nn.functional.one_hot(atomic_numbers, self.max_atom_type).to(pos.dtype)
-            x = self.atom_embedding(one_hot)
-            x = x + self.edge_degree_embedding(edge_index, sh, radial_basis, num_atoms)
-            extra_embedding = dens_embedding(
-                self.force_encoder, extra_embedding, num_atoms, pos.dtype, pos.device
-            )
-            if extra_embedding is not None:
-                x = x + extra_embedding
-            for block in self.blocks:
-                x = block(x, edge_index, sh, radial_basis, batch, num_graphs)
-            x = self.norm(x)
-            if self.out_dropout is not None:
-                x = self.out_dropout(x)
-
-            hidden = torch.nn.functional.silu(self.energy_head["linear_1"](x)) * self.silu_cst
-            node_energy = self.energy_head["linear_2"](hidden).squeeze(-1)
-            energy = reduce_energy(node_energy, batch, num_graphs, math.sqrt(self.avg_num_nodes))
-            forces = gradient_forces(energy, pos, create_graph=self.training)
+            if self._compiled_gradient is not None and self.training:
+                edge_vec = pos[src] + edge_shift.to(pos.dtype) - pos[dst]
+                *outputs, edge_grad = self._compiled_gradient(self, atomic_numbers, edge_vec, *args)
+                energy, node_energy, x, sh, radial_basis = outputs
+                forces = edge_gradient_forces(edge_grad, edge_index, num_atoms)
+            else:
+                if not pos.requires_grad:
+                    pos = pos.detach().requires_grad_(True)
+                edge_vec = pos[src] + edge_shift.to(pos.dtype) - pos[dst]
+                energy, node_energy, x, sh, radial_basis = self.energy_from_edges(
+                    atomic_numbers, edge_vec, *args
+                )
+                forces = gradient_forces(energy, pos, create_graph=self.training)
         out = {"energy": energy, "node_energy": node_energy, "forces": forces}
         if self.noise_head is not None:
             if head_edges is not None and head_edges[1] is not None:
@@ -669,3 +711,28 @@ class Equiformer(nn.Module):
             if noise_mask is not None:
                 out["forces"] = assemble_dens_forces(forces, out["noise_head"], noise_mask)
         return out
+
+
+def _energy_and_edge_gradient(
+    model: Equiformer,
+    atomic_numbers: Tensor,
+    edge_vec: Tensor,
+    edge_index: Tensor,
+    batch: Tensor,
+    num_graphs: int,
+    extra_embedding: Tensor | None,
+) -> tuple[Tensor, ...]:
+    """:meth:`Equiformer.energy_from_edges`'s outputs and ``dE/d(edge_vec)`` (compiled by ``compile_gradient``).
+
+    A module-level function taking the model, not a closure: one compiled function serves every instance
+    and copies of it (``copy.deepcopy`` keeps functions by reference).
+    """
+
+    def total_energy(vectors: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        outputs = model.energy_from_edges(
+            atomic_numbers, vectors, edge_index, batch, num_graphs, extra_embedding
+        )
+        return outputs[0].sum(), outputs
+
+    edge_grad, (_, outputs) = torch.func.grad_and_value(total_energy, has_aux=True)(edge_vec)
+    return (*outputs, edge_grad)

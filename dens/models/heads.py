@@ -50,6 +50,16 @@ def gradient_forces(energy: Tensor, pos: Tensor, create_graph: bool) -> Tensor:
     return -grad
 
 
+def edge_gradient_forces(edge_grad: Tensor, edge_index: Tensor, num_atoms: int) -> Tensor:
+    """Forces ``-dE/dpos`` from the gradient of the energy with respect to the edge vectors.
+
+    An edge vector is ``pos[src] + shift - pos[dst]``, so atom ``i`` collects ``+dE/dv`` from the edges it
+    is the source of and ``-dE/dv`` from those it is the target of (and the force is minus their sum).
+    """
+    src, dst = edge_index
+    return scatter_sum(edge_grad, dst, num_atoms) - scatter_sum(edge_grad, src, num_atoms)
+
+
 def assemble_dens_forces(force_head: Tensor, noise_head: Tensor, noise_mask: Tensor | None) -> Tensor:
     """DeNS output: the noise prediction on corrupted atoms, the force prediction elsewhere.
 

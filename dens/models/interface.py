@@ -27,6 +27,7 @@ __all__ = [
     "OPTIONAL_OUTPUTS",
     "REQUIRED_OUTPUTS",
     "Backbone",
+    "CompilesGradient",
     "check_backbone",
     "dens_embedding",
     "resolve_dens_heads",
@@ -105,6 +106,19 @@ class Backbone(Protocol):
         noise_mask: Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Tensor]: ...
+
+
+@runtime_checkable
+class CompilesGradient(Protocol):
+    """A gradient-force backbone that can be compiled for training (an optional capability).
+
+    ``compile_gradient(**options)`` compiles the energy together with its gradient, so that the forces are
+    an output of the compiled graph and training needs only its single backward
+    (:meth:`dens.models.Equiformer.compile_gradient`). :func:`~dens.models.compile_backbone` with
+    ``training=True`` calls it.
+    """
+
+    def compile_gradient(self, **options: Any) -> None: ...
 
 
 _MEMBERS = ("cutoff", "max_num_elements", "direct_forces", "splits_heads", "has_dens_heads",

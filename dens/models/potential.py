@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..data.batch import Batch
 from ..data.graph import radius_graph_pbc
 from .heads import retain_energy_graph, split_head_edges
-from .interface import Backbone, check_backbone
+from .interface import Backbone, CompilesGradient, check_backbone
 from .stress import assemble_stress
 
 __all__ = ["ForceField", "backbone_cutoff", "compile_backbone", "gradient_force_std"]
@@ -457,7 +457,7 @@ def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in values.items()}
 
 
-def compile_backbone(backbone: Backbone, **options: Any) -> Backbone:
+def compile_backbone(backbone: Backbone, training: bool = False, **options: Any) -> Backbone:
     """``torch.compile`` a backbone in place, block by block.
 
     The modules of ``backbone.compile_regions()`` (the repeated blocks and the heads) are compiled
@@ -465,6 +465,11 @@ def compile_backbone(backbone: Backbone, **options: Any) -> Backbone:
     compiling costs about one block instead of the whole network, and the rest (embeddings, graph
     helpers) stays eager. Without such blocks the whole backbone is compiled. Options default to
     ``dynamic=True`` (graphs of every size share the compiled code). Parameter names do not change.
+
+    ``training=True`` with a gradient-force backbone (``direct_forces`` False): its training loss is
+    differentiated twice, which a compiled block does not allow, so the backbone's
+    ``compile_gradient`` (:class:`~dens.models.interface.CompilesGradient`) compiles the energy and its
+    gradient as one graph instead; a gradient-force backbone without it raises ``ValueError``.
 
     Examples
     --------
@@ -475,6 +480,14 @@ def compile_backbone(backbone: Backbone, **options: Any) -> Backbone:
     >>> "blocks.0.ga.alpha_dot" in dict(model.named_parameters())
     True
     """
+    if training and not backbone.direct_forces:
+        if not isinstance(backbone, CompilesGradient):
+            raise ValueError(
+                f"{type(backbone).__name__} takes its forces as -dE/dpos and has no compile_gradient: its "
+                "training loss needs a double backward, which a compiled graph does not support"
+            )
+        backbone.compile_gradient(**options)
+        return backbone
     options = {"dynamic": True, **options}
     regions = backbone.compile_regions()
     if not regions:
