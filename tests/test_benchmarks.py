@@ -40,3 +40,18 @@ def test_quick_model_benchmark_writes_json(tmp_path: Path) -> None:
     for model in MODELS:
         off, on = (r for r in results if r["model"] == model)
         assert on["params"] > off["params"]  # the force encoder and the noise head
+
+
+def test_small_molecule_benchmark_reports_where_it_ran() -> None:
+    """``benchmarks.small_molecule --quick`` times the DeNS study's step and names the machine."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "benchmarks.small_molecule", "--quick", "--layers", "1", "--steps", "2"]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "machine:" in done.stdout and "threads 1" in done.stdout, done.stdout
+    row = next(line for line in done.stdout.splitlines() if line.startswith("1 block(s), eager, this tree"))
+    assert row.split()[-1] == "x1.00" and float(row.split()[-3]) > 0, row

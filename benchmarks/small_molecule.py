@@ -1,0 +1,207 @@
+"""The small-molecule training step (#19): the DeNS study's Equiformer on ethanol, eager and compiled.
+
+Run ``python -m benchmarks.small_molecule`` (``--quick``: fewer steps). The workload is what the DeNS study
+of ``experiments/results/dens_study`` trains, step for step: ``Trainer.train_step`` of the reduced
+Equiformer (Lmax 2, node irreps ``32x0e+16x1e+8x2e``, ``--layers`` blocks; 2 is the issue's case) on
+rMD17 ethanol x 8 (72 atoms, 576 edges) with the shipped MD17 DeNS objective (``dens/conf/dens/md17.yaml``:
+p 0.25, sigma 0.05, r 0.25, lambda 5), forward, gradient forces with a double backward, AdamW; one thread
+by default. Without ``../shared`` the frames are jittered copies of one ethanol geometry (same sizes).
+
+* ``--compile``: also ``trainer.compile=true`` (:meth:`dens.models.Equiformer.compile_gradient`: the energy
+  and its gradient as one compiled graph); the first step, which compiles, is reported on its own.
+* ``--versus REV``: the eager step of an earlier commit, in the same invocation; every case runs in its
+  own process and the cases alternate over ``--rounds``, so a change of machine load hits all of them.
+
+Figures are medians of the timed steps of each round, per case; the ratio column divides by the first
+case of the row's layer count at the *same* round's medians (``--versus`` first when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ._machine import REPO, checkout, describe, header
+
+SHARED_ETHANOL = REPO.parent / "shared" / "data" / "md17" / "rmd17_ethanol_train0_1000_eV.xyz"
+# one ethanol geometry (Å), for a checkout without ../shared: C, C, O, H x 6
+ETHANOL = (
+    [6, 6, 8, 1, 1, 1, 1, 1, 1],
+    [
+        [0.0, 0.0, 0.0], [1.52, 0.0, 0.0], [2.0, 1.35, 0.0], [-0.39, 1.02, 0.0], [-0.39, -0.51, 0.89],
+        [-0.39, -0.51, -0.89], [1.9, -0.51, 0.89], [1.9, -0.51, -0.89], [2.96, 1.33, 0.0],
+    ],
+)  # fmt: skip
+# The DeNS study's model (experiments/small_scale.py, _MD17_MODEL) as constructor arguments.
+REDUCED = dict(
+    irreps_node_embedding="32x0e+16x1e+8x2e",
+    irreps_pre_attn="32x0e+16x1e+8x2e",
+    irreps_head="16x0e+8x1e+4x2e",
+    num_heads=2,
+    irreps_mlp_mid="96x0e+48x1e+24x2e",
+    irreps_feature="128x0e+64x1e+32x2e",
+    irreps_force_encoding="1x0e+1x1e+1x2e",
+    number_of_basis=32,
+    fc_neurons=[32, 32],
+)
+
+
+def _frames(count: int) -> list:
+    """``count`` ethanol frames as dens structures (rMD17 when ``../shared`` has it)."""
+    import torch
+
+    from dens.data import make_structure
+
+    if SHARED_ETHANOL.is_file():
+        from dens.data.ase_io import read_ase_file
+
+        return read_ase_file(str(SHARED_ETHANOL), f":{count}", "eV", "Å")
+    generator = torch.Generator().manual_seed(0)
+    z, pos = torch.tensor(ETHANOL[0]), torch.tensor(ETHANOL[1])
+    return [
+        make_structure(
+            pos + 0.05 * torch.randn(pos.shape, generator=generator),
+            z,
+            energy=float(torch.randn((), generator=generator)),
+            forces=torch.randn(pos.shape, generator=generator),
+        )
+        for _ in range(count)
+    ]
+
+
+def _worker(layers: int, dens: bool, compiled: bool, steps: int, threads: int) -> dict:
+    """Time ``steps`` training steps in this process (whatever ``dens`` is importable) and return figures."""
+    import tempfile
+
+    import torch
+    import yaml
+
+    import dens as package
+    from dens.data import InMemoryDataset, collate
+    from dens.losses import DeNSSettings
+    from dens.models import Equiformer, ForceField
+    from dens.trainer import OptimSettings, Trainer, TrainerSettings
+
+    torch.set_num_threads(threads)
+    conf = Path(package.__file__).parent / "conf"
+    items = _frames(8)
+    batch = collate(items)
+    torch.manual_seed(0)
+    heads = "dens_heads" if "dens_heads" in Equiformer.__init__.__code__.co_varnames else "use_force_encoding"
+    backbone = Equiformer(num_layers=layers, **REDUCED, **{heads: dens})
+    model = ForceField(backbone, 5.0, None, energy_mean=float(batch.energy.double().mean()))
+    optim = OptimSettings(**{**yaml.safe_load((conf / "optim" / "md17.yaml").read_text()), "batch_size": 8})
+    objective = yaml.safe_load((conf / "dens" / ("md17.yaml" if dens else "off.yaml")).read_text())
+    extra = {"compile": True} if compiled else {}
+    with tempfile.TemporaryDirectory() as run_dir:
+        settings = TrainerSettings(
+            run_dir=run_dir, device="cpu", resume=None, tensorboard=False, progress_bar=False, **extra
+        )
+        trainer = Trainer(
+            model, InMemoryDataset(items), None, optim, DeNSSettings.from_dict(objective), settings
+        )
+        torch.set_num_threads(threads)  # after the trainer, which sets its own default
+        start = time.perf_counter()
+        trainer.train_step([batch])
+        first = time.perf_counter() - start
+        for _ in range(2):
+            trainer.train_step([batch])
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            trainer.train_step([batch])
+            times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "first_s": first,
+            "params": sum(p.numel() for p in model.parameters()), "dens_file": package.__file__}  # fmt: skip
+
+
+def _run(case: dict, steps: int, threads: int, root: Path) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.small_molecule", "--one", json.dumps(case)]
+    cmd += ["--steps", str(steps), "--threads", str(threads)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(REPO)])}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"case {case} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="5 timed steps and one round")
+    parser.add_argument("--layers", default="2", help="comma-separated block counts (default 2)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-dens", action="store_true", help="the baseline objective (no DeNS)")
+    parser.add_argument("--compile", action="store_true", help="also trainer.compile=true")
+    parser.add_argument("--versus", metavar="REV", help="also the eager step of git revision REV")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 2, quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    steps = args.steps or (5 if args.quick else 15)
+    if args.one:
+        case = json.loads(args.one)
+        print(json.dumps(_worker(case["layers"], case["dens"], case["compiled"], steps, args.threads)))
+        return
+
+    dens = not args.no_dens
+    rounds = args.rounds or (1 if args.quick else 2)
+    machine = describe(args.threads)
+    cases = []
+    for layers in (int(x) for x in args.layers.split(",")):
+        if args.versus:
+            cases.append(dict(layers=layers, dens=dens, compiled=False, rev=args.versus))
+        cases.append(dict(layers=layers, dens=dens, compiled=False, rev=None))
+        if args.compile:
+            cases.append(dict(layers=layers, dens=dens, compiled=True, rev=None))
+    results: dict[int, list[dict]] = {i: [] for i in range(len(cases))}
+    with checkout(args.versus) if args.versus else _here() as old_root:
+        for round_ in range(rounds):
+            for i, case in enumerate(cases):
+                root = old_root if case["rev"] else REPO
+                payload = {k: case[k] for k in ("layers", "dens", "compiled")}
+                results[i].append(_run(payload, steps, args.threads, root))
+                print(f"  round {round_ + 1}: {_label(case)} {results[i][-1]['median_s'] * 1e3:.1f} ms",
+                      file=sys.stderr)  # fmt: skip
+
+    print(
+        f"Equiformer (reduced, Lmax 2) training step, rMD17 ethanol x 8"
+        f"{'' if SHARED_ETHANOL.is_file() else ' (jittered copies: no ../shared)'}, "
+        f"{'DeNS' if dens else 'no DeNS'}, {args.threads} thread(s), medians of {steps} steps per round, "
+        f"{rounds} round(s), cases alternating"
+    )
+    print(header(machine))
+    print(f"{'case':<34}{'params':>10}{'step (ms), per round':>26}{'first step (s)':>16}{'ratio':>8}")
+    for i, case in enumerate(cases):
+        first_case = next(j for j, c in enumerate(cases) if c["layers"] == case["layers"])
+        ratios = [a["median_s"] / b["median_s"] for a, b in zip(results[first_case], results[i], strict=True)]
+        per_round = " / ".join(f"{r['median_s'] * 1e3:.1f}" for r in results[i])
+        print(
+            f"{_label(case):<34}{results[i][0]['params']:>10,}{per_round:>26}"
+            f"{max(r['first_s'] for r in results[i]):>16.1f}{'x' + format(statistics.median(ratios), '.2f'):>8}"
+        )
+    print("ratio: the first case's step time over this case's (>1: faster), median over rounds")
+
+
+def _label(case: dict) -> str:
+    where = f"@{case['rev'][:10]}" if case["rev"] else "this tree"
+    return f"{case['layers']} block(s), {'compiled' if case['compiled'] else 'eager'}, {where}"
+
+
+class _here:
+    """No checkout: the context of the current tree."""
+
+    def __enter__(self) -> Path:
+        return REPO
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+if __name__ == "__main__":
+    main()
