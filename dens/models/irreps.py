@@ -377,9 +377,9 @@ class DepthwiseTensorProduct(nn.Module):
         product, and returned as a transposed view. Flattened mul-major, a group is the concatenation of its
         paths' blocks, so the flat output is that of the unmerged ``irreps_out``. :class:`IrrepsLinear`
         multiplies the groups as ``[E (2l+1), mul]`` matrices without copying, and the per-edge, per-channel
-        weight multiplies each group directly (no weight expanded to every component). With a small batch
-        the step is bound by the number of small operations (forward, backward and the double backward of
-        gradient forces), so one operation per group rather than per path counts.
+        weight multiplies each group directly (no weight expanded to every component). Grouping costs one
+        copy (the concatenation) and saves, in forward, backward and the double backward of gradient forces,
+        an operation per path on the weights and in the linear map that follows.
         """
         if weight is None:
             if self.weight is None:
