@@ -8,7 +8,8 @@ p 0.25, sigma 0.05, r 0.25, lambda 5), forward, gradient forces with a double ba
 by default. Without ``../shared`` the frames are jittered copies of one ethanol geometry (same sizes).
 
 * ``--compile``: also ``trainer.compile=true`` (:meth:`dens.models.Equiformer.compile_gradient`: the energy
-  and its gradient as one compiled graph); the first step, which compiles, is reported on its own.
+  and its gradient as one compiled graph), for ``--versus`` too where that commit can (otherwise its row
+  says "failed"); the first step, which compiles, is reported on its own.
 * ``--versus REV``: the eager step of an earlier commit, in the same invocation; every case runs in its
   own process and the cases alternate over ``--rounds``, so a change of machine load hits all of them.
 
@@ -154,18 +155,21 @@ def main() -> None:
     machine = describe(args.threads)
     cases = []
     for layers in (int(x) for x in args.layers.split(",")):
-        if args.versus:
-            cases.append(dict(layers=layers, dens=dens, compiled=False, rev=args.versus))
-        cases.append(dict(layers=layers, dens=dens, compiled=False, rev=None))
-        if args.compile:
-            cases.append(dict(layers=layers, dens=dens, compiled=True, rev=None))
+        for compiled in (False, True) if args.compile else (False,):
+            for rev in (args.versus, None) if args.versus else (None,):
+                cases.append(dict(layers=layers, dens=dens, compiled=compiled, rev=rev))
     results: dict[int, list[dict]] = {i: [] for i in range(len(cases))}
+    failed: dict[int, str] = {}
     with checkout(args.versus) if args.versus else _here() as old_root:
         for round_ in range(rounds):
             for i, case in enumerate(cases):
                 root = old_root if case["rev"] else REPO
                 payload = {k: case[k] for k in ("layers", "dens", "compiled")}
-                results[i].append(_run(payload, steps, args.threads, root))
+                try:
+                    results[i].append(_run(payload, steps, args.threads, root))
+                except RuntimeError as error:  # e.g. an earlier commit that cannot compile this model
+                    failed.setdefault(i, str(error).splitlines()[-1])
+                    continue
                 print(f"  round {round_ + 1}: {_label(case)} {results[i][-1]['median_s'] * 1e3:.1f} ms",
                       file=sys.stderr)  # fmt: skip
 
@@ -178,7 +182,10 @@ def main() -> None:
     print(header(machine))
     print(f"{'case':<34}{'params':>10}{'step (ms), per round':>26}{'first step (s)':>16}{'ratio':>8}")
     for i, case in enumerate(cases):
-        first_case = next(j for j, c in enumerate(cases) if c["layers"] == case["layers"])
+        if i in failed:
+            print(f"{_label(case):<34}failed: {failed[i][:100]}")
+            continue
+        first_case = next(j for j, c in enumerate(cases) if c["layers"] == case["layers"] and j not in failed)
         ratios = [a["median_s"] / b["median_s"] for a, b in zip(results[first_case], results[i], strict=True)]
         per_round = " / ".join(f"{r['median_s'] * 1e3:.1f}" for r in results[i])
         print(
