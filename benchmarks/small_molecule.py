@@ -125,11 +125,15 @@ def _worker(layers: int, dens: bool, compiled: bool, steps: int, threads: int) -
 def _run(case: dict, steps: int, threads: int, root: Path) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.small_molecule", "--one", json.dumps(case)]
     cmd += ["--steps", str(steps), "--threads", str(threads)]
+    # `python -m` puts the working directory first on sys.path: run in `root`, so that its dens is imported
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(REPO)])}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"case {case} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not Path(result["dens_file"]).resolve().is_relative_to(root.resolve()):
+        raise RuntimeError(f"case {case} imported {result['dens_file']}, not the dens of {root}")
+    return result
 
 
 def main() -> None:
@@ -180,7 +184,7 @@ def main() -> None:
         f"{rounds} round(s), cases alternating"
     )
     print(header(machine))
-    print(f"{'case':<34}{'params':>10}{'step (ms), per round':>26}{'first step (s)':>16}{'ratio':>8}")
+    print(f"{'case':<34}{'params':>10} {'step (ms), per round':>30}{'first step (s)':>16}{'ratio':>8}")
     for i, case in enumerate(cases):
         if i in failed:
             print(f"{_label(case):<34}failed: {failed[i][:100]}")
@@ -189,7 +193,7 @@ def main() -> None:
         ratios = [a["median_s"] / b["median_s"] for a, b in zip(results[first_case], results[i], strict=True)]
         per_round = " / ".join(f"{r['median_s'] * 1e3:.1f}" for r in results[i])
         print(
-            f"{_label(case):<34}{results[i][0]['params']:>10,}{per_round:>26}"
+            f"{_label(case):<34}{results[i][0]['params']:>10,} {per_round:>30}"
             f"{max(r['first_s'] for r in results[i]):>16.1f}{'x' + format(statistics.median(ratios), '.2f'):>8}"
         )
     print("ratio: the first case's step time over this case's (>1: faster), median over rounds")
