@@ -28,11 +28,12 @@ torch and dens once (so a case costs no import time, and its peak memory is its 
 
 Times are medians over ``--repeats`` calls after ``--warmup`` calls; the first call is reported on its own:
 with ``--compile on`` it includes compiling the backbone as the trainer does (``compile_backbone``: in
-place, block by block, dynamic shapes; the wrapper stays eager). ``--compile-backend aot_eager`` traces
+place, block by block, dynamic shapes; the wrapper stays eager; a gradient-force model's training step
+compiles its energy with its gradient, ``compile_backbone(training=True)``, on a copy of the model). ``--compile-backend aot_eager`` traces
 without generating code, to check quickly that a model compiles. Peak memory of a phase: CUDA
 ``max_memory_allocated`` (weights, optimiser state, activations); CPU the peak resident set size above the
 one before the model was built, less the library code paged in meanwhile. A phase that fails (e.g.
-compiling the double backward of gradient forces) is recorded with its error, and the run goes on. On
+a model that does not compile) is recorded with its error, and the run goes on. On
 CUDA, training structures per GPU-second are printed beside the EquiformerV2 paper's V100 figures.
 
 On the CPU each case first calls :func:`dens.runtime.retain_freed_memory`, as the trainer does, so freed
@@ -43,6 +44,7 @@ measures glibc's default behaviour instead.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import multiprocessing
@@ -354,8 +356,13 @@ def run_case(case: Case) -> dict[str, Any]:
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
     }  # fmt: skip
+    train_model = model
     if case.compile:
-        compile_backbone(model.backbone, backend=case.backend)  # as the trainer
+        if not model.backbone.direct_forces:
+            # training compiles the energy with its gradient (as the trainer); inference block by block
+            train_model = copy.deepcopy(model)
+            compile_backbone(train_model.backbone, training=True, backend=case.backend)
+        compile_backbone(model.backbone, backend=case.backend)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.amp == "bf16")
 
     graph = _measure(lambda: model.graph(batch), device, case.warmup, case.repeats, base_mb)
@@ -373,7 +380,7 @@ def run_case(case: Case) -> dict[str, Any]:
         result["infer_structures_per_s"] = count / result["infer_s"]
 
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = _trainer(model, items, spec, case, run_dir)
+        trainer = _trainer(train_model, items, spec, case, run_dir)
         train = _measure(lambda: trainer.train_step([batch]), device, case.warmup, case.repeats, base_mb)
     for key, value in train.items():
         result[f"train_{key}"] = value
