@@ -20,6 +20,7 @@ case of the row's layer count at the *same* round's medians (``--versus`` first 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -89,7 +90,6 @@ def _worker(layers: int, dens: bool, compiled: bool, steps: int, threads: int) -
     from dens.models import Equiformer, ForceField
     from dens.trainer import OptimSettings, Trainer, TrainerSettings
 
-    torch.set_num_threads(threads)
     conf = Path(package.__file__).parent / "conf"
     items = _frames(8)
     batch = collate(items)
@@ -164,7 +164,7 @@ def main() -> None:
                 cases.append(dict(layers=layers, dens=dens, compiled=compiled, rev=rev))
     results: dict[int, list[dict]] = {i: [] for i in range(len(cases))}
     failed: dict[int, str] = {}
-    with checkout(args.versus) if args.versus else _here() as old_root:
+    with checkout(args.versus) if args.versus else contextlib.nullcontext(REPO) as old_root:
         for round_ in range(rounds):
             for i, case in enumerate(cases):
                 root = old_root if case["rev"] else REPO
@@ -202,16 +202,6 @@ def main() -> None:
 def _label(case: dict) -> str:
     where = f"@{case['rev'][:10]}" if case["rev"] else "this tree"
     return f"{case['layers']} block(s), {'compiled' if case['compiled'] else 'eager'}, {where}"
-
-
-class _here:
-    """No checkout: the context of the current tree."""
-
-    def __enter__(self) -> Path:
-        return REPO
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from torch import Tensor
 from .data.batch import Batch, collate
 from .evaluate import batch_ids
 from .inference import model_device, model_dtype, prepare_batch
+from .models.heads import edge_gradient_forces
 from .ops import scatter_sum
 
 __all__ = [
@@ -250,7 +251,7 @@ class HarmonicPotential:
         e_pair = 0.5 * self.k * (r - self.r0) ** 2
         energy = scatter_sum(e_pair, batch.batch[i], batch.num_graphs)
         g = (self.k * (r - self.r0) / r.clamp_min(1e-12)).unsqueeze(-1) * d  # dE/dpos_j
-        forces = torch.zeros_like(pos).index_add_(0, j, -g).index_add_(0, i, g)
+        forces = edge_gradient_forces(g, torch.stack([j, i]), len(pos))  # edges j -> i
         return {"energy": energy, "forces": forces.to(batch.pos.dtype)}
 
 

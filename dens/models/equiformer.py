@@ -561,8 +561,9 @@ class Equiformer(nn.Module):
     # the backbone contract (dens.models.Backbone)
     #: forces are -dE/dpos
     direct_forces = False
-    #: the noise head is one attention block over all edges (not split)
-    splits_heads = True  # the noise head runs on the edges into the corrupted atoms (head_edges)
+    #: the noise head runs on the edges into the corrupted atoms (``head_edges``); the forces are the
+    #: energy's gradient, so there is no force head to split
+    splits_heads = True
     #: no stress head
     stress_head = None
 
@@ -687,16 +688,16 @@ class Equiformer(nn.Module):
             self.force_encoder, extra_embedding, num_atoms, pos.dtype, pos.device
         )
         args = (edge_index, batch, num_graphs, extra_embedding)
+        compiled = self._compiled_gradient is not None and self.training
         with torch.enable_grad():
-            if self._compiled_gradient is not None and self.training:
-                edge_vec = pos[src] + edge_shift.to(pos.dtype) - pos[dst]
+            if not compiled and not pos.requires_grad:  # the compiled function differentiates itself
+                pos = pos.detach().requires_grad_(True)
+            edge_vec = pos[src] + edge_shift.to(pos.dtype) - pos[dst]
+            if compiled:
                 *outputs, edge_grad = self._compiled_gradient(self, atomic_numbers, edge_vec, *args)
                 energy, node_energy, x, sh, radial_basis = outputs
                 forces = edge_gradient_forces(edge_grad, edge_index, num_atoms)
             else:
-                if not pos.requires_grad:
-                    pos = pos.detach().requires_grad_(True)
-                edge_vec = pos[src] + edge_shift.to(pos.dtype) - pos[dst]
                 energy, node_energy, x, sh, radial_basis = self.energy_from_edges(
                     atomic_numbers, edge_vec, *args
                 )

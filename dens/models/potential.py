@@ -323,7 +323,7 @@ class ForceField(nn.Module):
         if encoded_forces is not None:
             if not self.has_dens_heads:
                 raise ValueError("force encoding needs a DeNS model (dens_heads=True)")
-            if self.backbone.force_encoder is None:
+            if not self.has_force_encoder:
                 raise ValueError(
                     "this DeNS model has no force encoder (built with encode_forces=False): pass no "
                     "encoded_forces (training: dens.force_encoding=false)"
