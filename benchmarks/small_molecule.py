@@ -40,7 +40,7 @@ ETHANOL = (
         [-0.39, -0.51, -0.89], [1.9, -0.51, 0.89], [1.9, -0.51, -0.89], [2.96, 1.33, 0.0],
     ],
 )  # fmt: skip
-# The DeNS study's model (experiments/small_scale.py, _MD17_MODEL) as constructor arguments.
+# The DeNS study's model (experiments/small_scale.py, _MD17_MODEL) as constructor arguments: change both together.
 REDUCED = dict(
     irreps_node_embedding="32x0e+16x1e+8x2e",
     irreps_pre_attn="32x0e+16x1e+8x2e",
