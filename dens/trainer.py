@@ -312,11 +312,14 @@ class Trainer:
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        # fused: one kernel for all tensors instead of ~10 per tensor (a small model's step spent 6 % in
+        # the per-tensor update on CPU); a checkpoint keeps the setting it was written with
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.model, optim.weight_decay),
             lr=optim.lr,
             betas=tuple(optim.betas),
             amsgrad=optim.amsgrad,
+            fused=self.device.type in ("cpu", "cuda"),
         )
         self.ema = EMA(self.model, optim.ema_decay) if optim.ema_decay else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp == "fp16")

@@ -209,3 +209,48 @@ def test_trainer_compiles_a_gradient_force_model(tmp_path):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_narrow_gemm_layout_transposes_narrow_products_only():
+    """The post-grad pass of dens's inductor compiles: products with at most 8 output columns (and more rows)
+    are computed transposed, in forward and backward graphs; results and gradients equal eager ones."""
+    from dens.models.gemm_layout import NarrowGemmLayout
+
+    products = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default)
+    seen = []
+
+    class Recording(NarrowGemmLayout):
+        def __call__(self, graph):
+            super().__call__(graph)
+            size = lambda s: s if isinstance(s, int) else s.node.hint  # noqa: E731  (symbolic: its example)
+            seen.append(sorted(
+                (str(n.target), *map(size, n.args[-2].meta["val"].shape[-2:]), size(n.args[-1].meta["val"].shape[-1]))
+                for n in graph.nodes if n.target in products
+            ))  # fmt: skip
+
+    def f(a, b, x, w, c, v):
+        return torch.bmm(a, b).sin().sum(), (x @ w).cos(), torch.addmm(c, x, w), x @ v
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(7, 20, 16), (7, 16, 3), (30, 88), (88, 8), (30, 8), (88, 16)]
+    args = [torch.randn(s, dtype=torch.float64, generator=generator, requires_grad=True) for s in shapes]
+    torch._dynamo.reset()
+    # the pass runs on a cache miss only
+    options = {"post_grad_custom_post_pass": Recording(), "fx_graph_cache": False}
+    compiled = torch.compile(f, options=options)
+    for tensor in args[0], args[1], args[2], args[4]:  # the edge or atom dimension is dynamic, channels not
+        torch._dynamo.mark_dynamic(tensor, 0)
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        out = compiled(*args)
+    ref = f(*args)
+    for o, r in zip(out, ref, strict=True):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    grads = [torch.autograd.grad(o[0] + o[1].sum() + o[2].sum() + o[3].sum(), args) for o in (out, ref)]
+    for g, r in zip(*grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    forward = seen[0]
+    # [7, 20, 16] @ [7, 16, 3] -> [7, 3, 16] @ [7, 16, 20]; [30, 88] @ [88, 8] -> [8, 88] @ [88, 30]
+    assert ("aten.bmm.default", 3, 16, 20) in forward and ("aten.mm.default", 8, 88, 30) in forward
+    assert ("aten.mm.default", 30, 88, 16) in forward  # 16 columns: unchanged
+    assert all(cols > 8 or rows <= cols for graph in seen for _, rows, _, cols in graph)
+    torch._dynamo.reset()

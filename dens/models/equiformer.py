@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from ..ops import scatter_sum, segment_softmax
 from .force_encoder import IrrepsForceEncoder
+from .gemm_layout import inductor_options
 from .heads import assemble_dens_forces, edge_gradient_forces, gradient_forces, reduce_energy
 from .interface import dens_embedding, resolve_dens_heads
 from .irreps import (
@@ -520,8 +521,9 @@ class Equiformer(nn.Module):
                 alpha_drop=alpha_drop,
                 proj_drop=proj_drop,
             )
-        # set by `compile_gradient`: a plain function, so deepcopy and state dicts are unaffected
+        # set by `compile_gradient`: plain functions, so deepcopy and state dicts are unaffected
         self._compiled_gradient: Callable[..., tuple[Tensor, ...]] | None = None
+        self._compiled_noise_head: Callable[..., Tensor] | None = None
         self.reset_parameters(weight_init)
 
     def reset_parameters(self, weight_init: str | None = None) -> None:
@@ -594,12 +596,17 @@ class Equiformer(nn.Module):
         for the weights), and a compiled graph cannot be differentiated twice. Here the gradient is taken
         inside the compiled function (``torch.func.grad_and_value`` of :meth:`energy_from_edges` with
         respect to the edge vectors), so the forces are an *output* of the graph and the training backward
-        is its single backward. The noise head stays eager (in DeNS training it runs on the few edges into
-        the corrupted atoms). ``options`` go to ``torch.compile`` (default ``dynamic=True``). Only
-        training-mode calls use the compiled function; evaluation stays eager (no second compilation
-        for ``eval()``).
+        is its single backward. The noise head, whose loss is differentiated once, is compiled on its own
+        (a batch without corrupted atoms, whose noise head has no edges, runs it eager: no graph for a
+        size-0 input). ``options`` go to ``torch.compile`` over the defaults of
+        :func:`~dens.models.gemm_layout.inductor_options` (``dynamic=True``, narrow products transposed).
+        Only training-mode calls use the compiled functions; evaluation stays eager (no second
+        compilation for ``eval()``).
         """
-        self._compiled_gradient = torch.compile(_energy_and_edge_gradient, **{"dynamic": True, **options})
+        options = inductor_options(options)
+        self._compiled_gradient = torch.compile(_energy_and_edge_gradient, **options)
+        if self.noise_head is not None:
+            self._compiled_noise_head = torch.compile(_call_module, **options)
 
     def energy_from_edges(
         self,
@@ -708,7 +715,12 @@ class Equiformer(nn.Module):
                 noise_edges = head_edges[1]
                 edge_index, sh = edge_index.index_select(1, noise_edges), sh.index_select(0, noise_edges)
                 radial_basis = radial_basis.index_select(0, noise_edges)
-            out["noise_head"] = self.noise_head(x, edge_index, sh, radial_basis, num_atoms)
+            if compiled and self._compiled_noise_head is not None and edge_index.shape[1] > 1:
+                out["noise_head"] = self._compiled_noise_head(
+                    self.noise_head, x, edge_index, sh, radial_basis, num_atoms
+                )
+            else:
+                out["noise_head"] = self.noise_head(x, edge_index, sh, radial_basis, num_atoms)
             if noise_mask is not None:
                 out["forces"] = assemble_dens_forces(forces, out["noise_head"], noise_mask)
         return out
@@ -737,3 +749,9 @@ def _energy_and_edge_gradient(
 
     edge_grad, (_, outputs) = torch.func.grad_and_value(total_energy, has_aux=True)(edge_vec)
     return (*outputs, edge_grad)
+
+
+def _call_module(module: nn.Module, *args: Any) -> Tensor:
+    """``module(*args)``: compiled by ``compile_gradient`` for the noise head (a function taking the module,
+    like :func:`_energy_and_edge_gradient`, so copies of the model share it)."""
+    return module(*args)

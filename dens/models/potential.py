@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..data.graph import radius_graph_pbc
+from .gemm_layout import inductor_options
 from .heads import retain_energy_graph, split_head_edges
 from .interface import Backbone, CompilesGradient, check_backbone
 from .stress import assemble_stress
@@ -464,7 +465,8 @@ def compile_backbone(backbone: Backbone, training: bool = False, **options: Any)
     one module at a time ("regional" compilation): identical blocks share one compiled graph, so
     compiling costs about one block instead of the whole network, and the rest (embeddings, graph
     helpers) stays eager. Without such blocks the whole backbone is compiled. Options default to
-    ``dynamic=True`` (graphs of every size share the compiled code). Parameter names do not change.
+    ``dynamic=True`` (graphs of every size share the compiled code) and, with inductor, the narrow-product
+    pass of :mod:`dens.models.gemm_layout`. Parameter names do not change.
 
     ``training=True`` with a gradient-force backbone (``direct_forces`` False): its training loss is
     differentiated twice, which a compiled block does not allow, so the backbone's
@@ -488,7 +490,7 @@ def compile_backbone(backbone: Backbone, training: bool = False, **options: Any)
             )
         backbone.compile_gradient(**options)
         return backbone
-    options = {"dynamic": True, **options}
+    options = inductor_options(options)
     regions = backbone.compile_regions()
     if not regions:
         backbone.compile(**options)
