@@ -636,8 +636,11 @@ class Trainer:
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value.item()
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.optim.clip_grad_norm or math.inf
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # after DDP's all-reduce
+        # after DDP's all-reduce; without clipping only the norm (logged, and checked for non-finite values)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = nn.utils.get_total_norm(grads)
+        if self.optim.clip_grad_norm:
+            nn.utils.clip_grads_with_norm_(self.model.parameters(), self.optim.clip_grad_norm, grad_norm)
         totals["grad_norm"] = float(grad_norm)
         if not torch.isfinite(grad_norm) and self.settings.amp != "fp16":  # fp16: the scaler skips the step
             return self._skip_or_stop(f"non-finite gradient norm {float(grad_norm)} at step {self.step}")
