@@ -10,6 +10,8 @@ by default. Without ``../shared`` the frames are jittered copies of one ethanol 
 * ``--compile``: also ``trainer.compile=true`` (:meth:`dens.models.Equiformer.compile_gradient`: the energy
   and its gradient as one compiled graph), for ``--versus`` too where that commit can (otherwise its row
   says "failed"); the first step, which compiles, is reported on its own.
+* ``--cpp-wrapper``: also compiled with ``trainer.compile_options={cpp_wrapper: true}`` (this tree only):
+  inductor's wrapper in C++ instead of Python, a longer first compile for a shorter step.
 * ``--versus REV``: the eager step of an earlier commit, in the same invocation; every case runs in its
   own process and the cases alternate over ``--rounds``, so a change of machine load hits all of them.
 
@@ -77,7 +79,7 @@ def _frames(count: int) -> list:
     ]
 
 
-def _worker(layers: int, dens: bool, compiled: bool, steps: int, threads: int) -> dict:
+def _worker(layers: int, dens: bool, compiled: bool, steps: int, threads: int, options: dict) -> dict:
     """Time ``steps`` training steps in this process (whatever ``dens`` is importable) and return figures."""
     import tempfile
 
@@ -100,6 +102,8 @@ def _worker(layers: int, dens: bool, compiled: bool, steps: int, threads: int) -
     optim = OptimSettings(**{**yaml.safe_load((conf / "optim" / "md17.yaml").read_text()), "batch_size": 8})
     objective = yaml.safe_load((conf / "dens" / ("md17.yaml" if dens else "off.yaml")).read_text())
     extra = {"compile": True} if compiled else {}
+    if options:  # a field earlier commits may lack: only when asked for
+        extra["compile_options"] = options
     with tempfile.TemporaryDirectory() as run_dir:
         settings = TrainerSettings(
             run_dir=run_dir, device="cpu", resume=None, tensorboard=False, progress_bar=False, **extra
@@ -143,6 +147,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-dens", action="store_true", help="the baseline objective (no DeNS)")
     parser.add_argument("--compile", action="store_true", help="also trainer.compile=true")
+    parser.add_argument(
+        "--cpp-wrapper",
+        action="store_true",
+        help="also compiled with trainer.compile_options.cpp_wrapper=true",
+    )
     parser.add_argument("--versus", metavar="REV", help="also the eager step of git revision REV")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 2, quick 1)")
     parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
@@ -151,7 +160,10 @@ def main() -> None:
     steps = args.steps or (5 if args.quick else 15)
     if args.one:
         case = json.loads(args.one)
-        print(json.dumps(_worker(case["layers"], case["dens"], case["compiled"], steps, args.threads)))
+        options = case.get("options", {})
+        print(
+            json.dumps(_worker(case["layers"], case["dens"], case["compiled"], steps, args.threads, options))
+        )
         return
 
     dens = not args.no_dens
@@ -161,14 +173,18 @@ def main() -> None:
     for layers in (int(x) for x in args.layers.split(",")):
         for compiled in (False, True) if args.compile else (False,):
             for rev in (args.versus, None) if args.versus else (None,):
-                cases.append(dict(layers=layers, dens=dens, compiled=compiled, rev=rev))
+                cases.append(dict(layers=layers, dens=dens, compiled=compiled, rev=rev, options={}))
+        if args.cpp_wrapper:
+            cases.append(
+                dict(layers=layers, dens=dens, compiled=True, rev=None, options={"cpp_wrapper": True})
+            )
     results: dict[int, list[dict]] = {i: [] for i in range(len(cases))}
     failed: dict[int, str] = {}
     with checkout(args.versus) if args.versus else contextlib.nullcontext(REPO) as old_root:
         for round_ in range(rounds):
             for i, case in enumerate(cases):
                 root = old_root if case["rev"] else REPO
-                payload = {k: case[k] for k in ("layers", "dens", "compiled")}
+                payload = {k: case[k] for k in ("layers", "dens", "compiled", "options")}
                 try:
                     results[i].append(_run(payload, steps, args.threads, root))
                 except RuntimeError as error:  # e.g. an earlier commit that cannot compile this model
@@ -184,16 +200,16 @@ def main() -> None:
         f"{rounds} round(s), cases alternating"
     )
     print(header(machine))
-    print(f"{'case':<34}{'params':>10} {'step (ms), per round':>30}{'first step (s)':>16}{'ratio':>8}")
+    print(f"{'case':<46}{'params':>10} {'step (ms), per round':>30}{'first step (s)':>16}{'ratio':>8}")
     for i, case in enumerate(cases):
         if i in failed:
-            print(f"{_label(case):<34}failed: {failed[i][:100]}")
+            print(f"{_label(case):<46}failed: {failed[i][:100]}")
             continue
         first_case = next(j for j, c in enumerate(cases) if c["layers"] == case["layers"] and j not in failed)
         ratios = [a["median_s"] / b["median_s"] for a, b in zip(results[first_case], results[i], strict=True)]
         per_round = " / ".join(f"{r['median_s'] * 1e3:.1f}" for r in results[i])
         print(
-            f"{_label(case):<34}{results[i][0]['params']:>10,} {per_round:>30}"
+            f"{_label(case):<46}{results[i][0]['params']:>10,} {per_round:>30}"
             f"{max(r['first_s'] for r in results[i]):>16.1f}{'x' + format(statistics.median(ratios), '.2f'):>8}"
         )
     print("ratio: the first case's step time over this case's (>1: faster), median over rounds")
@@ -201,7 +217,9 @@ def main() -> None:
 
 def _label(case: dict) -> str:
     where = f"@{case['rev'][:10]}" if case["rev"] else "this tree"
-    return f"{case['layers']} block(s), {'compiled' if case['compiled'] else 'eager'}, {where}"
+    kind = "compiled" if case["compiled"] else "eager"
+    kind += ", cpp wrapper" if case["options"].get("cpp_wrapper") else ""
+    return f"{case['layers']} block(s), {kind}, {where}"
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ class TrainerSettings:
     amp: str | None = None  # None | bf16 | fp16
     compile: bool = False  # torch.compile the backbone (dynamic shapes; the wrapper stays eager)
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": tracing only, for checks)
+    # inductor settings over dens's (e.g. {"cpp_wrapper": true}: see docs/performance.md)
+    compile_options: dict[str, Any] = field(default_factory=dict)
     retain_freed_memory: bool = True  # CPU training: reuse freed memory, no page faults (dens.runtime)
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -307,7 +309,8 @@ class Trainer:
         if settings.compile:
             # in place (block by block, or a gradient-force model's energy with its gradient): parameter
             # names, checkpoints and DDP see the unchanged module
-            compile_backbone(self.model.backbone, training=True, backend=settings.compile_backend)
+            options = {"options": dict(settings.compile_options)} if settings.compile_options else {}
+            compile_backbone(self.model.backbone, training=True, backend=settings.compile_backend, **options)
         self.ddp_model: nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None

@@ -253,4 +253,6 @@ def test_narrow_gemm_layout_transposes_narrow_products_only():
     assert ("aten.bmm.default", 3, 16, 20) in forward and ("aten.mm.default", 8, 88, 30) in forward
     assert ("aten.mm.default", 30, 88, 16) in forward  # 16 columns: unchanged
     assert all(cols > 8 or rows <= cols for graph in seen for _, rows, _, cols in graph)
+    # inductor's cache key: the pass's code and threshold
+    assert NarrowGemmLayout().uuid() == NarrowGemmLayout().uuid() != NarrowGemmLayout(16).uuid()
     torch._dynamo.reset()

@@ -17,10 +17,12 @@ view of its result. The arithmetic is the same products and sums: results agree 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from typing import Any
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 __all__ = ["NarrowGemmLayout", "inductor_options"]
 
@@ -43,9 +45,10 @@ class NarrowGemmLayout(CustomGraphPass):
     def __init__(self, max_columns: int = 8) -> None:
         self.max_columns = max_columns
 
-    def uuid(self) -> bytes:
-        """Inductor's cache key for this pass: this file and the threshold."""
-        return get_hash_for_files((__file__,)) + str(self.max_columns).encode()
+    def uuid(self) -> str:
+        """Inductor's cache key for this pass: its code and threshold (not the rest of this file)."""
+        code = "".join(inspect.getsource(f) for f in (NarrowGemmLayout, _transposed, _static))
+        return hashlib.sha256(f"{code}{self.max_columns}".encode()).hexdigest()
 
     def _narrow(self, rows: Any, columns: Any) -> bool:
         columns = _static(columns)
@@ -95,10 +98,18 @@ def _transposed(graph: torch.fx.Graph, node: torch.fx.Node, dims: list[int]) -> 
 def inductor_options(options: dict[str, Any]) -> dict[str, Any]:
     """``torch.compile`` keyword arguments: ``options`` over dens's defaults.
 
-    The defaults are ``dynamic=True`` and, for the inductor backend unless ``options`` brings its own
-    inductor settings, :class:`NarrowGemmLayout` as the post-grad pass.
+    The defaults are ``dynamic=True`` and, for the inductor backend, :class:`NarrowGemmLayout` as the
+    post-grad pass; inductor settings in ``options["options"]`` are added to (or replace) it. With a
+    ``mode``, which ``torch.compile`` does not take together with ``options``, no pass is added.
+
+    Examples
+    --------
+    >>> sorted(inductor_options({"options": {"cpp_wrapper": True}})["options"])
+    ['cpp_wrapper', 'post_grad_custom_post_pass']
+    >>> inductor_options({"backend": "aot_eager"})
+    {'dynamic': True, 'backend': 'aot_eager'}
     """
     merged = {"dynamic": True, **options}
-    if merged.get("backend", "inductor") == "inductor" and "options" not in merged and "mode" not in merged:
-        merged["options"] = {"post_grad_custom_post_pass": NarrowGemmLayout()}
+    if merged.get("backend", "inductor") == "inductor" and "mode" not in merged:
+        merged["options"] = {"post_grad_custom_post_pass": NarrowGemmLayout(), **merged.get("options", {})}
     return merged
