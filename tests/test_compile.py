@@ -256,3 +256,35 @@ def test_narrow_gemm_layout_transposes_narrow_products_only():
     # inductor's cache key: the pass's code and threshold
     assert NarrowGemmLayout().uuid() == NarrowGemmLayout().uuid() != NarrowGemmLayout(16).uuid()
     torch._dynamo.reset()
+
+
+def test_trainer_passes_compile_options_to_inductor(tmp_path, monkeypatch):
+    """``trainer.compile_options`` reach ``torch.compile`` as inductor settings beside dens's graph pass; with
+    another backend, which would ignore them, the trainer refuses them."""
+    from dens.data import Subset
+    from dens.data.demo import demo_dataset
+    from dens.losses import DeNSSettings
+    from dens.models.gemm_layout import NarrowGemmLayout
+    from dens.trainer import OptimSettings, Trainer, TrainerSettings
+
+    def build(backend, record=None):
+        model = ForceField(tiny_equiformer(torch.float32, max_atom_type=90), cutoff=5.0, energy_mean=0.65)
+        settings = TrainerSettings(run_dir=str(tmp_path / backend), device="cpu", progress_bar=False,
+                                   tensorboard=False, compile=True, compile_backend=backend,
+                                   compile_options={"cpp_wrapper": True}, threads=1)  # fmt: skip
+        optim = OptimSettings(batch_size=4, lr=1e-3, max_epochs=1, warmup_epochs=0.0, ema_decay=0.0)
+        return Trainer(
+            model, Subset(demo_dataset("train"), list(range(4))), None, optim, DeNSSettings(), settings
+        )
+
+    seen = []
+    real = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or real(fn, backend="eager")
+    )
+    build("inductor")
+    assert seen and all(kw["options"]["cpp_wrapper"] is True for kw in seen)
+    assert all(isinstance(kw["options"]["post_grad_custom_post_pass"], NarrowGemmLayout) for kw in seen)
+    monkeypatch.setattr(torch, "compile", real)
+    with pytest.raises(ValueError, match="inductor settings; backend 'aot_eager'"):
+        build("aot_eager")

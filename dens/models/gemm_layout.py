@@ -103,6 +103,11 @@ def inductor_options(options: dict[str, Any]) -> dict[str, Any]:
     post-grad pass; inductor settings in ``options["options"]`` are added to (or replace) it. With a
     ``mode``, which ``torch.compile`` does not take together with ``options``, no pass is added.
 
+    Raises
+    ------
+    ValueError
+        For inductor settings with another backend (``torch.compile`` would ignore them).
+
     Examples
     --------
     >>> sorted(inductor_options({"options": {"cpp_wrapper": True}})["options"])
@@ -111,6 +116,13 @@ def inductor_options(options: dict[str, Any]) -> dict[str, Any]:
     {'dynamic': True, 'backend': 'aot_eager'}
     """
     merged = {"dynamic": True, **options}
-    if merged.get("backend", "inductor") == "inductor" and "mode" not in merged:
+    backend = merged.get("backend", "inductor")
+    if backend != "inductor":
+        if merged.get("options"):  # torch.compile would ignore them with a warning
+            raise ValueError(
+                f"compile options {merged['options']} are inductor settings; backend {backend!r} takes none"
+            )
+        return merged
+    if "mode" not in merged:
         merged["options"] = {"post_grad_custom_post_pass": NarrowGemmLayout(), **merged.get("options", {})}
     return merged
