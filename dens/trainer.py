@@ -309,8 +309,10 @@ class Trainer:
         if settings.compile:
             # in place (block by block, or a gradient-force model's energy with its gradient): parameter
             # names, checkpoints and DDP see the unchanged module
-            options = {"options": dict(settings.compile_options)} if settings.compile_options else {}
-            compile_backbone(self.model.backbone, training=True, backend=settings.compile_backend, **options)
+            compile_backbone(
+                self.model.backbone, training=True, backend=settings.compile_backend,
+                options=dict(settings.compile_options),
+            )  # fmt: skip
         self.ddp_model: nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None

@@ -267,7 +267,7 @@ def test_trainer_passes_compile_options_to_inductor(tmp_path, monkeypatch):
     from dens.models.gemm_layout import NarrowGemmLayout
     from dens.trainer import OptimSettings, Trainer, TrainerSettings
 
-    def build(backend, record=None):
+    def build(backend):
         model = ForceField(tiny_equiformer(torch.float32, max_atom_type=90), cutoff=5.0, energy_mean=0.65)
         settings = TrainerSettings(run_dir=str(tmp_path / backend), device="cpu", progress_bar=False,
                                    tensorboard=False, compile=True, compile_backend=backend,

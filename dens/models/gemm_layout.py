@@ -100,8 +100,9 @@ def inductor_options(options: dict[str, Any]) -> dict[str, Any]:
     """``torch.compile`` keyword arguments: ``options`` over dens's defaults.
 
     The defaults are ``dynamic=True`` and, for the inductor backend, :class:`NarrowGemmLayout` as the
-    post-grad pass; inductor settings in ``options["options"]`` are added to (or replace) it. With a
-    ``mode``, which ``torch.compile`` does not take together with ``options``, no pass is added.
+    post-grad pass; inductor settings in ``options["options"]`` (an empty dict: none) are added to (or
+    replace) it. With a ``mode``, which ``torch.compile`` does not take together with ``options``, no
+    pass is added.
 
     Raises
     ------
@@ -112,17 +113,16 @@ def inductor_options(options: dict[str, Any]) -> dict[str, Any]:
     --------
     >>> sorted(inductor_options({"options": {"cpp_wrapper": True}})["options"])
     ['cpp_wrapper', 'post_grad_custom_post_pass']
-    >>> inductor_options({"backend": "aot_eager"})
+    >>> inductor_options({"backend": "aot_eager", "options": {}})
     {'dynamic': True, 'backend': 'aot_eager'}
     """
     merged = {"dynamic": True, **options}
+    extra = merged.pop("options", None) or {}  # an empty dict is no setting (and no warning below)
     backend = merged.get("backend", "inductor")
-    if backend != "inductor":
-        if merged.get("options"):  # torch.compile would ignore them with a warning
-            raise ValueError(
-                f"compile options {merged['options']} are inductor settings; backend {backend!r} takes none"
-            )
-        return merged
-    if "mode" not in merged:
-        merged["options"] = {"post_grad_custom_post_pass": NarrowGemmLayout(), **merged.get("options", {})}
+    if backend != "inductor" and extra:  # torch.compile would ignore them with a warning
+        raise ValueError(f"compile options {extra} are inductor settings; backend {backend!r} takes none")
+    if backend == "inductor" and "mode" not in merged:
+        extra = {"post_grad_custom_post_pass": NarrowGemmLayout(), **extra}
+    if extra:
+        merged["options"] = extra
     return merged
