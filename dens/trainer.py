@@ -9,6 +9,7 @@ The global batch (``optim.batch_size``) is fixed: per-device batch x devices x a
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -190,6 +191,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 _atomic_save = atomic_save  # the name the tests and older code import
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -408,6 +414,9 @@ class Trainer:
             self.device = torch.device(want)
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+            # Left to interpreter teardown, gloo's threads can abort the process ("terminate called
+            # without an active exception") after a successful run: close the group we opened first.
+            atexit.register(_destroy_process_group)
 
     @property
     def is_main(self) -> bool:
