@@ -198,6 +198,33 @@ def test_mixed_batch_of_crystal_slab_and_molecule():
     assert _as_set(ea, oa) == {(i, j, img) for i, j, img, _ in ref}
 
 
+@pytest.mark.parametrize("max_neighbors", [None, 3])
+def test_molecule_fast_path_gives_the_general_paths_graph(max_neighbors):
+    """Batches without a periodic axis skip the image search: the same edges as the periodic code path."""
+    rng = np.random.default_rng(7)
+    sizes = [5, 1, 9, 4]
+    pos = torch.tensor(rng.uniform(0.0, 4.0, (sum(sizes), 3)))
+    pos[3] = pos[2]  # a coincident pair (d < 1e-4): no edge on either path
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    ei, off = radius_graph_pbc(pos, None, None, batch, 2.5, max_neighbors=max_neighbors)
+    # with a periodic crystal appended, the whole batch takes the general path
+    crystal = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64) + 100.0
+    cell = torch.cat([torch.zeros(len(sizes), 3, 3, dtype=torch.float64), 3.0 * torch.eye(3)[None].double()])
+    pbc = torch.tensor([[False] * 3] * len(sizes) + [[True] * 3])
+    ei_all, off_all = radius_graph_pbc(
+        torch.cat([pos, crystal]), cell, pbc, torch.cat([batch, torch.tensor([4, 4])]), 2.5, max_neighbors
+    )
+    molecules = ei_all[1] < pos.shape[0]
+    assert torch.equal(ei, ei_all[:, molecules]) and torch.equal(off, off_all[molecules])
+    assert not off.any() and ei.shape[1] > 0
+    assert not ((ei[0] == 3) & (ei[1] == 2)).any()
+    for g, start in enumerate(np.cumsum([0, *sizes[:-1]])):  # every molecule against brute force
+        if max_neighbors is None:
+            ref = _reference(pos[batch == g].numpy(), np.zeros((3, 3)), [False] * 3, 2.5)
+            mine = ei[:, batch[ei[1]] == g] - int(start)
+            assert {(int(i), int(j)) for j, i in mine.T} == {(i, j) for i, j, _, _ in ref}
+
+
 def test_isolated_atoms_and_empty_graph_are_allowed():
     pos = torch.tensor([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [10.5, 0.0, 0.0]])
     ei, off = radius_graph_pbc(pos, None, None, None, 1.0, max_neighbors=20)

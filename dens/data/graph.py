@@ -321,24 +321,21 @@ def _candidates_native(
             torch.zeros(0, dtype=pos.dtype, device=device),
         )
 
+    cutoff2 = cutoff * cutoff
+    min2 = MIN_DISTANCE * MIN_DISTANCE
+    i_all, j_all, pair_graph = _all_pairs(natoms)
+    if not bool(pbc.any()):  # molecules: no images, one distance per pair (the general path's result)
+        vec = pos[j_all] - pos[i_all]
+        d2 = (vec * vec).sum(-1)
+        m = (d2 <= cutoff2) & (d2 > min2)
+        i, j = i_all[m], j_all[m]
+        return i, j, torch.zeros(i.numel(), 3, dtype=torch.long, device=device), d2[m]
+
     basis = _completed_cell(cell, pbc)  # [B,3,3]
     inv = torch.linalg.inv(basis)  # columns are reciprocal vectors: frac = x @ inv
     recip_norm = inv.transpose(1, 2).norm(dim=-1)  # [B,3] = 1 / plane spacing
     frac = torch.einsum("nk,nkl->nl", pos, inv[batch])  # [N,3]
     reach = cutoff * recip_norm  # [B,3] largest |fractional component| of a vector within the cutoff
-
-    # all ordered pairs (i, j) inside each structure, enumerated in (i, j) order
-    ptr = torch.cumsum(natoms, 0) - natoms
-    pairs_per = natoms * natoms
-    total_pairs = int(pairs_per.sum().item())
-    pair_graph = torch.repeat_interleave(
-        torch.arange(num_graphs, device=device), pairs_per, output_size=total_pairs
-    )
-    pair_start = torch.cumsum(pairs_per, 0) - pairs_per
-    local = torch.arange(total_pairs, device=device) - pair_start[pair_graph]
-    nat = natoms[pair_graph]
-    i_all = torch.div(local, nat, rounding_mode="floor") + ptr[pair_graph]
-    j_all = local % nat + ptr[pair_graph]
 
     # per-pair image range: |frac(j) - frac(i) + n| <= reach on every periodic axis
     dfrac = frac[j_all] - frac[i_all]  # [P,3]
@@ -354,8 +351,6 @@ def _candidates_native(
     del dfrac, r, periodic
 
     cum = torch.cumsum(count, 0)
-    cutoff2 = cutoff * cutoff
-    min2 = MIN_DISTANCE * MIN_DISTANCE
     out_i, out_j, out_n, out_d2 = [], [], [], []
     # chunk over pairs so that one chunk holds about _CHUNK candidates
     start_pair = 0
@@ -397,6 +392,23 @@ def _candidates_native(
             torch.zeros(0, dtype=pos.dtype, device=device),
         )
     return torch.cat(out_i), torch.cat(out_j), torch.cat(out_n), torch.cat(out_d2)
+
+
+def _all_pairs(natoms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """All ordered pairs ``(i, j)`` inside each structure in ``(i, j)`` order, and their structure."""
+    device = natoms.device
+    ptr = torch.cumsum(natoms, 0) - natoms
+    pairs_per = natoms * natoms
+    total_pairs = int(pairs_per.sum().item())
+    pair_graph = torch.repeat_interleave(
+        torch.arange(natoms.numel(), device=device), pairs_per, output_size=total_pairs
+    )
+    pair_start = torch.cumsum(pairs_per, 0) - pairs_per
+    local = torch.arange(total_pairs, device=device) - pair_start[pair_graph]
+    nat = natoms[pair_graph]
+    i_all = torch.div(local, nat, rounding_mode="floor") + ptr[pair_graph]
+    j_all = local % nat + ptr[pair_graph]
+    return i_all, j_all, pair_graph
 
 
 def _candidates_torch_cluster(
