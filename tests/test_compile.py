@@ -288,3 +288,27 @@ def test_trainer_passes_compile_options_to_inductor(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", real)
     with pytest.raises(ValueError, match="inductor settings; backend 'aot_eager'"):
         build("aot_eager")
+
+
+def test_narrow_gemm_layout_keeps_the_layout_of_views_of_the_product():
+    """A view of a transposed product keeps the strides it was traced with: the backward graph, compiled
+    for them, gets what it expects for every size of the dynamic dimension (the pass once returned the
+    transposed layout, and the second size failed inductor's stride check)."""
+    from dens.models.gemm_layout import NarrowGemmLayout
+
+    def f(x, w, g):
+        y = (x @ w).view(x.shape[0] // 5, 5, 8).transpose(1, 2)  # [n, 8, 5]: a view of a narrow product
+        return ((y * g.unsqueeze(-1)) ** 2).sum() + y.sin().sum()
+
+    torch._dynamo.reset()
+    options = {"post_grad_custom_post_pass": NarrowGemmLayout(), "fx_graph_cache": False}
+    compiled = torch.compile(f, dynamic=True, options=options)
+    for n in (64, 32, 17):
+        generator = torch.Generator().manual_seed(n)
+        shapes = [(5 * n, 88), (88, 8), (n, 8)]
+        args = [torch.randn(s, dtype=torch.float64, generator=generator, requires_grad=True) for s in shapes]
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            grads = torch.autograd.grad(compiled(*args), args)
+        for g, r in zip(grads, torch.autograd.grad(f(*args), args), strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    torch._dynamo.reset()

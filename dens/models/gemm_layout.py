@@ -11,9 +11,11 @@ left alone.
 
 :class:`NarrowGemmLayout` rewrites, in the CPU graphs inductor compiles (forward, backward, and the
 gradients inside them, after autograd), every ``mm``, ``bmm`` and ``addmm`` whose output has at most
-``max_columns`` static columns and more rows than columns into the transposed product and a transposed
-view of its result. The arithmetic is the same products and sums: results agree to rounding. GPU graphs
-are left as they are (not measured there).
+``max_columns`` static columns and more rows than columns into the transposed product and a copy of its
+transposed result in the original layout. The copy (small: the output is narrow) keeps the strides that the
+rest of the graph was traced with, views of the product and tensors saved for the backward included;
+inductor fuses it into the consumers where it can. The arithmetic is the same products and sums: results
+agree to rounding. GPU graphs are left as they are (not measured there).
 """
 
 from __future__ import annotations
@@ -85,7 +87,15 @@ class NarrowGemmLayout(CustomGraphPass):
                     args = [args[1], args[0]]
                 product = graph.call_function(node.target, tuple(args))
                 product.meta["val"] = node.target(*(arg.meta["val"] for arg in args))
-                out = _transposed(graph, product, dims)
+                # back in the original layout (a copy inductor fuses into the consumers where it can):
+                # views of the product and tensors saved for the backward keep the strides they were
+                # traced with
+                out = graph.call_function(
+                    _aten.clone.default,
+                    (_transposed(graph, product, dims),),
+                    {"memory_format": torch.contiguous_format},
+                )
+                out.meta["val"] = node.meta["val"]
             node.replace_all_uses_with(out)
             graph.erase_node(node)
 
