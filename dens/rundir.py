@@ -47,7 +47,7 @@ RUN_CONTROL_KEYS = frozenset(
     for k in (
         "run_dir", "device", "max_steps", "eval_every", "checkpoint_every", "log_every", "resume", "fresh",
         "num_workers", "progress_bar", "tensorboard", "wandb", "wandb_project", "val_max_batches",
-        "compile", "compile_backend", "compile_options", "retain_freed_memory", "threads",
+        "compile", "compile_backend", "compile_options", "retain_freed_memory", "threads", "tune_threads",
     )
 )  # fmt: skip
 

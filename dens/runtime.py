@@ -4,7 +4,10 @@ Two of them concern threads. ``import dens`` (before torch) sets ``OMP_WAIT_POLI
 environment sets it: OpenMP threads that finish a parallel region early then sleep instead of spinning,
 so that a step does not collapse when another process (a data worker, another job) holds a core
 (:func:`openmp_wait_policy`, ``docs/performance.md``). :func:`training_threads` is the trainer's default
-thread count: the usable cores less the data workers.
+thread count: the usable cores less the data workers, or fewer where fewer are faster: a small model's
+step (hundreds of small operations, each a parallel region that wakes and waits for every thread) can be
+slower with two sleeping threads than with one, and :class:`ThreadChoice` lets the trainer measure that
+on its first steps.
 
 Training allocates and frees the same large tensors (tens of MB: per-edge features of every block) at
 every step. glibc's malloc serves blocks above a threshold (at most 32 MB by default) with a fresh
@@ -22,11 +25,12 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import statistics
 import sys
 
 import torch
 
-__all__ = ["openmp_wait_policy", "retain_freed_memory", "training_threads", "usable_cores"]
+__all__ = ["ThreadChoice", "openmp_wait_policy", "retain_freed_memory", "training_threads", "usable_cores"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +106,80 @@ def training_threads(num_workers: int = 0) -> int:
     1
     """
     return max(1, min(torch.get_num_threads(), usable_cores() - num_workers))
+
+
+class ThreadChoice:
+    """The intra-op thread count of a CPU training run, chosen from the run's own step times.
+
+    The first ``warmup`` steps run with ``most`` threads (one-time costs: allocations, caches). The
+    following steps cycle through the candidates, ``most`` halved down to 1, until each has ``samples``
+    step times. The count with the lowest median is then kept if its median is at least ``margin`` below
+    that of ``most`` threads (on a tie, the fewer threads), else ``most``: a few early steps are a noisy
+    sample, and on the DeNS demo (2 idle AMD EPYC cores) one thread was 4 % faster in the first steps and
+    15 % slower over the run. Every step is a real training step: the choice costs no work, only some
+    steps at a slower count.
+
+    Parameters
+    ----------
+    most : int
+        The largest count to try (:func:`training_threads`).
+    warmup : int
+        Steps before the timing starts.
+    samples : int
+        Timed steps per candidate.
+    margin : float
+        How much faster (a fraction of the median step time) fewer threads must be to be chosen.
+
+    Examples
+    --------
+    >>> choice = ThreadChoice(4, warmup=1, samples=1)
+    >>> choice.candidates
+    (4, 2, 1)
+    >>> for seconds in (9.0, 0.3, 0.2, 0.25):  # the warm-up step, then 4, 2 and 1 threads (2: 33 % faster)
+    ...     threads = choice.next_threads()
+    ...     chosen = choice.record(threads, seconds)
+    >>> chosen, choice.next_threads()
+    (2, 2)
+    """
+
+    def __init__(self, most: int, warmup: int = 3, samples: int = 5, margin: float = 0.1) -> None:
+        if most < 1 or warmup < 0 or samples < 1 or not 0 <= margin < 1:
+            raise ValueError(
+                f"ThreadChoice: most={most} (>= 1), warmup={warmup} (>= 0), samples={samples} (>= 1), "
+                f"margin={margin} (in [0, 1))"
+            )
+        candidates = [most]
+        while candidates[-1] > 1:
+            candidates.append(candidates[-1] // 2)
+        self.candidates = tuple(candidates)
+        self.warmup, self.samples, self.margin = warmup, samples, margin
+        self.times: dict[int, list[float]] = {n: [] for n in self.candidates}
+        self.chosen: int | None = most if most == 1 else None
+        self._steps = 0
+
+    def next_threads(self) -> int:
+        """The thread count for the next step."""
+        if self.chosen is not None:
+            return self.chosen
+        timed = self._steps - self.warmup
+        return self.candidates[0] if timed < 0 else self.candidates[timed % len(self.candidates)]
+
+    def record(self, threads: int, seconds: float) -> int | None:
+        """Record a step that ran with ``threads``; returns the chosen count once it is decided (else None)."""
+        self._steps += 1
+        if self.chosen is not None or self._steps <= self.warmup:
+            return None
+        self.times[threads].append(seconds)
+        if all(len(t) >= self.samples for t in self.times.values()):
+            fastest = min(self.candidates, key=lambda n: (self.median(n), n))
+            clearly = self.median(fastest) <= (1 - self.margin) * self.median(self.candidates[0])
+            self.chosen = fastest if clearly else self.candidates[0]
+            return self.chosen
+        return None
+
+    def median(self, threads: int) -> float:
+        """The median step time (s) measured with ``threads``."""
+        return statistics.median(self.times[threads])
 
 
 def openmp_wait_policy() -> str:

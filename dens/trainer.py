@@ -42,7 +42,7 @@ from .losses import Corruption, DeNSSettings, LossSettings, corrupt, model_input
 from .losses.stress import materials_settings, stress_term
 from .models.potential import ForceField, compile_backbone
 from .rundir import RunDirLock, archive_run, config_differences, format_differences, truncate_metrics
-from .runtime import retain_freed_memory, training_threads
+from .runtime import ThreadChoice, retain_freed_memory, training_threads
 from .settings import check_settings
 
 __all__ = ["EMA", "OptimSettings", "Trainer", "TrainerSettings", "cosine_lambda", "evaluate_s2ef"]
@@ -110,6 +110,7 @@ class TrainerSettings:
     seed: int = 0
     num_workers: int = 0
     threads: int | None = None  # CPU threads; None: usable cores less num_workers (runtime.training_threads)
+    tune_threads: bool = True  # threads None: time the first steps with fewer threads too, keep the fastest
     nonfinite: str = "stop"  # stop | skip
     primary_metric: str = "forces_mae_meV_A"  # selects best.pt (OC22: energy_mae_meV)
     tensorboard: bool = True
@@ -293,8 +294,18 @@ class Trainer:
         np.random.seed(settings.seed + self.rank)  # noqa: NPY002
         random.seed(settings.seed + self.rank)
 
+        # set when the thread count is to be chosen from the first steps (_timed_step)
+        self.thread_choice: ThreadChoice | None = None
+        self._process_threads: int | None = None  # restored after fit: the next trainer starts from it
         if self.device.type == "cpu":
-            torch.set_num_threads(settings.threads or training_threads(settings.num_workers))
+            self._process_threads = torch.get_num_threads()
+            threads = settings.threads or training_threads(settings.num_workers)
+            torch.set_num_threads(threads)
+            # Not with several ranks (a step's time includes waiting for the others), compiled kernels (built
+            # for one count) or deterministic runs (the count changes the order of sums).
+            if (settings.threads is None and settings.tune_threads and threads > 1 and self.world_size == 1
+                    and not settings.compile and not settings.deterministic):  # fmt: skip
+                self.thread_choice = ThreadChoice(threads)
             if settings.retain_freed_memory:
                 retain_freed_memory()
         self.model = model.to(self.device)
@@ -697,6 +708,8 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            if self._process_threads is not None:
+                torch.set_num_threads(self._process_threads)
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -728,7 +741,7 @@ class Trainer:
             micro = [next(batches) for _ in range(self.settings.grad_accumulation)]
             for b in micro:
                 self._check_batch(b)
-            stats = self.train_step(micro)
+            stats = self._timed_step(micro)
             self.step += 1
             window_structures += sum(b.num_graphs for b in micro) * self.world_size
             if bar is not None:
@@ -761,6 +774,24 @@ class Trainer:
         if self._writer is not None:
             self._writer.close()
         return [r for r in self.history if any(k.startswith("val/") for k in r)]
+
+    def _timed_step(self, micro: list[Batch]) -> dict[str, float]:
+        """:meth:`train_step`, with the thread count of :attr:`thread_choice` while it is being chosen."""
+        choice = self.thread_choice
+        if choice is None or choice.chosen is not None:
+            return self.train_step(micro)
+        threads = choice.next_threads()
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        stats = self.train_step(micro)
+        chosen = choice.record(threads, time.perf_counter() - start)
+        if chosen is not None:
+            torch.set_num_threads(chosen)
+            medians = ", ".join(f"{n}: {1000 * choice.median(n):.1f} ms" for n in choice.candidates)
+            logger.info(
+                "CPU threads: %d from here on (median step time per thread count: %s)", chosen, medians
+            )
+        return stats
 
     def _is_new_best(self, value: float) -> bool:
         """Whether a validation metric becomes best.pt: finite, better than the best so far, and not

@@ -535,3 +535,44 @@ def test_12_ddp_ranks_record_the_union_of_their_elements(tmp_path):
         assert p.returncode == 0, output[-3000:]
     elements = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")["training_elements"]
     assert elements == sorted(single.training_elements)
+
+
+@pytest.mark.parametrize("faster", ["fewer", "more"])
+def test_trainer_chooses_its_cpu_threads_from_its_first_steps(tmp_path, monkeypatch, caplog, faster):
+    """``trainer.threads: null`` on a CPU: the first steps try the usable cores and fewer, and the run keeps
+    the count of the fastest median step (a fake clock makes each step cost a known time)."""
+    from dens import runtime
+
+    initial = (
+        torch.get_num_threads()
+    )  # earlier trainers may have lowered it: 2 usable cores, whatever the machine
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    torch.set_num_threads(2)
+    most = tiny_trainer(tmp_path / "probe", steps=1).thread_choice
+    assert most is not None and most.candidates == (2, 1)
+    clock = [0.0]
+
+    def perf_counter():  # each call advances by the time a step of the current thread count costs
+        n = torch.get_num_threads()
+        clock[0] += 0.1 * n if faster == "fewer" else 0.1 / n
+        return clock[0]
+
+    monkeypatch.setattr(time, "perf_counter", perf_counter)
+    steps = most.warmup + most.samples * len(most.candidates) + 1  # warm-up, timed steps, one after
+    trainer = tiny_trainer(tmp_path / "run", steps=steps)
+    chosen = []
+    real_step = trainer.train_step
+    monkeypatch.setattr(
+        trainer, "train_step", lambda micro: chosen.append(torch.get_num_threads()) or real_step(micro)
+    )
+    with caplog.at_level(logging.INFO, logger="dens.trainer"):
+        trainer.fit()
+    expected = min(most.candidates) if faster == "fewer" else max(most.candidates)
+    assert trainer.thread_choice.chosen == expected == chosen[-1]  # the step after the choice
+    assert torch.get_num_threads() == max(most.candidates)  # the process's count again after fit
+    assert all(len(t) == most.samples for t in trainer.thread_choice.times.values())
+    assert f"CPU threads: {expected} from here on" in caplog.text
+    # a thread count given, the choice turned off or a deterministic run: no choice
+    for overrides in ({"threads": 1}, {"tune_threads": False}, {"deterministic": True}):
+        assert tiny_trainer(tmp_path / "fixed", steps=1, **overrides).thread_choice is None
+    torch.set_num_threads(initial)

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from dens.runtime import retain_freed_memory
+from dens.runtime import ThreadChoice, retain_freed_memory
 from dens.trainer import TrainerSettings
 
 # Page faults of a training-like step (60k x 256 activations, 61 MB each, forward and backward), the
 # fewest of its last three repetitions; "skip" where glibc refuses the settings.
 _PROBE = """
 import resource, sys, torch
-from dens.runtime import retain_freed_memory
+from dens.runtime import ThreadChoice, retain_freed_memory
 if sys.argv[1] == "1" and not retain_freed_memory():
     print("skip")
     raise SystemExit
@@ -110,3 +110,31 @@ def test_trainer_threads_are_validated():
 
     with pytest.raises(ConfigError, match=r"trainer\.threads=0"):
         check_settings(OptimSettings(), DeNSSettings(), TrainerSettings(threads=0))
+
+
+def test_thread_choice_times_every_candidate_and_keeps_the_fastest():
+    choice = ThreadChoice(6, warmup=2, samples=2, margin=0.1)
+    assert choice.candidates == (6, 3, 1)
+    cost = {6: 0.30, 3: 0.20, 1: 0.25}  # step seconds per thread count
+    used = []
+    for _ in range(2 + 3 * 2):
+        threads = choice.next_threads()
+        used.append(threads)
+        decided = choice.record(threads, 10.0 if len(used) <= 2 else cost[threads])
+    assert used == [6, 6, 6, 3, 1, 6, 3, 1]  # warm-up with the most, then in turn
+    assert decided == choice.chosen == 3 and choice.next_threads() == 3
+    assert choice.times == {6: [0.30, 0.30], 3: [0.20, 0.20], 1: [0.25, 0.25]}  # warm-up not timed
+    assert choice.record(3, 99.0) is None and choice.chosen == 3  # decided once
+
+
+def test_thread_choice_keeps_the_most_threads_unless_fewer_are_clearly_faster():
+    for margin, cost_of_one, chosen in ((0.0, 0.1, 1), (0.1, 0.095, 2), (0.1, 0.089, 1)):
+        choice = ThreadChoice(2, warmup=0, samples=1, margin=margin)
+        choice.record(choice.next_threads(), 0.1)
+        assert choice.record(choice.next_threads(), cost_of_one) == chosen, (margin, cost_of_one)
+    single = ThreadChoice(1)
+    assert single.candidates == (1,) and single.chosen == 1 and single.record(1, 1.0) is None
+    with pytest.raises(ValueError, match="most=0"):
+        ThreadChoice(0)
+    with pytest.raises(ValueError, match="margin=1"):
+        ThreadChoice(2, margin=1.0)
