@@ -539,14 +539,14 @@ def test_12_ddp_ranks_record_the_union_of_their_elements(tmp_path):
 
 
 @pytest.mark.parametrize("faster", ["fewer", "more"])
-def test_trainer_chooses_its_cpu_threads_from_its_first_steps(tmp_path, monkeypatch, caplog, faster):
+def test_trainer_chooses_its_cpu_threads_from_its_first_steps(tmp_path, monkeypatch, caplog, request, faster):
     """``trainer.threads: null`` on a CPU: the first steps try the usable cores and fewer, and the run keeps
     the count of the fastest median step (a fake clock makes each step cost a known time)."""
     from dens import runtime
 
-    initial = (
-        torch.get_num_threads()
-    )  # earlier trainers may have lowered it: 2 usable cores, whatever the machine
+    # 2 usable cores, whatever the machine and whatever earlier trainers set; restored even on failure
+    initial = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(initial))
     monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
     torch.set_num_threads(2)
     most = tiny_trainer(tmp_path / "probe", steps=1).thread_choice
@@ -576,4 +576,3 @@ def test_trainer_chooses_its_cpu_threads_from_its_first_steps(tmp_path, monkeypa
     # a thread count given, the choice turned off or a deterministic run: no choice
     for overrides in ({"threads": 1}, {"tune_threads": False}, {"deterministic": True}):
         assert tiny_trainer(tmp_path / "fixed", steps=1, **overrides).thread_choice is None
-    torch.set_num_threads(initial)

@@ -13,7 +13,7 @@ from dens.trainer import TrainerSettings
 # fewest of its last three repetitions; "skip" where glibc refuses the settings.
 _PROBE = """
 import resource, sys, torch
-from dens.runtime import ThreadChoice, retain_freed_memory
+from dens.runtime import retain_freed_memory
 if sys.argv[1] == "1" and not retain_freed_memory():
     print("skip")
     raise SystemExit
