@@ -2,7 +2,8 @@
 
 Subpackages: :mod:`dens.models` (the SO(3)/SO(2) core and the models), :mod:`dens.data` (datasets,
 graphs), :mod:`dens.testing` (equivariance test helpers), :mod:`dens.ops` (scatter operations),
-:mod:`dens.runtime` (process settings for fast CPU training).
+:mod:`dens.runtime` (process settings for fast CPU training), :mod:`dens.distributed` (DDP collectives
+and the process group, closed safely at exit).
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ The global batch (``optim.batch_size``) is fixed: per-device batch x devices x a
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
@@ -27,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from . import distributed
 from .checkpoint import (
     CheckpointError,
     atomic_save,
@@ -192,11 +192,6 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 _atomic_save = atomic_save  # the name the tests and older code import
-
-
-def _destroy_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -424,10 +419,8 @@ class Trainer:
         else:
             self.device = torch.device(want)
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-            # Left to interpreter teardown, gloo's threads can abort the process ("terminate called
-            # without an active exception") after a successful run: close the group we opened first.
-            atexit.register(_destroy_process_group)
+            # closed at exit once gloo's worker threads are done with our tensors (dens.distributed)
+            distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     @property
     def is_main(self) -> bool:
@@ -680,7 +673,7 @@ class Trainer:
         """Whether the loss is finite on every rank (all ranks must take the same branch)."""
         flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
         if self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            distributed.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
     def _skip_or_stop(self, message: str) -> dict[str, float]:
@@ -834,7 +827,7 @@ class Trainer:
         seen = torch.zeros(256, dtype=torch.float32, device=self.device)  # Z <= 118 (validated)
         if self.training_elements:
             seen[sorted(self.training_elements)] = 1.0
-        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        distributed.all_reduce(seen, op=dist.ReduceOp.MAX)
         self.training_elements = {int(z) for z in torch.nonzero(seen).flatten().tolist()}
 
     def _report(self, metrics: dict[str, float]) -> None:

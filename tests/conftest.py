@@ -90,25 +90,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# An open issue: a gloo DDP rank sometimes aborts at interpreter exit *after* finishing its work
-# ("terminate called without an active exception", SIGABRT), even though the trainer closes the process
-# group at exit. The DDP tests accept that exit (with a warning) and check the run's results instead.
-GLOO_EXIT_ABORT = "terminate called without an active exception"
-
-
-def ddp_rank_finished(returncode: int, output: str) -> bool:
-    """Whether a DDP test rank finished: exit 0, or the known abort at exit after its work."""
-    import signal
-    import warnings
-
-    if returncode == 0:
-        return True
-    if returncode == -signal.SIGABRT and output.strip().endswith(GLOO_EXIT_ABORT):
-        warnings.warn(
-            f"a DDP rank aborted at exit after its work ({GLOO_EXIT_ABORT!r}): the known gloo issue",
-            stacklevel=2,
-        )
-        return True
-    return False

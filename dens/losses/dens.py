@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import distributed
 from ..data.batch import Batch
 from .s2ef import energy_errors, force_errors, loss_dtype
 
@@ -370,7 +371,7 @@ def step_counts(
         counts = torch.stack([v.to(device=batch.pos.device, dtype=torch.float64) for v in values])
         totals = counts if totals is None else totals + counts
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
+        distributed.all_reduce(totals)
     return dict(zip(("energy", "forces", "noise", "atoms", "structures"), totals, strict=True))
 
 
