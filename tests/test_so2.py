@@ -109,3 +109,18 @@ def test_wigner_rows_are_rotation_rows():
     lay = CoefficientLayout(3, 1)
     rot = EdgeRotation(frames, lay)
     torch.testing.assert_close(rot.wigner, wigner_D(frames, 3)[:, lay.m_major])
+
+
+def test_order_map_three_products_equal_the_official_four():
+    # Gauss's three products give the official one-product map (fc over both rows, split into r/i parts)
+    torch.manual_seed(0)
+    conv = make_conv(4, 3, c_in=6, c_out=5, extra=0).double()
+    for order in conv.so2_m_conv:
+        x = torch.randn(7, 2, order.fc.in_features, dtype=torch.float64, requires_grad=True)
+        r_plus, i_plus, r_minus, i_minus = order.fc(x).reshape(7, 4, -1).unbind(1)
+        official = torch.stack([r_plus - i_minus, r_minus + i_plus], dim=1)
+        torch.testing.assert_close(order(x), official, atol=1e-13, rtol=0)
+        grads = torch.autograd.grad(order(x).square().sum(), (x, order.fc.weight))
+        expected = torch.autograd.grad(official.square().sum(), (x, order.fc.weight))
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)

@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .layers import RadialMLP
 from .so3 import CoefficientLayout, wigner_D
@@ -92,12 +93,20 @@ class _OrderLinear(nn.Module):
         self.fc.weight.data.mul_(1 / math.sqrt(2))
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x``: ``[E, 2, F_in]`` (rows +m, -m) -> ``[E, 2, F_out]``."""
-        # (real, imaginary) parts of the +m and -m rows; unbind, whose backward does not zero-fill
-        r_plus, i_plus, r_minus, i_minus = (
-            self.fc(x).reshape(x.shape[0], 4, self.fc.out_features // 2).unbind(1)
-        )
-        return torch.stack([r_plus - i_minus, r_minus + i_plus], dim=1)
+        """``x``: ``[E, 2, F_in]`` (rows +m, -m) -> ``[E, 2, F_out]``.
+
+        ``out_{+m} = W_r x_{+m} - W_i x_{-m}`` and ``out_{-m} = W_r x_{-m} + W_i x_{+m}`` with Gauss's
+        three products (``k1 = W_r (x_{+m} + x_{-m})``, ``k2 = (W_i - W_r) x_{+m}``, ``k3 = (W_r + W_i)
+        x_{-m}``; ``out_{+m} = k1 - k3``, ``out_{-m} = k1 + k2``) instead of the official model's one product
+        with both rows and both parts, which is four: a quarter fewer multiply-adds in forward and backward,
+        where these products are the largest of an EquiformerV2 step.
+        """
+        w_r, w_i = self.fc.weight.chunk(2, dim=0)  # [F_out, F_in] views
+        x_plus, x_minus = x.unbind(1)  # strided views: the products read them in place
+        k1 = F.linear(x_plus + x_minus, w_r)
+        k2 = F.linear(x_plus, w_i - w_r)
+        k3 = F.linear(x_minus, w_r + w_i)
+        return torch.stack([k1 - k3, k1 + k2], dim=1)
 
 
 class SO2Convolution(nn.Module):
