@@ -124,3 +124,15 @@ def test_order_map_three_products_equal_the_official_four():
         expected = torch.autograd.grad(official.square().sum(), (x, order.fc.weight))
         for got, want in zip(grads, expected, strict=True):
             torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_order_map_keeps_the_official_products_under_autocast():
+    torch.manual_seed(0)
+    order = make_conv(4, 3, c_in=6, c_out=5, extra=0).so2_m_conv[0].float()
+    x = torch.randn(7, 2, order.fc.in_features, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r_plus, i_plus, r_minus, i_minus = order.fc(x).reshape(7, 4, -1).unbind(1)
+        official = torch.stack([r_plus - i_minus, r_minus + i_plus], dim=1)
+        out = order(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, official, atol=0, rtol=0)
