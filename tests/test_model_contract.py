@@ -4,6 +4,7 @@ written before the rename."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -153,3 +154,16 @@ def test_an_official_no_encoding_checkpoint_keeps_its_noise_head():
     assert noise and torch.equal(
         noise["denoising_pos_block.alpha_dot"], state["denoising_pos_block.alpha_dot"]
     )
+
+
+def test_predict_takes_the_batch_to_the_models_dtype():
+    # a float32 batch for a float64 model (a cryptic dtype error inside the backbone before)
+    torch.manual_seed(0)
+    model = ForceField(EquiformerV2(**TINY_BACKBONE, cutoff=5.0), cutoff=5.0).double().eval()
+    batch = _molecules()
+    assert batch.pos.dtype == torch.float32
+    out = model.predict(batch)
+    assert out["forces"].dtype == torch.float64
+    same = model.predict(dataclasses.replace(batch, pos=batch.pos.double(), cell=batch.cell.double()))
+    torch.testing.assert_close(out["energy"], same["energy"], atol=0, rtol=0)
+    torch.testing.assert_close(out["forces"], same["forces"], atol=0, rtol=0)

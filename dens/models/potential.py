@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..data.batch import Batch
 from ..data.graph import radius_graph_pbc
+from ..inference import model_device, model_dtype, prepare_batch
 from .gemm_layout import inductor_options
 from .heads import retain_energy_graph, split_head_edges
 from .interface import Backbone, CompilesGradient, check_backbone
@@ -343,7 +344,11 @@ class ForceField(nn.Module):
         return self.backbone.stress_head is not None
 
     def predict(self, batch: Batch | Any, stress: bool | None = None) -> dict[str, Any]:
-        """Energy (eV), forces (eV/Å) and stress (eV/Å³) of a batch, in the batch's float dtype.
+        """Energy (eV, float64), forces (eV/Å) and stress (eV/Å³) of a batch.
+
+        The batch is first moved to the model's device, with positions and cell in the model's float dtype
+        (a float32 batch on the CPU for a float64 model on a GPU, say); forces and stress come in that
+        dtype, on that device.
 
         Given an ``ase.Atoms`` or a list of them instead of a batch, returns NumPy arrays (float64):
         ``energy`` (a float for one structure, ``[S]`` for a list), ``forces`` (``[N, 3]``, or a list of
@@ -359,6 +364,7 @@ class ForceField(nn.Module):
         """
         if not isinstance(batch, Batch):
             return self._predict_atoms(batch, stress)
+        batch = prepare_batch(batch, model_device(self), model_dtype(self))
         want_stress = self.has_stress_head if stress is None else stress
         conservative = want_stress and not self.has_stress_head
         if conservative and self.direct_forces:
