@@ -1,7 +1,7 @@
 """Training and inference speed and memory of every model, with DeNS on and off (figures, not tests).
 
 ``python -m benchmarks.models [--quick] [--models eqv2_oc20_2m,...] [--dens off,on] [--compile off,on]
-[--compile-backend inductor|aot_eager] [--amp none,bf16] [--device cpu|cuda] [--threads N]
+[--compile-backend inductor|aot_eager] [--amp none,bf16,fp16] [--device cpu|cuda] [--threads N]
 [--batch-size N] [--warmup N] [--repeats N] [--malloc retain|default] [--json out.json]``
 
 Models: EquiformerV2 ``eqv2_oc20_2m`` (83M; 89M with DeNS), ``eqv2_oc20_all_md`` (153M / 160M) and
@@ -141,13 +141,13 @@ MODELS: dict[str, ModelSpec] = {
 
 @dataclass(frozen=True)
 class Case:
-    """One measurement: a model with DeNS on or off, eager or compiled, fp32 or bf16 autocast."""
+    """One measurement: a model with DeNS on or off, eager or compiled, fp32 or bf16/fp16 autocast."""
 
     model: str
     dens: bool
     compile: bool
     backend: str  # torch.compile backend (inductor; aot_eager traces without code generation)
-    amp: str  # none | bf16
+    amp: str  # none | bf16 | fp16 (training: the trainer's AMP, with its gradient scaler for fp16)
     device: str
     threads: int | None
     batch_size: int | None
@@ -363,7 +363,8 @@ def run_case(case: Case) -> dict[str, Any]:
             train_model = copy.deepcopy(model)
             compile_backbone(train_model.backbone, training=True, backend=case.backend)
         compile_backbone(model.backbone, backend=case.backend)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.amp == "bf16")
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case.amp)
+    autocast = torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None)
 
     graph = _measure(lambda: model.graph(batch), device, case.warmup, case.repeats, base_mb)
     result["graph_ms"] = 1000 * graph["s"]
@@ -561,8 +562,8 @@ def main() -> None:
     parser.add_argument("--dens", type=lambda s: _choices(s, ["off", "on"]), default=["off", "on"])
     parser.add_argument("--compile", type=lambda s: _choices(s, ["off", "on"]), default=None,
                         help="default: off with --quick, else off,on")  # fmt: skip
-    parser.add_argument("--amp", type=lambda s: _choices(s, ["none", "bf16"]), default=None,
-                        help="default: none on CPU, none,bf16 on CUDA")  # fmt: skip
+    parser.add_argument("--amp", type=lambda s: _choices(s, ["none", "bf16", "fp16"]), default=None,
+                        help="default: none on CPU, none,bf16,fp16 on CUDA")  # fmt: skip
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend (aot_eager: traces without generating code)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
@@ -587,7 +588,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the machine, options and results here")
     args = parser.parse_args()
     compile_modes = args.compile or (["off"] if args.quick else ["off", "on"])
-    amps = args.amp or (["none", "bf16"] if args.device.startswith("cuda") else ["none"])
+    amps = args.amp or (["none", "bf16", "fp16"] if args.device.startswith("cuda") else ["none"])
     warmup = max(1, args.warmup or (1 if args.quick else 2))
     repeats = max(1, args.repeats or (1 if args.quick else 5))
 
