@@ -5,7 +5,8 @@ of ``experiments/results/dens_study`` trains, step for step: ``Trainer.train_ste
 Equiformer (Lmax 2, node irreps ``32x0e+16x1e+8x2e``, ``--layers`` blocks; 2 is the issue's case) on
 rMD17 ethanol x 8 (72 atoms, 576 edges) with the shipped MD17 DeNS objective (``dens/conf/dens/md17.yaml``:
 p 0.25, sigma 0.05, r 0.25, lambda 5), forward, gradient forces with a double backward, AdamW; one thread
-by default. Without ``../shared`` the frames are jittered copies of one ethanol geometry (same sizes).
+by default (``--threads 1,2``: every case at each count; the worker imports dens before torch, as the trainer
+does, so OpenMP's threads sleep rather than spin unless ``OMP_WAIT_POLICY`` says otherwise). Without ``../shared`` the frames are jittered copies of one ethanol geometry (same sizes).
 
 * ``--compile``: also ``trainer.compile=true`` (:meth:`dens.models.Equiformer.compile_gradient`: the energy
   and its gradient as one compiled graph), for ``--versus`` too where that commit can (otherwise its row
@@ -81,12 +82,14 @@ def _frames(count: int) -> list:
 
 def _worker(layers: int, dens: bool, compiled: bool, steps: int, threads: int, options: dict) -> dict:
     """Time ``steps`` training steps in this process (whatever ``dens`` is importable) and return figures."""
+    import importlib
     import tempfile
 
+    # dens before torch, as `python -m dens.train` imports them: dens sets OpenMP's wait policy, read once
+    package = importlib.import_module("dens")
     import torch
     import yaml
 
-    import dens as package
     from dens.data import InMemoryDataset, collate
     from dens.losses import DeNSSettings
     from dens.models import Equiformer, ForceField
@@ -144,7 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 timed steps and one round")
     parser.add_argument("--layers", default="2", help="comma-separated block counts (default 2)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", default="1", help="comma-separated thread counts, e.g. 1,2 (default 1)")
     parser.add_argument("--no-dens", action="store_true", help="the baseline objective (no DeNS)")
     parser.add_argument("--compile", action="store_true", help="also trainer.compile=true")
     parser.add_argument(
@@ -161,23 +164,24 @@ def main() -> None:
     if args.one:
         case = json.loads(args.one)
         options = case.get("options", {})
-        print(
-            json.dumps(_worker(case["layers"], case["dens"], case["compiled"], steps, args.threads, options))
-        )
+        threads = int(args.threads)
+        print(json.dumps(_worker(case["layers"], case["dens"], case["compiled"], steps, threads, options)))
         return
 
     dens = not args.no_dens
     rounds = args.rounds or (1 if args.quick else 2)
+    thread_counts = [int(x) for x in args.threads.split(",")]
     machine = describe(args.threads)
     cases = []
     for layers in (int(x) for x in args.layers.split(",")):
-        for compiled in (False, True) if args.compile else (False,):
-            for rev in (args.versus, None) if args.versus else (None,):
-                cases.append(dict(layers=layers, dens=dens, compiled=compiled, rev=rev, options={}))
-        if args.cpp_wrapper:
-            cases.append(
-                dict(layers=layers, dens=dens, compiled=True, rev=None, options={"cpp_wrapper": True})
-            )
+        for threads in thread_counts:
+            for compiled in (False, True) if args.compile else (False,):
+                for rev in (args.versus, None) if args.versus else (None,):
+                    cases.append(dict(layers=layers, dens=dens, compiled=compiled, rev=rev, options={},
+                                      threads=threads))  # fmt: skip
+            if args.cpp_wrapper:
+                cases.append(dict(layers=layers, dens=dens, compiled=True, rev=None,
+                                  options={"cpp_wrapper": True}, threads=threads))  # fmt: skip
     results: dict[int, list[dict]] = {i: [] for i in range(len(cases))}
     failed: dict[int, str] = {}
     with checkout(args.versus) if args.versus else contextlib.nullcontext(REPO) as old_root:
@@ -186,7 +190,7 @@ def main() -> None:
                 root = old_root if case["rev"] else REPO
                 payload = {k: case[k] for k in ("layers", "dens", "compiled", "options")}
                 try:
-                    results[i].append(_run(payload, steps, args.threads, root))
+                    results[i].append(_run(payload, steps, case["threads"], root))
                 except RuntimeError as error:  # e.g. an earlier commit that cannot compile this model
                     failed.setdefault(i, str(error).splitlines()[-1])
                     continue
@@ -200,16 +204,16 @@ def main() -> None:
         f"{rounds} round(s), cases alternating"
     )
     print(header(machine))
-    print(f"{'case':<46}{'params':>10} {'step (ms), per round':>30}{'first step (s)':>16}{'ratio':>8}")
+    print(f"{'case':<56}{'params':>10} {'step (ms), per round':>30}{'first step (s)':>16}{'ratio':>8}")
     for i, case in enumerate(cases):
         if i in failed:
-            print(f"{_label(case):<46}failed: {failed[i][:100]}")
+            print(f"{_label(case):<56}failed: {failed[i][:100]}")
             continue
         first_case = next(j for j, c in enumerate(cases) if c["layers"] == case["layers"] and j not in failed)
         ratios = [a["median_s"] / b["median_s"] for a, b in zip(results[first_case], results[i], strict=True)]
         per_round = " / ".join(f"{r['median_s'] * 1e3:.1f}" for r in results[i])
         print(
-            f"{_label(case):<46}{results[i][0]['params']:>10,} {per_round:>30}"
+            f"{_label(case):<56}{results[i][0]['params']:>10,} {per_round:>30}"
             f"{max(r['first_s'] for r in results[i]):>16.1f}{'x' + format(statistics.median(ratios), '.2f'):>8}"
         )
     print("ratio: the first case's step time over this case's (>1: faster), median over rounds")
@@ -219,7 +223,7 @@ def _label(case: dict) -> str:
     where = f"@{case['rev'][:10]}" if case["rev"] else "this tree"
     kind = "compiled" if case["compiled"] else "eager"
     kind += ", cpp wrapper" if case["options"].get("cpp_wrapper") else ""
-    return f"{case['layers']} block(s), {kind}, {where}"
+    return f"{case['layers']} block(s), {case['threads']} thread(s), {kind}, {where}"
 
 
 if __name__ == "__main__":
