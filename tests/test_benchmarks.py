@@ -53,5 +53,9 @@ def test_small_molecule_benchmark_reports_where_it_ran() -> None:
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "machine:" in done.stdout and "threads 1" in done.stdout, done.stdout
-    row = next(line for line in done.stdout.splitlines() if line.startswith("1 block(s), 1 thread(s), eager, this tree"))
+    row = next(
+        line
+        for line in done.stdout.splitlines()
+        if line.startswith("1 block(s), 1 thread(s), eager, this tree")
+    )
     assert row.split()[-1] == "x1.00" and float(row.split()[-3]) > 0, row
