@@ -5,8 +5,9 @@ of ``experiments/results/dens_study`` trains, step for step: ``Trainer.train_ste
 Equiformer (Lmax 2, node irreps ``32x0e+16x1e+8x2e``, ``--layers`` blocks; 2 is the issue's case) on
 rMD17 ethanol x 8 (72 atoms, 576 edges) with the shipped MD17 DeNS objective (``dens/conf/dens/md17.yaml``:
 p 0.25, sigma 0.05, r 0.25, lambda 5), forward, gradient forces with a double backward, AdamW; one thread
-by default (``--threads 1,2``: every case at each count; the worker imports dens before torch, as the trainer
-does, so OpenMP's threads sleep rather than spin unless ``OMP_WAIT_POLICY`` says otherwise). Without ``../shared`` the frames are jittered copies of one ethanol geometry (same sizes).
+by default (``--threads 1,2``: every case at each count; the worker imports dens before torch, as the
+trainer does, so OpenMP's threads sleep rather than spin unless ``OMP_WAIT_POLICY`` says otherwise).
+Without ``../shared`` the frames are jittered copies of one ethanol geometry (same sizes).
 
 * ``--compile``: also ``trainer.compile=true`` (:meth:`dens.models.Equiformer.compile_gradient`: the energy
   and its gradient as one compiled graph), for ``--versus`` too where that commit can (otherwise its row
