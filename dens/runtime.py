@@ -177,6 +177,11 @@ class ThreadChoice:
             return self.chosen
         return None
 
+    @property
+    def decided_after(self) -> int:
+        """How many steps the choice takes (with a single candidate it is made before the first)."""
+        return self.warmup + self.samples * len(self.candidates) if len(self.candidates) > 1 else 0
+
     def median(self, threads: int) -> float:
         """The median step time (s) measured with ``threads``."""
         return statistics.median(self.times[threads])

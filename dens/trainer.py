@@ -40,7 +40,7 @@ from .data.dataset import require_labels
 from .evaluate import S2EFMetrics
 from .losses import Corruption, DeNSSettings, LossSettings, corrupt, model_inputs, step_counts, training_loss
 from .losses.stress import materials_settings, stress_term
-from .models.potential import ForceField, compile_backbone
+from .models.potential import ForceField, compile_backbone, require_compilable
 from .rundir import RunDirLock, archive_run, config_differences, format_differences, truncate_metrics
 from .runtime import ThreadChoice, retain_freed_memory, training_threads
 from .settings import check_settings
@@ -96,7 +96,8 @@ class TrainerSettings:
     init_normalizer: str = "refit"  # refit | keep: the normaliser and references of init_from's model
     grad_accumulation: int = 1
     amp: str | None = None  # None | bf16 | fp16
-    compile: bool = False  # torch.compile the backbone (dynamic shapes; the wrapper stays eager)
+    # torch.compile the backbone (dynamic shapes; the wrapper stays eager), after the thread choice if any
+    compile: bool = False
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": tracing only, for checks)
     # inductor settings over dens's (e.g. {"cpp_wrapper": true}: see docs/performance.md)
     compile_options: dict[str, Any] = field(default_factory=dict)
@@ -296,10 +297,11 @@ class Trainer:
             self._process_threads = torch.get_num_threads()
             threads = settings.threads or training_threads(settings.num_workers)
             torch.set_num_threads(threads)
-            # Not with several ranks (a step's time includes waiting for the others), compiled kernels (built
-            # for one count) or deterministic runs (the count changes the order of sums).
+            # Not with several ranks (a step's time includes waiting for the others) or deterministic runs
+            # (the count changes the order of sums). A compiled run chooses on eager steps and compiles
+            # after: a new thread count would recompile every graph.
             if (settings.threads is None and settings.tune_threads and threads > 1 and self.world_size == 1
-                    and not settings.compile and not settings.deterministic):  # fmt: skip
+                    and not settings.deterministic):  # fmt: skip
                 self.thread_choice = ThreadChoice(threads)
             if settings.retain_freed_memory:
                 retain_freed_memory()
@@ -318,13 +320,17 @@ class Trainer:
         for dataset in (train_set, val_set):
             if dataset is not None:  # missing labels / unembedded elements: errors that name file and frame
                 require_labels(dataset, ("energy", "forces"), self._element_limit)
+        # compiled now, or at the first step after the thread choice (fit's eager steps time the counts: a
+        # new count would recompile every graph); refused now if it cannot be compiled
+        self._compile_pending = settings.compile
+        self._choosing_threads = False
         if settings.compile:
-            # in place (block by block, or a gradient-force model's energy with its gradient): parameter
-            # names, checkpoints and DDP see the unchanged module
-            compile_backbone(
-                self.model.backbone, training=True, backend=settings.compile_backend,
-                options=dict(settings.compile_options),
-            )  # fmt: skip
+            require_compilable(self.model.backbone, training=True)
+            if self.thread_choice is None:
+                self._compile()
+            else:
+                logger.info("trainer.compile: the backbone is compiled once the thread count is chosen (step %d)",
+                            self.thread_choice.decided_after + 1)  # fmt: skip
         self.ddp_model: nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -599,6 +605,8 @@ class Trainer:
         ``corruptions`` replaces the DeNS draws of the micro-batches (one :class:`Corruption` or None
         each, on this trainer's device): the objective-fixture tests inject the official draws here.
         """
+        if self._compile_pending and not self._choosing_threads:
+            self._compile()
         self.ddp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
         if self.dens.schedule_unit == "epoch":  # official MD17: lambda_DeNS(epoch), constant in an epoch
@@ -768,6 +776,15 @@ class Trainer:
             self._writer.close()
         return [r for r in self.history if any(k.startswith("val/") for k in r)]
 
+    def _compile(self) -> None:
+        """``trainer.compile``: the backbone compiled in place (block by block, or a gradient-force model's
+        energy with its gradient): parameter names, checkpoints and DDP see the unchanged module."""
+        compile_backbone(
+            self.model.backbone, training=True, backend=self.settings.compile_backend,
+            options=dict(self.settings.compile_options),
+        )  # fmt: skip
+        self._compile_pending = False
+
     def _timed_step(self, micro: list[Batch]) -> dict[str, float]:
         """:meth:`train_step`, with the thread count of :attr:`thread_choice` while it is being chosen."""
         choice = self.thread_choice
@@ -776,7 +793,11 @@ class Trainer:
         threads = choice.next_threads()
         torch.set_num_threads(threads)
         start = time.perf_counter()
-        stats = self.train_step(micro)
+        self._choosing_threads = True
+        try:
+            stats = self.train_step(micro)
+        finally:
+            self._choosing_threads = False
         chosen = choice.record(threads, time.perf_counter() - start)
         if chosen is not None:
             torch.set_num_threads(chosen)

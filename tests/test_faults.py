@@ -32,6 +32,7 @@ from dens.data.dataset import CorruptEntryError, require_labels
 from dens.data.demo import demo_dataset, demo_path
 from dens.losses import DeNSSettings
 from dens.rundir import RunDirInUseError, RunDirLock
+from dens.runtime import ThreadChoice
 from dens.settings import ConfigError, validate_config
 from dens.trainer import OptimSettings, Trainer, TrainerSettings
 
@@ -575,3 +576,48 @@ def test_trainer_chooses_its_cpu_threads_from_its_first_steps(tmp_path, monkeypa
     # a thread count given, the choice turned off or a deterministic run: no choice
     for overrides in ({"threads": 1}, {"tune_threads": False}, {"deterministic": True}):
         assert tiny_trainer(tmp_path / "fixed", steps=1, **overrides).thread_choice is None
+
+
+def test_a_compiled_run_chooses_its_threads_on_eager_steps_then_compiles(tmp_path, monkeypatch, request):
+    """``trainer.compile=true`` with the thread choice: a new thread count would recompile every graph, so
+    the first steps run eager, and the backbone is compiled once, with the chosen count, in the step after
+    the choice. With a thread count given it is compiled at once."""
+    import dens.trainer
+    from dens import runtime
+
+    initial = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(initial))
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    torch.set_num_threads(2)
+    compiled = []  # (threads, steps started) at each compilation
+    started = []
+    monkeypatch.setattr(
+        dens.trainer, "compile_backbone",
+        lambda backbone, **kw: compiled.append((torch.get_num_threads(), len(started))) or backbone,
+    )  # fmt: skip
+    clock = [0.0]
+
+    def perf_counter():  # one thread is faster
+        clock[0] += 0.1 * torch.get_num_threads()
+        return clock[0]
+
+    monkeypatch.setattr(time, "perf_counter", perf_counter)
+    choice = ThreadChoice(2)
+    steps = choice.decided_after + 2
+    trainer = tiny_trainer(tmp_path / "run", steps=steps, compile=True)
+    assert compiled == [] and trainer.thread_choice is not None
+    real_step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda micro: started.append(1) or real_step(micro))
+    trainer.fit()
+    assert trainer.thread_choice.chosen == 1
+    assert compiled == [(1, choice.decided_after + 1)]  # in the first step after the choice
+    compiled.clear()
+    started.clear()
+    tiny_trainer(tmp_path / "fixed", steps=1, compile=True, threads=2)
+    assert compiled == [(2, 0)]
+    # train_step called directly (no thread choice runs): compiled in the first step
+    compiled.clear()
+    direct = tiny_trainer(tmp_path / "direct", steps=1, compile=True)
+    assert compiled == []
+    direct.train_step([next(iter(direct.train_loader))])
+    assert compiled == [(2, 0)]

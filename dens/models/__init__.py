@@ -21,7 +21,7 @@ from .layers import (
     RMSNormSH,
     get_normalization,
 )
-from .potential import ForceField, compile_backbone
+from .potential import ForceField, compile_backbone, require_compilable
 from .s2 import S2Activation, SeparableS2Activation, SphereGrid
 from .so2 import EdgeRotation, SO2Convolution, degree_rescale
 from .so3 import (
@@ -60,6 +60,7 @@ __all__ = [
     "edge_frames",
     "edge_frames_official",
     "get_normalization",
+    "require_compilable",
     "spherical_harmonics",
     "wigner_D",
 ]

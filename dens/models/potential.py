@@ -27,7 +27,7 @@ from .heads import retain_energy_graph, split_head_edges
 from .interface import Backbone, CompilesGradient, check_backbone
 from .stress import assemble_stress
 
-__all__ = ["ForceField", "backbone_cutoff", "compile_backbone", "gradient_force_std"]
+__all__ = ["ForceField", "backbone_cutoff", "compile_backbone", "gradient_force_std", "require_compilable"]
 
 
 def gradient_force_std(direct_forces: bool, energy_std: float, force_std: float) -> float:
@@ -464,6 +464,17 @@ def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in values.items()}
 
 
+def require_compilable(backbone: Backbone, training: bool = False) -> None:
+    """Raise ``ValueError`` where :func:`compile_backbone` would: a gradient-force backbone without
+    ``compile_gradient`` cannot be compiled for training (for callers that compile later, such as the
+    trainer after its thread choice)."""
+    if training and not backbone.direct_forces and not isinstance(backbone, CompilesGradient):
+        raise ValueError(
+            f"{type(backbone).__name__} takes its forces as -dE/dpos and has no compile_gradient: its "
+            "training loss needs a double backward, which a compiled graph does not support"
+        )
+
+
 def compile_backbone(backbone: Backbone, training: bool = False, **options: Any) -> Backbone:
     """``torch.compile`` a backbone in place, block by block.
 
@@ -488,12 +499,8 @@ def compile_backbone(backbone: Backbone, training: bool = False, **options: Any)
     >>> "blocks.0.ga.alpha_dot" in dict(model.named_parameters())
     True
     """
+    require_compilable(backbone, training)
     if training and not backbone.direct_forces:
-        if not isinstance(backbone, CompilesGradient):
-            raise ValueError(
-                f"{type(backbone).__name__} takes its forces as -dE/dpos and has no compile_gradient: its "
-                "training loss needs a double backward, which a compiled graph does not support"
-            )
         backbone.compile_gradient(**options)
         return backbone
     options = inductor_options(options)
