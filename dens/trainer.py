@@ -329,8 +329,8 @@ class Trainer:
             if self.thread_choice is None:
                 self._compile()
             else:
-                logger.info("trainer.compile: the backbone is compiled once the thread count is chosen (step %d)",
-                            self.thread_choice.decided_after + 1)  # fmt: skip
+                logger.info("trainer.compile: the backbone is compiled once the thread count is chosen (after "
+                            "%d eager steps)", self.thread_choice.decided_after)  # fmt: skip
         self.ddp_model: nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
