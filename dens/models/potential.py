@@ -409,9 +409,7 @@ class ForceField(nn.Module):
         frames = [atoms] if single else list(atoms)
         if not all(isinstance(a, ase.Atoms) for a in frames):
             raise TypeError("ForceField.predict takes a Batch, an ase.Atoms or a list of ase.Atoms")
-        param = next(self.parameters(), None)
-        dtype = param.dtype if param is not None else torch.float32
-        device = param.device if param is not None else torch.device("cpu")
+        dtype = model_dtype(self)
         was_training = self.training
         self.eval()
         energies: list[float] = []
@@ -425,8 +423,8 @@ class ForceField(nn.Module):
                     s = atoms_to_structure(a, dtype=dtype, where=f"structure {start + i}")
                     s["energy"] = s["forces"] = None  # labels are not inputs
                     items.append(s)
-                batch = collate(items).to(device)
-                out = self.predict(batch, stress)
+                batch = collate(items)
+                out = self.predict(batch, stress)  # on the model's device
                 energies += out["energy"].detach().cpu().tolist()
                 per_atom = out["forces"].detach().to(torch.float64).cpu()
                 forces += [f.numpy() for f in torch.split(per_atom, batch.natoms.tolist())]
