@@ -325,10 +325,10 @@ class Trainer:
         self._compile_pending = settings.compile
         self._choosing_threads = False
         if settings.compile:
-            require_compilable(self.model.backbone, training=True)
             if self.thread_choice is None:
                 self._compile()
-            else:
+            else:  # compile_backbone refuses when it runs; a deferred compile is refused here instead
+                require_compilable(self.model.backbone, training=True)
                 logger.info("trainer.compile: the backbone is compiled once the thread count is chosen (after "
                             "%d eager steps)", self.thread_choice.decided_after)  # fmt: skip
         self.ddp_model: nn.Module = self.model

@@ -621,3 +621,22 @@ def test_a_compiled_run_chooses_its_threads_on_eager_steps_then_compiles(tmp_pat
     assert compiled == []
     direct.train_step([next(iter(direct.train_loader))])
     assert compiled == [(2, 0)]
+
+
+@pytest.mark.parametrize("threads", [None, 1], ids=["compiled-after-the-choice", "compiled-at-once"])
+def test_a_compiled_run_refuses_an_uncompilable_gradient_force_model_when_built(
+    tmp_path, monkeypatch, request, threads
+):
+    """A gradient-force backbone without ``compile_gradient`` is refused when the trainer is built, whether
+    the compilation would happen at once or after the thread choice's eager steps."""
+    from dens import runtime
+
+    initial = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(initial))
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    torch.set_num_threads(2)
+    config = tiny_config()
+    config["model"]["backbone"] = {**config["model"]["backbone"], "direct_forces": False}  # forces -dE/dpos
+    config["resolved_normalizer"] = {**NORMALIZER, "force_std": NORMALIZER["energy_std"]}  # as -dE/dpos needs
+    with pytest.raises(ValueError, match="double backward"):
+        tiny_trainer(tmp_path / "run", config=config, steps=1, compile=True, threads=threads)
