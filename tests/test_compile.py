@@ -265,6 +265,7 @@ def test_trainer_passes_compile_options_to_inductor(tmp_path, monkeypatch):
     from dens.data.demo import demo_dataset
     from dens.losses import DeNSSettings
     from dens.models.gemm_layout import NarrowGemmLayout
+    from dens.models.slice_cat import PaddedSlicesAsCat
     from dens.trainer import OptimSettings, Trainer, TrainerSettings
 
     def build(backend):
@@ -285,6 +286,7 @@ def test_trainer_passes_compile_options_to_inductor(tmp_path, monkeypatch):
     build("inductor")
     assert seen and all(kw["options"]["cpp_wrapper"] is True for kw in seen)
     assert all(isinstance(kw["options"]["post_grad_custom_post_pass"], NarrowGemmLayout) for kw in seen)
+    assert all(isinstance(kw["options"]["joint_custom_post_pass"], PaddedSlicesAsCat) for kw in seen)
     monkeypatch.setattr(torch, "compile", real)
     with pytest.raises(ValueError, match="inductor settings; backend 'aot_eager'"):
         build("aot_eager")
@@ -311,4 +313,99 @@ def test_narrow_gemm_layout_keeps_the_layout_of_views_of_the_product():
             grads = torch.autograd.grad(compiled(*args), args)
         for g, r in zip(grads, torch.autograd.grad(f(*args), args), strict=True):
             torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    torch._dynamo.reset()
+
+
+def _traced(fn, *shapes):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn, tracing_mode="fake")(*(torch.ones(s, dtype=torch.float64) for s in shapes))
+
+
+def test_padded_slices_as_cat_rewrites_sums_that_tile_a_dimension_only():
+    """The joint-graph pass: zero-padded blocks that tile a dimension, summed (in any order, with other terms),
+    become one ``cat`` with the same values; gaps, overlaps, non-zero padding and strides are left alone."""
+    from dens.models.slice_cat import PaddedSlicesAsCat
+
+    def tiling(a, b, c, other):  # blocks 2:5, 0:2 and 5: (to the end), and a broadcast term
+        zeros = torch.full((4, 7), 0.0, dtype=torch.float64)
+        return (
+            (zeros.slice_scatter(b, 1, 2, 5) + other)
+            + zeros.slice_scatter(a, 1, 0, 2)
+            + zeros.slice_scatter(c, 1, 5)
+        )
+
+    graph = _traced(tiling, (4, 2), (4, 3), (4, 2), (1, 7))
+    assert PaddedSlicesAsCat()(graph.graph) == 1
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert "aten.cat.default" in targets and "aten.slice_scatter.default" not in targets
+    assert "aten.full.default" not in targets  # the zeros went with the scatters
+    graph.recompile()
+    generator = torch.Generator().manual_seed(0)
+    args = [
+        torch.randn(s, dtype=torch.float64, generator=generator) for s in ((4, 2), (4, 3), (4, 2), (1, 7))
+    ]
+    assert torch.equal(graph(*args), tiling(*args))
+
+    def padded(fill, bounds, step=1):
+        def fn(a, b):
+            zeros = torch.full((4, 5), fill, dtype=torch.float64)
+            (s0, e0), (s1, e1) = bounds
+            return zeros.slice_scatter(a, 1, s0, e0, step) + zeros.slice_scatter(b, 1, s1, e1)
+
+        return fn
+
+    left_alone = {
+        "gap": (padded(0.0, ((0, 2), (3, 5))), (4, 2), (4, 2)),
+        "overlap": (padded(0.0, ((0, 3), (2, 5))), (4, 3), (4, 3)),
+        "non-zero padding": (padded(1.0, ((0, 2), (2, 5))), (4, 2), (4, 3)),
+        "stride": (padded(0.0, ((0, 4), (4, 5)), step=2), (4, 2), (4, 1)),
+    }
+    for name, (fn, *shapes) in left_alone.items():
+        graph = _traced(fn, *shapes)
+        assert PaddedSlicesAsCat()(graph.graph) == 0, name
+    assert PaddedSlicesAsCat().uuid() == PaddedSlicesAsCat().uuid()
+
+
+def test_compiled_second_order_gradients_of_concatenations_equal_eager_ones():
+    """Inductor with dens's passes on the case the joint pass is for: a loss on the gradient of an energy built
+    from concatenated blocks (gradient-force training). The pass rewrites the padded sums of the second-order
+    gradient, and the weights' gradients equal eager ones (float64, dynamic first dimension)."""
+    from dens.models.gemm_layout import inductor_options
+    from dens.models.slice_cat import PaddedSlicesAsCat
+
+    rewritten = []
+
+    class Recording(PaddedSlicesAsCat):
+        def __call__(self, graph):
+            rewritten.append(super().__call__(graph))
+            return rewritten[-1]
+
+    def energy(x, w, v):
+        y = torch.cat([x[:, :2] * w[:2], x[:, 2:5].sin() * w[2:5], x[:, 5:].pow(2) * w[5:]], dim=1)
+        return torch.tanh(y @ v).sum()
+
+    def forces(x, w, v):
+        return torch.func.grad(energy)(x, w, v)
+
+    # the atom dimension dynamic, the channels static (as in a model, where they are the weights' sizes)
+    options = {"joint_custom_post_pass": Recording(), "fx_graph_cache": False}
+    options = inductor_options({"dynamic": None, "options": options})
+    torch._dynamo.reset()
+    compiled = torch.compile(forces, **options)
+    for n in (9, 13):
+        generator = torch.Generator().manual_seed(n)
+        x = torch.randn(n, 8, dtype=torch.float64, generator=generator)
+        torch._dynamo.mark_dynamic(x, 0)
+        w, v = (
+            torch.randn(s, dtype=torch.float64, generator=generator, requires_grad=True) for s in (8, (8, 3))
+        )
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            out = compiled(x, w, v)
+            grads = torch.autograd.grad(out.pow(2).sum(), (w, v))
+        ref = forces(x, w, v)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        for g, r in zip(grads, torch.autograd.grad(ref.pow(2).sum(), (w, v)), strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    assert max(rewritten) >= 1  # the cat's blocks, padded in the second-order gradient
     torch._dynamo.reset()

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from .slice_cat import PaddedSlicesAsCat
+
 __all__ = ["NarrowGemmLayout", "inductor_options"]
 
 _aten = torch.ops.aten
@@ -109,10 +111,11 @@ def _transposed(graph: torch.fx.Graph, node: torch.fx.Node, dims: list[int]) -> 
 def inductor_options(options: dict[str, Any]) -> dict[str, Any]:
     """``torch.compile`` keyword arguments: ``options`` over dens's defaults.
 
-    The defaults are ``dynamic=True`` and, for the inductor backend, :class:`NarrowGemmLayout` as the
-    post-grad pass; inductor settings in ``options["options"]`` (an empty dict: none) are added to (or
-    replace) it. With a ``mode``, which ``torch.compile`` does not take together with ``options``, no
-    pass is added.
+    The defaults are ``dynamic=True`` and, for the inductor backend, dens's two graph passes:
+    :class:`NarrowGemmLayout` after autograd (``post_grad_custom_post_pass``) and
+    :class:`~dens.models.slice_cat.PaddedSlicesAsCat` on the joint graph (``joint_custom_post_pass``);
+    inductor settings in ``options["options"]`` (an empty dict: none) are added to (or replace) them. With
+    a ``mode``, which ``torch.compile`` does not take together with ``options``, no pass is added.
 
     Raises
     ------
@@ -122,7 +125,7 @@ def inductor_options(options: dict[str, Any]) -> dict[str, Any]:
     Examples
     --------
     >>> sorted(inductor_options({"options": {"cpp_wrapper": True}})["options"])
-    ['cpp_wrapper', 'post_grad_custom_post_pass']
+    ['cpp_wrapper', 'joint_custom_post_pass', 'post_grad_custom_post_pass']
     >>> inductor_options({"backend": "aot_eager", "options": {}})
     {'dynamic': True, 'backend': 'aot_eager'}
     """
@@ -132,7 +135,11 @@ def inductor_options(options: dict[str, Any]) -> dict[str, Any]:
     if backend != "inductor" and extra:  # torch.compile would ignore them with a warning
         raise ValueError(f"compile options {extra} are inductor settings; backend {backend!r} takes none")
     if backend == "inductor" and "mode" not in merged:
-        extra = {"post_grad_custom_post_pass": NarrowGemmLayout(), **extra}
+        extra = {
+            "post_grad_custom_post_pass": NarrowGemmLayout(),
+            "joint_custom_post_pass": PaddedSlicesAsCat(),
+            **extra,
+        }
     if extra:
         merged["options"] = extra
     return merged
