@@ -528,6 +528,32 @@ def test_tensor_product_groups_paths_by_output_irrep(edges, rows):
         torch.testing.assert_close(linear(blocks), linear(flat))
 
 
+def test_radial_weights_in_group_order_equal_the_reordered_ones():
+    """``RadialProfile(x, order)`` picks the columns on its last layer's rows: the same values as reordering
+    every edge's output, and the tensor product given them with ``grouped_weight`` the same blocks and
+    gradients as given the flat weights."""
+    from dens.models.irreps import RadialProfile
+
+    torch.manual_seed(0)
+    tp = DepthwiseTensorProduct("4x0e+2x1e+3x2e", "1x0e+1x1e+1x2e", "1x0e+1x1e+1x2e").double()
+    assert tp.weight_order is not None  # paths are stored by input block, groups by output irrep
+    radial = RadialProfile([6, 8, tp.weight_numel]).double()
+    basis = torch.randn(7, 6, dtype=F64, requires_grad=True)
+    x, sh = torch.randn(7, tp.irreps_in.dim, dtype=F64), torch.randn(7, 9, dtype=F64)
+    torch.testing.assert_close(radial(basis, tp.weight_order), radial(basis)[:, tp.weight_order])
+    grouped = tp(x, sh, radial(basis, tp.weight_order), as_blocks=True, grouped_weight=True)
+    flat = tp(x, sh, radial(basis), as_blocks=True)
+    for a, b in zip(grouped, flat, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+    probe = [torch.randn(b.shape, dtype=F64) for b in flat]
+    grads = [
+        torch.autograd.grad(sum((b * p).sum() for b, p in zip(out, probe, strict=True)), (basis, *radial.parameters()))
+        for out in (grouped, flat)
+    ]  # fmt: skip
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
 def test_linear_scales_and_mismatched_pieces():
     torch.manual_seed(0)
     tp = DepthwiseTensorProduct("4x0e+2x1e", "1x0e+1x1e", "1x0e+1x1e", internal_weights=True).double()

@@ -230,12 +230,12 @@ class EquivariantGraphAttention(nn.Module):
         message = self.merge_src(x)[src] + self.merge_dst(x)[dst]
         alpha = None
         if self.nonlinear_message:
-            message = self.message_tp(message, sh, self.message_radial(radial_basis), as_blocks=True)
+            message = self._message_tp(message, sh, radial_basis)
             alpha = self.alpha_linear(message)
             value = self.message_gate(self.message_linear(message))
             value = self.value_linear(*self.value_tp.unweighted_blocks(value, sh))
         else:
-            message = self.message_tp(message, sh, self.message_radial(radial_basis), as_blocks=True)
+            message = self._message_tp(message, sh, radial_basis)
             message = self.message_linear(message)
             if self.attention:
                 alpha, value = message[:, self.alpha_index], message[:, self.value_index]
@@ -256,6 +256,11 @@ class EquivariantGraphAttention(nn.Module):
         if self.proj_drop is not None:
             out = self.proj_drop(out)
         return out
+
+    def _message_tp(self, message: Tensor, sh: Tensor, radial_basis: Tensor) -> list[Tensor]:
+        """The message tensor product's blocks, weighted per edge by the radial MLP (in group order)."""
+        weight = self.message_radial(radial_basis, self.message_tp.weight_order)
+        return self.message_tp(message, sh, weight, as_blocks=True, grouped_weight=True)
 
     def _weight_heads(self, value: Tensor, weights: Tensor) -> Tensor:
         """``value [E, heads.dim]`` times each head's attention weight ``weights [E, heads]``.
@@ -361,7 +366,8 @@ class EdgeDegreeEmbedding(nn.Module):
 
     def forward(self, edge_index: Tensor, sh: Tensor, radial_basis: Tensor, num_nodes: int) -> Tensor:
         constant = self.constant(sh.new_ones(1, 1)).expand(sh.shape[0], -1)
-        edge_features = self.proj(self.tp(constant, sh, self.radial(radial_basis), as_blocks=True))
+        weight = self.radial(radial_basis, self.tp.weight_order)  # in group order: no per-edge reordering
+        edge_features = self.proj(self.tp(constant, sh, weight, as_blocks=True, grouped_weight=True))
         return scatter_sum(edge_features, edge_index[1], num_nodes) / math.sqrt(self.avg_degree)
 
 

@@ -362,9 +362,17 @@ class DepthwiseTensorProduct(nn.Module):
             _draw_(self.weight, 1, weight_init)  # every output block has a single path of fan-in 1
 
     def forward(
-        self, x: Tensor, sh: Tensor, weight: Tensor | None = None, as_blocks: bool = False
+        self,
+        x: Tensor,
+        sh: Tensor,
+        weight: Tensor | None = None,
+        as_blocks: bool = False,
+        grouped_weight: bool = False,
     ) -> Tensor | list[Tensor]:
         """``x [E, irreps_in.dim]``, ``sh [E, irreps_sh.dim]``, ``weight [E, weight_numel]`` (external).
+
+        With ``grouped_weight``, ``weight``'s columns are already in group order, ``weight[:, weight_order]``
+        (what ``RadialProfile(x, order=tp.weight_order)`` returns), which saves reordering every edge's row.
 
         ``x`` may also have a single row, shared by all edges (e.g. a constant input).
         Returns ``[E, irreps_out.dim]``, or with ``as_blocks`` one ``[E, mul, 2l+1]`` block per block of
@@ -385,7 +393,7 @@ class DepthwiseTensorProduct(nn.Module):
             if self.weight is None:
                 raise ValueError("this tensor product takes per-edge weights: pass `weight`")
             weight = self.weight.unsqueeze(0)
-        out = self._blocks(x, sh, weight)
+        out = self._blocks(x, sh, weight, grouped_weight)
         if as_blocks:
             return out
         n = sh.shape[0]
@@ -402,13 +410,14 @@ class DepthwiseTensorProduct(nn.Module):
             raise ValueError("this tensor product has per-edge weights: use forward")
         return self._blocks(x, sh, None), list(self._group_weights(self.weight))
 
-    def _group_weights(self, weight: Tensor) -> tuple[Tensor, ...]:
-        """``weight [..., weight_numel]`` split into ``[..., mul]`` per group (one reordering)."""
-        if self.weight_order is not None:
+    def _group_weights(self, weight: Tensor, grouped: bool = False) -> tuple[Tensor, ...]:
+        """``weight [..., weight_numel]`` split into ``[..., mul]`` per group (one reordering unless
+        ``grouped``: already in group order)."""
+        if self.weight_order is not None and not grouped:
             weight = weight.index_select(-1, self.weight_order)
         return weight.split(self.group_numels, dim=-1)
 
-    def _blocks(self, x: Tensor, sh: Tensor, weight: Tensor | None) -> list[Tensor]:
+    def _blocks(self, x: Tensor, sh: Tensor, weight: Tensor | None, grouped: bool = False) -> list[Tensor]:
         """Grouped output blocks ``[E, mul, 2l+1]`` (transposed views), times ``weight [E or 1, weight_numel]``."""
         n = sh.shape[0]
         # split once (per-path slices would each cost a full-size zero gradient in backward)
@@ -434,7 +443,7 @@ class DepthwiseTensorProduct(nn.Module):
                 blocks = y.split(dims, dim=1)
             for k, block in zip(paths, blocks, strict=True):
                 out[self.paths[k][2]] = block
-        ws = self._group_weights(weight) if weight is not None else [None] * len(self.groups)
+        ws = self._group_weights(weight, grouped) if weight is not None else [None] * len(self.groups)
         groups = []
         for group, w in zip(self.groups, ws, strict=True):
             parts = [out[p] for p in group]
@@ -478,8 +487,19 @@ class RadialProfile(nn.Module):
         bound = 1.0 / math.sqrt(self.net[-1].in_features)
         nn.init.uniform_(self.offset, -bound, bound)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x) + self.offset
+    def forward(self, x: Tensor, order: Tensor | None = None) -> Tensor:
+        """``x [E, channels[0]]`` -> ``[E, channels[-1]]``; with ``order``, only those output columns, in that
+        order (e.g. a tensor product's :attr:`~DepthwiseTensorProduct.weight_order`).
+
+        The columns are chosen on the last layer's weight rows, not on the per-edge output: the same values,
+        without a gather of every edge's row (and its scatter in backward and the double backward).
+        """
+        if order is None:
+            return self.net(x) + self.offset
+        last = self.net[-1]
+        return nn.functional.linear(self.net[:-1](x), last.weight.index_select(0, order)) + (
+            self.offset.index_select(0, order)
+        )
 
 
 class ExpNormalSmearing(nn.Module):
