@@ -16,6 +16,9 @@ Without ``../shared`` the frames are jittered copies of one ethanol geometry (sa
   inductor's wrapper in C++ instead of Python, a longer first compile for a shorter step.
 * ``--versus REV``: the eager step of an earlier commit, in the same invocation; every case runs in its
   own process and the cases alternate over ``--rounds``, so a change of machine load hits all of them.
+* ``--pair JSON``: instead, two compiled trainers in one process, dens's inductor settings (A) against
+  these settings over them (B; ``null`` removes one of dens's graph passes), their steps alternating, 150
+  pairs (``--steps``); prints the median per-pair ratio. For changes of a few per cent on a noisy machine.
 
 Figures are medians of the timed steps of each round, per case; the ratio column divides by the first
 case of the row's layer count at the *same* round's medians (``--versus`` first when given).
@@ -81,10 +84,9 @@ def _frames(count: int) -> list:
     ]
 
 
-def _worker(layers: int, dens: bool, compiled: bool, steps: int, threads: int, options: dict) -> dict:
-    """Time ``steps`` training steps in this process (whatever ``dens`` is importable) and return figures."""
+def _trainer(layers: int, dens: bool, compiled: bool, options: dict, run_dir: str) -> tuple:
+    """The study's trainer, its batch and the imported ``dens`` (whatever ``dens`` is importable)."""
     import importlib
-    import tempfile
 
     # dens before torch, as `python -m dens.train` imports them: dens sets OpenMP's wait policy, read once
     package = importlib.import_module("dens")
@@ -108,13 +110,21 @@ def _worker(layers: int, dens: bool, compiled: bool, steps: int, threads: int, o
     extra = {"compile": True} if compiled else {}
     if options:  # a field earlier commits may lack: only when asked for
         extra["compile_options"] = options
+    settings = TrainerSettings(
+        run_dir=run_dir, device="cpu", resume=None, tensorboard=False, progress_bar=False, **extra
+    )
+    trainer = Trainer(model, InMemoryDataset(items), None, optim, DeNSSettings.from_dict(objective), settings)
+    return trainer, batch, package
+
+
+def _worker(layers: int, dens: bool, compiled: bool, steps: int, threads: int, options: dict) -> dict:
+    """Time ``steps`` training steps in this process (whatever ``dens`` is importable) and return figures."""
+    import tempfile
+
     with tempfile.TemporaryDirectory() as run_dir:
-        settings = TrainerSettings(
-            run_dir=run_dir, device="cpu", resume=None, tensorboard=False, progress_bar=False, **extra
-        )
-        trainer = Trainer(
-            model, InMemoryDataset(items), None, optim, DeNSSettings.from_dict(objective), settings
-        )
+        trainer, batch, package = _trainer(layers, dens, compiled, options, run_dir)
+        import torch
+
         torch.set_num_threads(threads)  # after the trainer, which sets its own default
         start = time.perf_counter()
         trainer.train_step([batch])
@@ -127,7 +137,41 @@ def _worker(layers: int, dens: bool, compiled: bool, steps: int, threads: int, o
             trainer.train_step([batch])
             times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "min_s": min(times), "first_s": first,
-            "params": sum(p.numel() for p in model.parameters()), "dens_file": package.__file__}  # fmt: skip
+            "params": sum(p.numel() for p in trainer.model.parameters()), "dens_file": package.__file__}  # fmt: skip
+
+
+def _pair(layers: int, dens: bool, options: dict, pairs: int, threads: int) -> None:
+    """Two compiled trainers of this tree in one process, dens's inductor settings (A) and ``options`` over
+    them (B), their steps alternating (ABBA...): both see the same machine load, which on a shared VM moves
+    separate processes' medians by more than a few per cent."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as run_a, tempfile.TemporaryDirectory() as run_b:
+        trainers = [
+            _trainer(layers, dens, True, opts, run)[:2] for opts, run in (({}, run_a), (options, run_b))
+        ]
+        import torch
+
+        torch.set_num_threads(threads)
+        for trainer, batch in trainers:
+            for _ in range(3):  # the first compiles
+                trainer.train_step([batch])
+        times: list[list[float]] = [[], []]
+        for i in range(pairs):
+            for k in (0, 1) if i % 2 == 0 else (1, 0):
+                trainer, batch = trainers[k]
+                start = time.perf_counter()
+                trainer.train_step([batch])
+                times[k].append(time.perf_counter() - start)
+    print(f"in one process, {pairs} alternating pairs of steps, {threads} thread(s); B = A with {options}")
+    print(header(describe(str(threads))))
+    for name, t in zip("AB", times, strict=True):
+        t = sorted(t)
+        print(
+            f"{name}: median {statistics.median(t) * 1e3:.1f} ms, 10th percentile {t[len(t) // 10] * 1e3:.1f} ms"
+        )
+    ratio = statistics.median(b / a for a, b in zip(*times, strict=True))
+    print(f"B / A, median over pairs: x{ratio:.3f}")
 
 
 def _run(case: dict, steps: int, threads: int, root: Path) -> dict:
@@ -158,6 +202,12 @@ def main() -> None:
     )
     parser.add_argument("--versus", metavar="REV", help="also the eager step of git revision REV")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 2, quick 1)")
+    parser.add_argument(
+        "--pair",
+        metavar="JSON",
+        help="instead: in one process, compiled steps with dens's inductor settings against these over them, "
+        "alternating (e.g. '{\"joint_custom_post_pass\": null}')",
+    )
     parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -170,6 +220,10 @@ def main() -> None:
         return
 
     dens = not args.no_dens
+    if args.pair:
+        layers, threads = int(args.layers.split(",")[0]), int(args.threads.split(",")[0])
+        _pair(layers, dens, json.loads(args.pair), args.steps or (20 if args.quick else 150), threads)
+        return
     rounds = args.rounds or (1 if args.quick else 2)
     thread_counts = [int(x) for x in args.threads.split(",")]
     machine = describe(args.threads)
