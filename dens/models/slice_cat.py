@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = ["PaddedSlicesAsCat"]
 
@@ -51,7 +52,8 @@ class PaddedSlicesAsCat(CustomGraphPass):
 
     def uuid(self) -> str:
         """Inductor's cache key for this pass: its code."""
-        code = "".join(inspect.getsource(f) for f in (PaddedSlicesAsCat, _zero_padded_block, _is_zero_full))
+        helpers = (_is_add, _single_user, _add_tree, _zero_padded_block, _same_sizes, _is_zero_full)
+        code = "".join(inspect.getsource(f) for f in (PaddedSlicesAsCat, *helpers))
         return hashlib.sha256(code.encode()).hexdigest()
 
     def __call__(self, graph: torch.fx.Graph) -> int:
@@ -132,7 +134,11 @@ def _zero_padded_block(node: torch.fx.Node, value: torch.Tensor) -> tuple[int, i
     defaults = {"dim": 0, "start": None, "end": None, "step": 1}
     args = {**defaults, **dict(zip(names, node.args, strict=False)), **node.kwargs}
     out, src = node.meta["val"], args["src"]
-    if out.shape != value.shape or out.dtype != value.dtype or not _is_zero_full(args["input"]):
+    if (
+        not _same_sizes(out.shape, value.shape)
+        or out.dtype != value.dtype
+        or not _is_zero_full(args["input"])
+    ):
         return None
     dim, size = args["dim"] % out.dim(), out.shape[args["dim"]]
     start, end = args["start"], args["end"]
@@ -143,11 +149,21 @@ def _zero_padded_block(node: torch.fx.Node, value: torch.Tensor) -> tuple[int, i
     start, end = (v + size if v < 0 else v for v in (start, end))
     start, end = max(0, min(start, size)), max(0, min(end, size))
     block = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
-    if block is None or block.dim() != out.dim() or block.shape[dim] != end - start:
+    if (
+        block is None
+        or block.dim() != out.dim()
+        or not statically_known_true(block.shape[dim] == end - start)
+    ):
         return None
-    if any(block.shape[d] != out.shape[d] for d in range(out.dim()) if d != dim):
+    others = [d for d in range(out.dim()) if d != dim]
+    if not _same_sizes([block.shape[d] for d in others], [out.shape[d] for d in others]):
         return None
     return dim, start, end, src
+
+
+def _same_sizes(a: Any, b: Any) -> bool:
+    """Sizes known equal without a guard (symbolic sizes compared by their expressions, not their hints)."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b, strict=True))
 
 
 def _is_zero_full(node: Any) -> bool:
