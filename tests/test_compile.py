@@ -13,12 +13,12 @@ from dens.models import ESCN, Equiformer, EquiformerV2, ForceField, compile_back
 from dens.models.heads import split_head_edges
 
 
-def tiny_eqv2():
-    return EquiformerV2(
+def tiny_eqv2(**overrides):
+    return EquiformerV2(**{**dict(
         num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8, num_heads=2,
         attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
         grid_resolution=8, num_distance_basis=16, cutoff=5.0, dens_heads=True,
-    )  # fmt: skip
+    ), **overrides})  # fmt: skip
 
 
 def tiny_escn():
@@ -358,6 +358,7 @@ def test_padded_slices_as_cat_rewrites_sums_that_tile_a_dimension_only():
     left_alone = {
         "gap": (padded(0.0, ((0, 2), (3, 5))), (4, 2), (4, 2)),
         "overlap": (padded(0.0, ((0, 3), (2, 5))), (4, 3), (4, 3)),
+        "overlap of a whole block": (padded(0.0, ((0, 5), (3, 5))), (4, 5), (4, 2)),
         "non-zero padding": (padded(1.0, ((0, 2), (2, 5))), (4, 2), (4, 3)),
         "stride": (padded(0.0, ((0, 4), (4, 5)), step=2), (4, 2), (4, 1)),
     }
@@ -416,15 +417,7 @@ def test_inductor_training_with_dens_passes_equals_eager_for_direct_force_models
     """EquiformerV2 and eSCN compiled for training with inductor and dens's graph passes (the joint pass
     rewrites padded slice sums in their backward too): energy, forces and every weight's gradient equal eager
     ones in float64. Dropouts off: inductor draws other random numbers than eager."""
-    if name == "eqv2":
-        ref = EquiformerV2(
-            num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8, num_heads=2,
-            attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
-            grid_resolution=8, num_distance_basis=16, cutoff=5.0, dens_heads=True, alpha_drop=0.0,
-            drop_path_rate=0.0,
-        )  # fmt: skip
-    else:
-        ref = tiny_escn()
+    ref = tiny_eqv2(alpha_drop=0.0, drop_path_rate=0.0) if name == "eqv2" else tiny_escn()
     torch.manual_seed(0)
     ref = ref.double().train()
     torch._dynamo.reset()

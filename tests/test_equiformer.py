@@ -552,6 +552,9 @@ def test_radial_weights_in_group_order_equal_the_reordered_ones():
     ]  # fmt: skip
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    internal = DepthwiseTensorProduct("2x1e", "1x1e", "1x1e", internal_weights=True).double()
+    with pytest.raises(ValueError, match="internal one is in path order"):
+        internal(torch.randn(7, 6, dtype=F64), sh[:, 1:4], grouped_weight=True)
 
 
 def test_linear_scales_and_mismatched_pieces():

@@ -392,6 +392,10 @@ class DepthwiseTensorProduct(nn.Module):
         if weight is None:
             if self.weight is None:
                 raise ValueError("this tensor product takes per-edge weights: pass `weight`")
+            if grouped_weight:
+                raise ValueError(
+                    "`grouped_weight` describes a given `weight`; the internal one is in path order"
+                )
             weight = self.weight.unsqueeze(0)
         out = self._blocks(x, sh, weight, grouped_weight)
         if as_blocks:

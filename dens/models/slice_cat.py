@@ -71,12 +71,12 @@ class PaddedSlicesAsCat(CustomGraphPass):
                 continue
             dim = blocks[0][0][0]
             blocks.sort(key=lambda item: item[0][1])
-            covered = 0
-            for (_, start, end, _), _ in blocks:
-                if start != covered:
-                    break
-                covered = end
-            if covered != value.shape[dim] or any(start >= end for (_, start, end, _), _ in blocks):
+            bounds = [(start, end) for (_, start, end, _), _ in blocks]
+            # each block non-empty and starting where the one before ends, from 0 to the dimension's size
+            ends = [0, *(end for _, end in bounds)]
+            if ends[-1] != value.shape[dim] or any(
+                start != before or start >= end for (start, end), before in zip(bounds, ends, strict=False)
+            ):
                 continue  # a gap, an overlap or not the whole dimension
             padded = [term for _, term in blocks]
             rest = [term for term in terms if term not in padded]
