@@ -28,12 +28,17 @@ def cpu_name() -> str:
 
 
 def describe(threads: int | str | None = None, malloc: str | None = None) -> dict[str, object]:
-    """The machine and settings as a dict: CPU, usable cores, load average (1 min), threads, malloc mode,
-    OpenMP wait policy, git commit and date."""
+    """The machine and settings as a dict: CPU, usable cores, its bf16 matrix instructions (autocast's speed
+    depends on them), load average (1 min), threads, malloc mode, OpenMP wait policy, git commit and date."""
+    import torch
+
+    from dens.runtime import native_half_products
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": cpu_name(),
         "cores": cores,
+        "bf16_products": native_half_products(torch.bfloat16) or "none (converted to float32)",
         "load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "threads": threads,
         "malloc": malloc,
@@ -47,7 +52,8 @@ def describe(threads: int | str | None = None, malloc: str | None = None) -> dic
 def header(info: dict[str, object]) -> str:
     """One line for a benchmark's output."""
     return (
-        f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_1min']} (1 min) before the run; "
+        f"machine: {info['cpu']}, {info['cores']} cores, bf16 products {info.get('bf16_products')}, load "
+        f"{info['load_1min']} (1 min) before the run; "
         f"threads {info['threads']}; malloc {info['malloc']}; OMP_WAIT_POLICY {info['omp_wait_policy']}; "
         f"commit {str(info['git_commit'])[:10]}"
     )

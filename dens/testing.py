@@ -493,7 +493,9 @@ class BackboneTests:
       elsewhere, a DeNS model given no encoding adds its encoder's bias only;
     * split heads (``model.splits_heads``; the trainer's ``split_heads``): the same loss and gradients;
     * ``torch.compile`` (:func:`dens.models.compile_backbone`) gives the eager outputs and does not
-      recompile when the graph size changes.
+      recompile when the graph size changes;
+    * CPU bf16 autocast (``trainer.amp=bf16``): finite outputs near float32's, in training (DeNS mode,
+      split heads, backward) and in inference (the noise head on no edge).
 
     Subclass and implement :meth:`make_model`; override :meth:`structures`,
     :meth:`make_differentiable_model` and the tolerances (class attributes) where the model needs it.
@@ -530,6 +532,8 @@ class BackboneTests:
     compile_backend: str = "eager"
     #: split heads: at least this many parameters get a gradient (catches a head cut off the graph)
     split_heads_min_gradients: int = 1
+    #: bf16 autocast against float32 (bf16 keeps 8 bits: ~0.4 % per rounding)
+    amp_tol: float = 0.05
 
     # --------------------------------------------------------------------------- hooks to override
     def make_model(self, dens: bool) -> torch.nn.Module:
@@ -764,6 +768,46 @@ class BackboneTests:
             reference = run_backbone(model, s)
         torch.testing.assert_close(clean["forces"], reference["forces"], rtol=1e-12, atol=0)
         assert clean["noise_head"].abs().max() == 0
+
+    def test_bf16_autocast_is_close_to_float32(self) -> None:
+        """CPU bf16 autocast, as ``trainer.amp=bf16`` trains and the calculator may predict: DeNS mode with
+        the heads split as in training (and a backward that reaches the weights), and inference with no
+        corrupted atom (the noise head then runs on no edge); energies and forces finite and within
+        :attr:`amp_tol` of float32's."""
+        from .models.heads import split_head_edges
+
+        model = self.make_model(dens=True).float()
+        batch = batch_structures(self.structures())
+        s = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
+        n = len(s["z"])
+        forces, mask = self._dens_inputs(model, n, seed=5)
+        extra = self._encode(model, forces, mask, torch.float32)
+        train_kw = dict(extra)
+        infer_kw: dict[str, Any] = {}
+        if model.splits_heads:
+            train_kw["head_edges"] = split_head_edges(s["edge_index"], mask)
+            infer_kw["head_edges"] = split_head_edges(s["edge_index"], None)
+        if not model.direct_forces:
+            model.train()  # forces with create_graph, as in training
+
+        def run(amp: bool, **kw: Any) -> dict[str, Tensor]:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                return run_backbone(model, s, **kw)
+
+        for kw, backward in ((train_kw, True), (infer_kw, False)):
+            model.zero_grad()
+            half = run(True, **kw)
+            if backward:
+                loss = half["energy"].float().square().sum() + half["forces"].float().square().sum()
+                loss.backward()
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                assert grads and all(torch.isfinite(g).all() for g in grads), "bf16 gradients not finite"
+            full = run(False, **kw)
+            for key in ("energy", "forces"):
+                assert half[key].shape == full[key].shape, key
+                assert torch.isfinite(half[key]).all(), f"bf16 {key} not finite"
+                err = relative_error(half[key].detach(), full[key].detach())
+                assert err < self.amp_tol, f"bf16 {key}: relative error {err:.3g} > {self.amp_tol}"
 
     def test_compiles_without_recompiles(self) -> None:
         """:func:`~dens.models.compile_backbone` gives the eager outputs, and graphs of other sizes reuse

@@ -42,7 +42,7 @@ from .losses import Corruption, DeNSSettings, LossSettings, corrupt, model_input
 from .losses.stress import materials_settings, stress_term
 from .models.potential import ForceField, compile_backbone, require_compilable
 from .rundir import RunDirLock, archive_run, config_differences, format_differences, truncate_metrics
-from .runtime import ThreadChoice, retain_freed_memory, training_threads
+from .runtime import ThreadChoice, native_half_products, retain_freed_memory, training_threads
 from .settings import check_settings
 
 __all__ = ["EMA", "OptimSettings", "Trainer", "TrainerSettings", "cosine_lambda", "evaluate_s2ef"]
@@ -95,7 +95,7 @@ class TrainerSettings:
     )
     init_normalizer: str = "refit"  # refit | keep: the normaliser and references of init_from's model
     grad_accumulation: int = 1
-    amp: str | None = None  # None | bf16 | fp16
+    amp: str | None = None  # None | bf16 | fp16 (CPU autocast too: bf16 on CPUs with bf16 instructions)
     # torch.compile the backbone (dynamic shapes; the wrapper stays eager), after the thread choice if any
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": tracing only, for checks)
@@ -346,6 +346,12 @@ class Trainer:
         )
         self.ema = EMA(self.model, optim.ema_decay) if optim.ema_decay else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp == "fp16")
+        if self.device.type == "cpu" and settings.amp is not None:
+            half = {"bf16": torch.bfloat16, "fp16": torch.float16}[settings.amp]
+            if native_half_products(half) is None:
+                logger.warning("trainer.amp=%s: this CPU has no %s matrix instructions, so the products are "
+                               "converted to float32 and back, slower than trainer.amp=null "
+                               "(docs/performance.md)", settings.amp, settings.amp)  # fmt: skip
 
         per_step = self.world_size * settings.grad_accumulation
         if optim.batch_size % per_step:

@@ -27,6 +27,7 @@ def test_quick_model_benchmark_writes_json(tmp_path: Path) -> None:
 
     payload = json.loads(out.read_text())
     assert payload["machine"]["threads"] == 1 and payload["machine"]["torch"]
+    assert payload["machine"]["bf16_products"] in ("AMX", "AVX512-BF16", "none (converted to float32)")
     assert payload["options"]["quick"] and payload["options"]["compile"] == ["off"]
     results = payload["results"]
     assert [(r["model"], r["dens"]) for r in results] == [(m, d) for m in MODELS for d in (False, True)]

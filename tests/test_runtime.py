@@ -138,3 +138,18 @@ def test_thread_choice_keeps_the_most_threads_unless_fewer_are_clearly_faster():
         ThreadChoice(0)
     with pytest.raises(ValueError, match="margin=1"):
         ThreadChoice(2, margin=1.0)
+
+
+def test_native_half_products_agree_with_the_cpu_flags():
+    import torch
+
+    from dens.runtime import native_half_products
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    assert (native_half_products(torch.bfloat16) is not None) == bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert (native_half_products(torch.float16) is not None) == ("amx_fp16" in flags)
+    with pytest.raises(ValueError, match=r"bfloat16 or torch\.float16"):
+        native_half_products(torch.float32)

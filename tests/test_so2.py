@@ -136,3 +136,34 @@ def test_order_map_keeps_the_official_products_under_autocast():
         out = order(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, official, atol=0, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # no edge (a DeNS head in inference)
+        assert order(x[:0]).shape == (0, 2, order.fc.out_features // 2)
+
+
+def test_half_precision_orders_are_matrix_products_when_traced():
+    """Under autocast the order maps run one ``[2E, F_in]`` product each. A linear of the 3-d block,
+    whose rows are no single view when the input's channels are not its fastest dimension, was traced as a
+    ``bmm`` with the weight expanded and copied for every edge: compiled bf16 inference of EquiformerV2
+    OC20-2M was 10x slower than eager."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    targets = set()
+
+    class Record(CustomGraphPass):  # sees the graph inductor generates code for
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            targets.update(str(node.target) for node in graph.nodes)
+
+        def uuid(self) -> None:  # no cache entry: the pass must run
+            return None
+
+    torch._dynamo.reset()
+    conv = SO2Convolution(6, 5, lmax=4, mmax=2).float()
+    # bf16 already, as the output of an earlier product under autocast: the order blocks are then strided
+    # views of it (autocast's cast of a float32 input would copy them)
+    x = torch.randn(9, CoefficientLayout(4, 2).num_reduced, 6, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        options = {"post_grad_custom_post_pass": Record(), "fx_graph_cache": False}
+        out, _ = torch.compile(conv, fullgraph=True, dynamic=True, options=options)(x)
+        eager, _ = conv(x)
+    torch.testing.assert_close(out, eager)
+    assert "aten.mm.default" in targets and "aten.bmm.default" not in targets, sorted(targets)

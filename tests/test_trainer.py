@@ -205,6 +205,18 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert torch.isfinite(after).all() and not torch.equal(before, after)
 
 
+@pytest.mark.parametrize("native", [None, "AVX512-BF16"])
+def test_half_precision_on_a_cpu_without_its_instructions_is_warned(tmp_path, monkeypatch, caplog, native):
+    import logging
+
+    import dens.trainer
+
+    monkeypatch.setattr(dens.trainer, "native_half_products", lambda dtype: native)
+    with caplog.at_level(logging.WARNING, logger="dens.trainer"):
+        make_trainer(tmp_path, steps=1, amp="bf16")
+    assert ("no bf16 matrix instructions" in caplog.text) is (native is None)
+
+
 def test_force_encoder_without_input_equals_bias_only():
     # the trainer feeds masked-out zero forces when force encoding is off: the encoder's parameters take
     # part (DDP needs every parameter used) and the embedding equals the bias-only one
