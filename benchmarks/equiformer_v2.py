@@ -1,6 +1,6 @@
 """Training-step time and peak memory of EquiformerV2 (figures, not tests).
 
-``python -m benchmarks.equiformer_v2 [--quick] [--preset oc20_2m] [--device cpu|cuda] [--amp bf16]
+``python -m benchmarks.equiformer_v2 [--quick] [--preset oc20_2m] [--device cpu|cuda] [--amp none,bf16]
 [--malloc retain|default]``
 
 Each case runs in a fresh subprocess (its own peak memory). The batch is the one of the official
@@ -77,7 +77,7 @@ def run_case(args: argparse.Namespace) -> dict:
     )
     settings = DeNSSettings(prob=1.0, sigma=0.1, corrupt_ratio=0.5, coefficient=10.0, enabled=dens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if args.optimizer else None
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "none")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     def step() -> None:
@@ -127,13 +127,13 @@ def _words(text: str) -> list[str]:
 
 
 def _case_command(
-    args: argparse.Namespace, mode: str, threads: int, design: str, root: Path | None
+    args: argparse.Namespace, mode: str, threads: int, design: str, root: Path | None, amp: str = "none"
 ) -> list[str]:
     cmd = [sys.executable, "-m", "benchmarks.equiformer_v2", "--mode", mode, "--preset", args.preset,
            "--device", args.device, "--threads", str(threads), "--repeats", str(args.repeats),
            "--malloc", args.malloc, "--design", design]  # fmt: skip
     cmd += (["--quick"] if args.quick else []) + (["--optimizer"] if args.optimizer else [])
-    cmd += ["--amp", args.amp] if args.amp else []
+    cmd += ["--amp", amp] if amp != "none" else []
     cmd += ["--layers", str(args.layers)] if args.layers else []
     cmd += ["--dens-root", str(root)] if root is not None else []
     return cmd
@@ -182,7 +182,8 @@ def main() -> None:
                         help="also time dens as of git revision REV, in the same invocation")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="rounds over all cases (medians of rounds)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--amp", default=None, choices=[None, "bf16", "fp16"])
+    parser.add_argument("--amp", type=_words, default=["none"],
+                        help="autocast precision: none, bf16, fp16; a comma list (e.g. none,bf16)")  # fmt: skip
     parser.add_argument("--optimizer", action="store_true", help="include an AdamW step")
     parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
                         help="CPU: retain freed memory as the trainer does, or glibc's default")  # fmt: skip
@@ -190,8 +191,10 @@ def main() -> None:
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--dens-root", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if unknown := set(args.amp) - {"none", "bf16", "fp16"}:
+        parser.error(f"--amp: unknown {sorted(unknown)}; choose from none, bf16, fp16")
     if args.mode:
-        args.threads, args.design = args.threads[0], args.design[0]
+        args.threads, args.design, args.amp = args.threads[0], args.design[0], args.amp[0]
         if args.dens_root:  # an earlier revision's dens, before anything imports the working tree's
             sys.path.insert(0, args.dens_root)
         print(json.dumps(run_case(args)))
@@ -206,20 +209,20 @@ def main() -> None:
             roots[args.versus] = stack.enter_context(checkout(args.versus))
         for rnd, load in itertools.product(range(args.rounds), args.load):
             with competing_load(load):
-                for (rev, root), omp, design, mode, threads in itertools.product(
-                    roots.items(), args.omp, args.design, args.modes, args.threads
+                for (rev, root), omp, design, mode, threads, amp in itertools.product(
+                    roots.items(), args.omp, args.design, args.modes, args.threads, args.amp
                 ):
                     if root is not None and design != "fused":
                         continue  # earlier revisions have only their own design
-                    cmd = _case_command(args, mode, threads, design, root)
+                    cmd = _case_command(args, mode, threads, design, root, amp)
                     env = _omp_env(omp, root)
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
                     row = json.loads(out.strip().splitlines()[-1])
                     policy = env.get("OMP_WAIT_POLICY", "spin").lower() + env.get("GOMP_SPINCOUNT", "")
                     results.append(dict(row, revision=rev, design=f"{design}/{policy}", load=load,
-                                        threads=threads, round=rnd))  # fmt: skip
-                    print(f"  round {rnd} load {load} {rev} {design} {policy} {mode} {threads} threads: "
-                          f"{row['median_s']:.3f} s", file=sys.stderr)  # fmt: skip
+                                        threads=threads, round=rnd, amp=amp))  # fmt: skip
+                    print(f"  round {rnd} load {load} {rev} {design} {policy} {mode} {threads} threads amp "
+                          f"{amp}: {row['median_s']:.3f} s", file=sys.stderr)  # fmt: skip
     _report(args, machine, results)
 
 
@@ -227,26 +230,29 @@ def _report(args: argparse.Namespace, machine: dict, results: list[dict]) -> Non
     what = "fwd+loss+bwd" + ("+AdamW" if args.optimizer else "")
     layers = f", {args.layers} layers" if args.layers else ""
     print(f"EquiformerV2 {args.preset}{' (quick: tiny)' if args.quick else ''}{layers}: {what}, device "
-          f"{args.device}, amp {args.amp}; median of {args.repeats} steps per case, median over {args.rounds} "
+          f"{args.device}, amp {','.join(args.amp)}; median of {args.repeats} steps per case, median over {args.rounds} "
           "round(s)")  # fmt: skip
     print(header(machine))
     cases: dict[tuple, list[dict]] = {}
     for r in results:
-        cases.setdefault((r["revision"], r["design"], r["mode"], r["load"], r["threads"]), []).append(r)
+        key = (r["revision"], r["design"], r["mode"], r["load"], r["threads"], r.get("amp", "none"))
+        cases.setdefault(key, []).append(r)
     median = {key: statistics.median(r["median_s"] for r in rows) for key, rows in cases.items()}
-    print(f"{'revision':<10} {'design':<14} {'mode':<5} {'load':>4} {'threads':>7} {'params':>12} {'edges':>6} "
+    print(f"{'revision':<10} {'design':<14} {'mode':<5} {'load':>4} {'threads':>7} {'amp':>4} {'params':>12} {'edges':>6} "
           f"{'median s':>9} {'struct/s':>9} {'peak GB':>8}")  # fmt: skip
     for key, rows in cases.items():
         r = rows[0]
-        print(f"{key[0][:10]:<10} {key[1]:<14} {key[2]:<5} {key[3]:>4} {key[4]:>7} {r['params']:>12,} "
+        print(f"{key[0][:10]:<10} {key[1]:<14} {key[2]:<5} {key[3]:>4} {key[4]:>7} {key[5]:>4} {r['params']:>12,} "
               f"{r['edges']:>6} {median[key]:>9.3f} {r['structures'] / median[key]:>9.3f} "
               f"{max(x['peak_gb'] for x in rows):>8.2f}")  # fmt: skip
     if len(args.threads) > 1:
         one, many = min(args.threads), max(args.threads)
         print(f"threads: time with {many} threads / time with {one} (below 1: the extra threads help)")
         for key in median:
-            if key[4] == many and (low := median.get((*key[:4], one))):
-                print(f"  {key[0][:10]} {key[1]} {key[2]} load {key[3]}: x{median[key] / low:.2f}")
+            if key[4] == many and (low := median.get((*key[:4], one, key[5]))):
+                print(
+                    f"  {key[0][:10]} {key[1]} {key[2]} load {key[3]} amp {key[5]}: x{median[key] / low:.2f}"
+                )
     if args.versus:
         print(f"against {args.versus} (time now / time then; below 1: faster now)")
         for key in median:
@@ -254,18 +260,25 @@ def _report(args: argparse.Namespace, machine: dict, results: list[dict]) -> Non
                 continue
             then = [t for k, t in median.items() if k[0] == args.versus and k[2:] == key[2:]]
             if then:  # the earlier revision ran with its own OpenMP policy
-                print(f"  {key[1]} {key[2]} load {key[3]} threads {key[4]}: x{median[key] / then[0]:.2f}")
+                print(f"  {key[1]} {key[2]} load {key[3]} threads {key[4]} amp {key[5]}: "
+                      f"x{median[key] / then[0]:.2f}")  # fmt: skip
     if "dens" in args.modes and "s2ef" in args.modes:
         for key in median:
             if key[2] == "dens" and (s2ef := median.get((key[0], key[1], "s2ef", *key[3:]))):
-                print(f"DeNS overhead ({key[0][:10]} {key[1]} load {key[3]} threads {key[4]}): "
+                print(f"DeNS overhead ({key[0][:10]} {key[1]} load {key[3]} threads {key[4]} amp {key[5]}): "
                       f"{median[key] / s2ef - 1:+.1%} (paper: +7.4% training time)")  # fmt: skip
+    if len(args.amp) > 1 and "none" in args.amp:
+        print("autocast: time / time in float32, same revision and case (below 1: faster)")
+        for key in median:
+            if key[5] != "none" and (full := median.get((*key[:5], "none"))):
+                print(f"  {key[0][:10]} {key[1]} {key[2]} load {key[3]} threads {key[4]} amp {key[5]}: "
+                      f"x{median[key] / full:.2f}")  # fmt: skip
     if args.device == "cpu" and not args.quick and args.preset == "oc20_2m" and not args.layers:
         for key in median:
             if key[0] == "now" and key[1].startswith("fused") and key[3] == 0 and key[4] == 2:
                 t, m = OFFICIAL_CPU[key[2]]
-                print(f"  {key[2]}: official design {t} s / {m} GB (recorded on another machine: 2-core AMD "
-                      f"EPYC VM, default malloc): {t / median[key]:.2f}x time")  # fmt: skip
+                print(f"  {key[2]} amp {key[5]}: official design {t} s / {m} GB, float32 (recorded on another "
+                      f"machine: 2-core AMD EPYC VM, default malloc): {t / median[key]:.2f}x time")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "options": vars(args),
                                                "results": results}, indent=2, default=str))  # fmt: skip

@@ -164,3 +164,47 @@ def test_fused_grid_silu_under_bf16_autocast_matches_the_plain_path():
         grads.append(xi.grad)
     assert grads[0].dtype == torch.float32
     torch.testing.assert_close(grads[0], grads[1], rtol=0.05, atol=0.05 * float(grads[1].abs().max()))
+
+
+def test_fused_grid_silu_operators_pass_opcheck():
+    """``dens::grid_silu`` and its backward, the fused activation as torch.compile sees it: schema, fake
+    (shape) functions, autograd and tracing with dynamic shapes (``torch.library.opcheck``)."""
+    grid = SphereGrid(6, 2, resolution=18, rescale=True, m_major=True)
+    to_grid, from_grid = grid.to_grid_mat.T, grid.from_grid_mat.T
+    for rows in (3, 2000):  # one chunk, and several
+        x = torch.randn(rows, to_grid.shape[0], requires_grad=True)
+        torch.library.opcheck(torch.ops.dens.grid_silu.default, (x, to_grid, from_grid))
+        grad = torch.randn(rows, from_grid.shape[1])
+        torch.library.opcheck(
+            torch.ops.dens.grid_silu_backward.default, (x.detach(), grad, to_grid, from_grid)
+        )
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_compiled_grid_silu_stays_fused(amp):
+    """Under torch.compile the activation is the fused operator (not a graph that stores the grid), with
+    the eager values and gradients; under bf16 autocast its products run in bf16, as eager."""
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    grid = SphereGrid(6, 2, resolution=18, rescale=True, m_major=True)
+    dtype = torch.float32 if amp else torch.float64
+    act = S2Activation(grid).to(dtype)
+    x = torch.randn(40, 29, 8, dtype=dtype)
+    outputs, grads = [], []
+    torch._dynamo.reset()
+    for run in (act, torch.compile(act, backend=backend, fullgraph=True, dynamic=True)):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = run(xi, first_row=1)
+        y.float().pow(2).sum().backward()
+        outputs.append(y)
+        grads.append(xi.grad)
+    assert "dens.grid_silu.default" in seen, seen
+    assert outputs[1].dtype == outputs[0].dtype == (torch.bfloat16 if amp else torch.float64)
+    tol = dict(rtol=0.02, atol=0.02 * float(grads[0].abs().max())) if amp else dict(rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads[1], grads[0], **tol)
+    torch.testing.assert_close(outputs[1].float(), outputs[0].float(), **(tol if amp else {}))
