@@ -77,7 +77,7 @@ def run_case(args: argparse.Namespace) -> dict:
     )
     settings = DeNSSettings(prob=1.0, sigma=0.1, corrupt_ratio=0.5, coefficient=10.0, enabled=dens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if args.optimizer else None
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "none")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     def step() -> None:
@@ -127,7 +127,7 @@ def _words(text: str) -> list[str]:
 
 
 def _case_command(
-    args: argparse.Namespace, mode: str, threads: int, design: str, root: Path | None, amp: str = "none"
+    args: argparse.Namespace, mode: str, threads: int, design: str, root: Path | None, amp: str
 ) -> list[str]:
     cmd = [sys.executable, "-m", "benchmarks.equiformer_v2", "--mode", mode, "--preset", args.preset,
            "--device", args.device, "--threads", str(threads), "--repeats", str(args.repeats),
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="rounds over all cases (medians of rounds)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--amp", type=_words, default=["none"],
-                        help="autocast precision: none, bf16, fp16; a comma list (e.g. none,bf16)")  # fmt: skip
+                        help="autocast: none, bf16, fp16; a comma list (e.g. none,bf16)")  # fmt: skip
     parser.add_argument("--optimizer", action="store_true", help="include an AdamW step")
     parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
                         help="CPU: retain freed memory as the trainer does, or glibc's default")  # fmt: skip
@@ -191,8 +191,8 @@ def main() -> None:
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--dens-root", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if unknown := set(args.amp) - {"none", "bf16", "fp16"}:
-        parser.error(f"--amp: unknown {sorted(unknown)}; choose from none, bf16, fp16")
+    if not args.amp or set(args.amp) - {"none", "bf16", "fp16"}:
+        parser.error(f"--amp {','.join(args.amp)}: choose from none, bf16, fp16 (a comma list)")
     if args.mode:
         args.threads, args.design, args.amp = args.threads[0], args.design[0], args.amp[0]
         if args.dens_root:  # an earlier revision's dens, before anything imports the working tree's
@@ -230,20 +230,20 @@ def _report(args: argparse.Namespace, machine: dict, results: list[dict]) -> Non
     what = "fwd+loss+bwd" + ("+AdamW" if args.optimizer else "")
     layers = f", {args.layers} layers" if args.layers else ""
     print(f"EquiformerV2 {args.preset}{' (quick: tiny)' if args.quick else ''}{layers}: {what}, device "
-          f"{args.device}, amp {','.join(args.amp)}; median of {args.repeats} steps per case, median over {args.rounds} "
-          "round(s)")  # fmt: skip
+          f"{args.device}, amp {','.join(args.amp)}; median of {args.repeats} steps per case, median over "
+          f"{args.rounds} round(s)")  # fmt: skip
     print(header(machine))
     cases: dict[tuple, list[dict]] = {}
     for r in results:
-        key = (r["revision"], r["design"], r["mode"], r["load"], r["threads"], r.get("amp", "none"))
+        key = (r["revision"], r["design"], r["mode"], r["load"], r["threads"], r["amp"])
         cases.setdefault(key, []).append(r)
     median = {key: statistics.median(r["median_s"] for r in rows) for key, rows in cases.items()}
-    print(f"{'revision':<10} {'design':<14} {'mode':<5} {'load':>4} {'threads':>7} {'amp':>4} {'params':>12} {'edges':>6} "
-          f"{'median s':>9} {'struct/s':>9} {'peak GB':>8}")  # fmt: skip
+    print(f"{'revision':<10} {'design':<14} {'mode':<5} {'load':>4} {'threads':>7} {'amp':>4} {'params':>12} "
+          f"{'edges':>6} {'median s':>9} {'struct/s':>9} {'peak GB':>8}")  # fmt: skip
     for key, rows in cases.items():
         r = rows[0]
-        print(f"{key[0][:10]:<10} {key[1]:<14} {key[2]:<5} {key[3]:>4} {key[4]:>7} {key[5]:>4} {r['params']:>12,} "
-              f"{r['edges']:>6} {median[key]:>9.3f} {r['structures'] / median[key]:>9.3f} "
+        print(f"{key[0][:10]:<10} {key[1]:<14} {key[2]:<5} {key[3]:>4} {key[4]:>7} {key[5]:>4} "
+              f"{r['params']:>12,} {r['edges']:>6} {median[key]:>9.3f} {r['structures'] / median[key]:>9.3f} "
               f"{max(x['peak_gb'] for x in rows):>8.2f}")  # fmt: skip
     if len(args.threads) > 1:
         one, many = min(args.threads), max(args.threads)
@@ -277,7 +277,7 @@ def _report(args: argparse.Namespace, machine: dict, results: list[dict]) -> Non
         for key in median:
             if key[0] == "now" and key[1].startswith("fused") and key[3] == 0 and key[4] == 2:
                 t, m = OFFICIAL_CPU[key[2]]
-                print(f"  {key[2]} amp {key[5]}: official design {t} s / {m} GB, float32 (recorded on another "
+                print(f"  {key[2]} amp {key[5]}: official design {t} s / {m} GB, float32 (another "
                       f"machine: 2-core AMD EPYC VM, default malloc): {t / median[key]:.2f}x time")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "options": vars(args),

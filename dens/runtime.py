@@ -96,12 +96,12 @@ def retain_freed_memory(max_block: int = 1 << 30) -> bool:
 def native_half_products(dtype: torch.dtype = torch.bfloat16) -> str | None:
     """The instructions with which this CPU multiplies ``dtype`` (bf16 / fp16) matrices, or None.
 
-    CPU autocast (``trainer.amp``) runs the matrix products in half precision. With the instructions
-    (bf16: AVX512-BF16, as on AMD Zen 4 and later and Intel Cooper Lake, or AMX on Intel Sapphire Rapids
-    and later; fp16: AMX-FP16) they run at up to twice float32's rate or more: on a 2-core AMD EPYC
-    (Zen 4) an EquiformerV2 ``[2420, 1792] x [1792, 1024]`` product took 21 ms in bf16 against 49 ms in
-    float32 (``docs/performance.md``). Without them oneDNN converts to float32 and back, and autocast only
-    costs time.
+    CPU autocast (``trainer.amp``) runs the matrix products in half precision. With the instructions (bf16:
+    AVX512-BF16, as on AMD Zen 4 and later and Intel Cooper Lake, or AMX on Intel Sapphire Rapids and later;
+    fp16: AVX512-FP16 or AMX-FP16, Intel Sapphire Rapids / Granite Rapids) oneDNN multiplies them natively:
+    on a 2-core AMD EPYC (Zen 4) an EquiformerV2 ``[2420, 1792] x [1792, 1024]`` product took 21 ms in bf16
+    against 49 ms in float32 (``docs/performance.md``). Without them it converts to float32 and back, and
+    autocast only costs time.
 
     Examples
     --------
@@ -114,8 +114,20 @@ def native_half_products(dtype: torch.dtype = torch.bfloat16) -> str | None:
             return "AMX"
         return "AVX512-BF16" if cpu._is_avx512_bf16_supported() else None
     if dtype == torch.float16:
-        return "AMX-FP16" if cpu._is_amx_fp16_supported() else None
+        if cpu._is_amx_fp16_supported():
+            return "AMX-FP16"
+        return "AVX512-FP16" if "avx512_fp16" in _cpu_flags() else None  # torch does not report it
     raise ValueError(f"expected torch.bfloat16 or torch.float16, got {dtype}")
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            line = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
 
 
 def usable_cores() -> int:

@@ -772,8 +772,8 @@ class BackboneTests:
     def test_bf16_autocast_is_close_to_float32(self) -> None:
         """CPU bf16 autocast, as ``trainer.amp=bf16`` trains and the calculator may predict: DeNS mode with
         the heads split as in training (and a backward that reaches the weights), and inference with no
-        corrupted atom (the noise head then runs on no edge); energies and forces finite and within
-        :attr:`amp_tol` of float32's."""
+        corrupted atom (the noise head then runs on no edge); energies, forces and the weights' gradients
+        finite and within :attr:`amp_tol` of float32's (eval mode otherwise: no dropout)."""
         from .models.heads import split_head_edges
 
         model = self.make_model(dens=True).float()
@@ -781,8 +781,7 @@ class BackboneTests:
         s = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
         n = len(s["z"])
         forces, mask = self._dens_inputs(model, n, seed=5)
-        extra = self._encode(model, forces, mask, torch.float32)
-        train_kw = dict(extra)
+        train_kw: dict[str, Any] = {}
         infer_kw: dict[str, Any] = {}
         if model.splits_heads:
             train_kw["head_edges"] = split_head_edges(s["edge_index"], mask)
@@ -790,20 +789,27 @@ class BackboneTests:
         if not model.direct_forces:
             model.train()  # forces with create_graph, as in training
 
-        def run(amp: bool, **kw: Any) -> dict[str, Tensor]:
+        def run(amp: bool, training: bool) -> dict[str, Tensor]:
+            kw = dict(train_kw if training else infer_kw)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                if training:  # DeNS mode: encoded forces on the corrupted atoms
+                    kw.update(self._encode(model, forces, mask, torch.float32))
                 return run_backbone(model, s, **kw)
 
-        for kw, backward in ((train_kw, True), (infer_kw, False)):
-            model.zero_grad()
-            half = run(True, **kw)
-            if backward:
-                loss = half["energy"].float().square().sum() + half["forces"].float().square().sum()
-                loss.backward()
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
-                assert grads and all(torch.isfinite(g).all() for g in grads), "bf16 gradients not finite"
-            full = run(False, **kw)
-            for key in ("energy", "forces"):
+        def grads() -> Tensor:
+            return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+        for training in (True, False):
+            outputs = []
+            for amp in (True, False):
+                model.zero_grad()
+                out = run(amp, training)
+                if training:  # a loss on both outputs reaches every weight that training reaches
+                    (out["energy"].float().square().sum() + out["forces"].float().square().sum()).backward()
+                    out["grads"] = grads()
+                outputs.append(out)
+            half, full = outputs
+            for key in ("energy", "forces", "grads") if training else ("energy", "forces"):
                 assert half[key].shape == full[key].shape, key
                 assert torch.isfinite(half[key]).all(), f"bf16 {key} not finite"
                 err = relative_error(half[key].detach(), full[key].detach())

@@ -60,3 +60,26 @@ def test_small_molecule_benchmark_reports_where_it_ran() -> None:
         if line.startswith("1 block(s), 1 thread(s), eager, this tree")
     )
     assert row.split()[-1] == "x1.00" and float(row.split()[-3]) > 0, row
+
+
+def test_equiformer_v2_report_pairs_each_precision_with_its_float32_case(capsys) -> None:
+    """``benchmarks.equiformer_v2 --amp none,bf16``: the table has a row per precision, and the autocast
+    ratio divides each case by the float32 case of the same mode (synthetic results, no model run)."""
+    import argparse
+
+    from benchmarks._machine import describe
+    from benchmarks.equiformer_v2 import _report
+
+    args = argparse.Namespace(optimizer=False, layers=None, preset="oc20_2m", quick=True, device="cpu",
+                              amp=["none", "bf16"], repeats=1, rounds=2, threads=[2], versus=None,
+                              modes=["s2ef", "dens"], json=None)  # fmt: skip
+    seconds = {("s2ef", "none"): 10.0, ("s2ef", "bf16"): 6.0, ("dens", "none"): 12.0, ("dens", "bf16"): 9.0}
+    results = [
+        dict(revision="now", design="fused/passive", mode=mode, load=0, threads=2, amp=amp, round=rnd,
+             median_s=t * (1 + rnd / 10), params=1, edges=1, structures=2, peak_gb=1.0)
+        for rnd in (0, 1) for (mode, amp), t in seconds.items()
+    ]  # fmt: skip
+    _report(args, describe(2, "retain"), results)
+    out = capsys.readouterr().out
+    assert "s2ef load 0 threads 2 amp bf16: x0.60" in out and "dens load 0 threads 2 amp bf16: x0.75" in out
+    assert "DeNS overhead (now fused/passive load 0 threads 2 amp bf16): +50.0%" in out, out

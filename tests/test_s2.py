@@ -169,12 +169,19 @@ def test_fused_grid_silu_under_bf16_autocast_matches_the_plain_path():
 def test_fused_grid_silu_operators_pass_opcheck():
     """``dens::grid_silu`` and its backward, the fused activation as torch.compile sees it: schema, fake
     (shape) functions, autograd and tracing with dynamic shapes (``torch.library.opcheck``)."""
+    from dens.models.s2 import _chunk_rows
+
     grid = SphereGrid(6, 2, resolution=18, rescale=True, m_major=True)
     to_grid, from_grid = grid.to_grid_mat.T, grid.from_grid_mat.T
-    for rows in (3, 2000):  # one chunk, and several
-        x = torch.randn(rows, to_grid.shape[0], requires_grad=True)
+    several = 3 * _chunk_rows(torch.empty(0), to_grid.shape[1]) + 5
+    inputs = [torch.randn(rows, to_grid.shape[0]) for rows in (3, several)]
+    inputs.append(
+        torch.randn(1, 8, to_grid.shape[0]).transpose(1, 2).reshape(8, -1)
+    )  # one node: strided rows
+    for x in inputs:
+        x.requires_grad_()
         torch.library.opcheck(torch.ops.dens.grid_silu.default, (x, to_grid, from_grid))
-        grad = torch.randn(rows, from_grid.shape[1])
+        grad = torch.randn(x.shape[0], from_grid.shape[1])
         torch.library.opcheck(
             torch.ops.dens.grid_silu_backward.default, (x.detach(), grad, to_grid, from_grid)
         )
@@ -182,13 +189,22 @@ def test_fused_grid_silu_operators_pass_opcheck():
 
 @pytest.mark.parametrize("amp", [False, True])
 def test_compiled_grid_silu_stays_fused(amp):
-    """Under torch.compile the activation is the fused operator (not a graph that stores the grid), with
-    the eager values and gradients; under bf16 autocast its products run in bf16, as eager."""
-    seen = []
+    """Under torch.compile the activation and its backward are the fused operators (not a graph that stores
+    the grid), with the eager values and gradients; under bf16 autocast its products run in bf16, as eager."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    seen = {"forward": [], "backward": []}
 
     def backend(gm, inputs):
-        seen.extend(str(node.target) for node in gm.graph.nodes)
-        return gm.forward
+        def keep(kind):
+            def compiler(graph, _):
+                seen[kind].extend(str(node.target) for node in graph.graph.nodes)
+                return make_boxed_func(graph.forward)
+
+            return compiler
+
+        return aot_module_simplified(gm, inputs, fw_compiler=keep("forward"), bw_compiler=keep("backward"))
 
     grid = SphereGrid(6, 2, resolution=18, rescale=True, m_major=True)
     dtype = torch.float32 if amp else torch.float64
@@ -203,8 +219,19 @@ def test_compiled_grid_silu_stays_fused(amp):
         y.float().pow(2).sum().backward()
         outputs.append(y)
         grads.append(xi.grad)
-    assert "dens.grid_silu.default" in seen, seen
+    assert "dens.grid_silu.default" in seen["forward"], seen["forward"]
+    assert "dens.grid_silu_backward.default" in seen["backward"], seen["backward"]
     assert outputs[1].dtype == outputs[0].dtype == (torch.bfloat16 if amp else torch.float64)
     tol = dict(rtol=0.02, atol=0.02 * float(grads[0].abs().max())) if amp else dict(rtol=0, atol=1e-12)
     torch.testing.assert_close(grads[1], grads[0], **tol)
     torch.testing.assert_close(outputs[1].float(), outputs[0].float(), **(tol if amp else {}))
+
+
+def test_compiled_grid_silu_has_second_derivatives_where_autograd_runs_eagerly():
+    """dynamo's eager backend leaves autograd to run eagerly: a double backward through the operator (as
+    gradient-force training differentiates) works and is exact."""
+    act = S2Activation(SphereGrid(2, 2, resolution=(6, 5), m_major=True))
+    x = torch.randn(2, 9, 3, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(act, backend="eager", fullgraph=True)
+    assert torch.autograd.gradgradcheck(compiled, (x,))

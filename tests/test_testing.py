@@ -146,9 +146,18 @@ class NotRotationEquivariant(PairModel):
         return out
 
 
+class NotFiniteUnderAutocast(PairModel):
+    def forward(self, *args, **kw):
+        out = super().forward(*args, **kw)
+        if torch.is_autocast_enabled("cpu"):
+            out["forces"] = out["forces"] * float("nan")
+        return out
+
+
 @pytest.mark.parametrize(
     ("cls", "test"),
     [
+        (NotFiniteUnderAutocast, "test_bf16_autocast_is_close_to_float32"),
         (NotTranslationInvariant, "test_translation_invariance"),
         (IndexDependent, "test_permutation_equivariance"),
         (IndexDependent, "test_batch_equals_single_structures"),

@@ -190,8 +190,6 @@ class _GridSiLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, to_grid: Tensor, from_grid: Tensor) -> Tensor:
-        if to_grid.requires_grad or from_grid.requires_grad:
-            raise ValueError("the fused grid activation does not train the grid matrices")
         ctx.save_for_backward(x, to_grid, from_grid)
         return _grid_silu_chunks(x, to_grid, from_grid)
 
@@ -207,9 +205,8 @@ class _GridSiLU(torch.autograd.Function):
 
 
 # The same fused activation as operators that torch.compile keeps whole: traced, the activation would be a
-# graph that stores the grid (25 % more peak memory in an EquiformerV2 OC20-2M training step). First
-# derivatives only, as compiled regions are: a gradient-force EquiformerV2 compiles for inference, where its
-# forces are first derivatives, and compile_backbone refuses to compile it for training.
+# graph that stores the grid (25 % more peak memory in an EquiformerV2 OC20-2M training step). Under
+# create_graph (dynamo's eager backend runs autograd eagerly) the backward is the differentiable formula.
 @torch.library.custom_op("dens::grid_silu", mutates_args=())
 def _grid_silu_op(x: Tensor, to_grid: Tensor, from_grid: Tensor) -> Tensor:
     return _grid_silu_chunks(x, to_grid, from_grid)
@@ -227,7 +224,7 @@ def _grid_silu_backward_op(x: Tensor, grad: Tensor, to_grid: Tensor, from_grid: 
 
 @_grid_silu_backward_op.register_fake
 def _(x: Tensor, grad: Tensor, to_grid: Tensor, from_grid: Tensor) -> Tensor:
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # row-major, as the products return it, whatever x's strides
 
 
 def _grid_silu_op_setup(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
@@ -236,7 +233,9 @@ def _grid_silu_op_setup(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output:
 
 def _grid_silu_op_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
     x, to_grid, from_grid = ctx.saved_tensors
-    return _grid_silu_backward_op(x, grad.to(x.dtype), to_grid, from_grid), None, None
+    if torch.is_grad_enabled():
+        return _silu_grid_backward(x, grad, to_grid, from_grid), None, None
+    return _grid_silu_backward_op(x, grad, to_grid, from_grid), None, None
 
 
 _grid_silu_op.register_autograd(_grid_silu_op_backward, setup_context=_grid_silu_op_setup)
@@ -276,10 +275,14 @@ def _grid_silu(x: Tensor, grid: SphereGrid, first_row: int = 0) -> Tensor:
     to_grid = grid.to_grid_mat.to(x.dtype).T
     from_grid = grid.from_grid_mat[first_row:].to(x.dtype).T
     x_rows = x.transpose(1, 2).reshape(num * channels, rows)
-    if not _FUSED or x_rows.shape[0] == 0:  # the reference design; an empty input has no chunks
+    if not _FUSED or x_rows.shape[0] == 0:  # the reference design; an empty input, nothing to fuse
         y = F.silu(x_rows @ to_grid) @ from_grid
-    elif torch.compiler.is_compiling():
-        if torch.is_autocast_enabled(x.device.type):  # the operator's products run after autocast's casts
+        return y.reshape(num, channels, from_grid.shape[1]).transpose(1, 2)
+    if to_grid.requires_grad or from_grid.requires_grad:
+        raise ValueError("the fused grid activation does not train the grid matrices")
+    if torch.compiler.is_compiling():
+        # autocast does not see into the operator: cast as it would (it casts float32 only)
+        if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
             half = torch.get_autocast_dtype(x.device.type)
             x_rows, to_grid, from_grid = x_rows.to(half), to_grid.to(half), from_grid.to(half)
         y = _grid_silu_op(x_rows, to_grid, from_grid)
