@@ -126,7 +126,9 @@ def test_order_map_three_products_equal_the_official_four():
             torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
-def test_order_map_keeps_the_official_products_under_autocast():
+def test_order_map_under_cpu_autocast_is_close_to_the_official_products():
+    """On the CPU, bf16 autocast keeps the three products: within bf16's rounding of the official four,
+    in bf16, also for no edge (a DeNS head in inference)."""
     torch.manual_seed(0)
     order = make_conv(4, 3, c_in=6, c_out=5, extra=0).so2_m_conv[0].float()
     x = torch.randn(7, 2, order.fc.in_features, dtype=torch.float32)
@@ -134,17 +136,17 @@ def test_order_map_keeps_the_official_products_under_autocast():
         r_plus, i_plus, r_minus, i_minus = order.fc(x).reshape(7, 4, -1).unbind(1)
         official = torch.stack([r_plus - i_minus, r_minus + i_plus], dim=1)
         out = order(x)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, official, atol=0, rtol=0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # no edge (a DeNS head in inference)
         assert order(x[:0]).shape == (0, 2, order.fc.out_features // 2)
+    assert out.dtype == torch.bfloat16
+    scale = float(official.abs().max())
+    torch.testing.assert_close(out.float(), official.float(), rtol=0, atol=0.03 * scale)
 
 
 def test_half_precision_orders_are_matrix_products_when_traced():
-    """Under autocast the order maps run one ``[2E, F_in]`` product each. A linear of the 3-d block,
-    whose rows are no single view when the input's channels are not its fastest dimension, was traced as a
-    ``bmm`` with the weight expanded and copied for every edge: compiled bf16 inference of EquiformerV2
-    OC20-2M was 10x slower than eager."""
+    """Under CPU autocast the order maps are matrix products. A linear of the 3-d ``[E, 2, F]`` block (a
+    strided view of the input) was traced as a ``bmm`` with the weight expanded and copied for every edge:
+    compiled bf16 inference of EquiformerV2 OC20-2M was 10x slower than eager (the official form, which
+    accelerators keep in half precision, now also passes one ``[2E, F]`` matrix)."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     targets = set()
@@ -165,5 +167,6 @@ def test_half_precision_orders_are_matrix_products_when_traced():
         options = {"post_grad_custom_post_pass": Record(), "fx_graph_cache": False}
         out, _ = torch.compile(conv, fullgraph=True, dynamic=True, options=options)(x)
         eager, _ = conv(x)
-    torch.testing.assert_close(out, eager)
+    # inductor rounds the three products' sums in its own order: bf16 rounding apart
+    torch.testing.assert_close(out.float(), eager.float(), rtol=0, atol=0.02 * float(eager.abs().max()))
     assert "aten.mm.default" in targets and "aten.bmm.default" not in targets, sorted(targets)
