@@ -47,6 +47,8 @@ from .settings import check_settings
 
 __all__ = ["EMA", "OptimSettings", "Trainer", "TrainerSettings", "cosine_lambda", "evaluate_s2ef"]
 
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # trainer.amp
+
 logger = logging.getLogger(__name__)
 
 #: A validation metric this many times worse than the untrained model's (step 0) never becomes best.pt.
@@ -347,8 +349,7 @@ class Trainer:
         self.ema = EMA(self.model, optim.ema_decay) if optim.ema_decay else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp == "fp16")
         if self.device.type == "cpu" and settings.amp is not None:
-            half = {"bf16": torch.bfloat16, "fp16": torch.float16}[settings.amp]
-            if native_half_products(half) is None:
+            if native_half_products(_AMP_DTYPES[settings.amp]) is None:
                 logger.warning("trainer.amp=%s: this CPU has no %s matrix instructions, so the products are "
                                "converted to float32 and back, slower than trainer.amp=null "
                                "(docs/performance.md)", settings.amp, settings.amp)  # fmt: skip
@@ -590,8 +591,7 @@ class Trainer:
     def _autocast(self):
         if self.settings.amp is None:
             return contextlib.nullcontext()
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.settings.amp]
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=_AMP_DTYPES[self.settings.amp])
 
     def _micro_batches(self):
         """Micro-batches of the current epoch from the saved position on; epochs advance forever."""

@@ -179,34 +179,13 @@ def _grid_silu_backward_chunks(x: Tensor, grad: Tensor, to_grid: Tensor, from_gr
     )
 
 
-class _GridSiLU(torch.autograd.Function):
-    """``silu(x @ to_grid) @ from_grid`` for rows ``x`` ``[N, K]``, chunked, grid never stored.
-
-    The backward recomputes each chunk's grid from the saved input (one extra ``[n, K] x [K, G]``
-    product), which is faster on the CPU than storing it: the ``[N, G]`` grid is some 11 times larger
-    than ``x`` and every pass over it is memory-bound. Under ``create_graph`` the backward is written in
-    differentiable ops, so second derivatives (gradient-force training) work.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, to_grid: Tensor, from_grid: Tensor) -> Tensor:
-        ctx.save_for_backward(x, to_grid, from_grid)
-        return _grid_silu_chunks(x, to_grid, from_grid)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        x, to_grid, from_grid = ctx.saved_tensors
-        # under autocast the forward's products ran in the gradient's (lower) precision: so does the backward
-        input_dtype = x.dtype
-        x, to_grid, from_grid = x.to(grad.dtype), to_grid.to(grad.dtype), from_grid.to(grad.dtype)
-        if torch.is_grad_enabled():  # create_graph: keep the backward differentiable
-            return _silu_grid_backward(x, grad, to_grid, from_grid).to(input_dtype), None, None
-        return _grid_silu_backward_chunks(x, grad, to_grid, from_grid).to(input_dtype), None, None
-
-
-# The same fused activation as operators that torch.compile keeps whole: traced, the activation would be a
-# graph that stores the grid (25 % more peak memory in an EquiformerV2 OC20-2M training step). Under
-# create_graph (dynamo's eager backend runs autograd eagerly) the backward is the differentiable formula.
+# ``silu(x @ to_grid) @ from_grid`` for rows ``x`` ``[N, K]``, chunked, the grid never stored: the backward
+# recomputes each chunk's grid from the saved input (one extra ``[n, K] x [K, G]`` product), which is faster
+# on the CPU than storing it, as the ``[N, G]`` grid is some 11 times larger than ``x`` and every pass over
+# it is memory-bound. As operators, torch.compile keeps them whole: traced, the activation would be a graph
+# that stores the grid (25 % more peak memory in an EquiformerV2 OC20-2M training step). Under
+# create_graph the backward is the differentiable formula, so second derivatives (gradient-force
+# training) work.
 @torch.library.custom_op("dens::grid_silu", mutates_args=())
 def _grid_silu_op(x: Tensor, to_grid: Tensor, from_grid: Tensor) -> Tensor:
     return _grid_silu_chunks(x, to_grid, from_grid)
@@ -280,14 +259,11 @@ def _grid_silu(x: Tensor, grid: SphereGrid, first_row: int = 0) -> Tensor:
         return y.reshape(num, channels, from_grid.shape[1]).transpose(1, 2)
     if to_grid.requires_grad or from_grid.requires_grad:
         raise ValueError("the fused grid activation does not train the grid matrices")
-    if torch.compiler.is_compiling():
-        # autocast does not see into the operator: cast as it would (it casts float32 only)
-        if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
-            half = torch.get_autocast_dtype(x.device.type)
-            x_rows, to_grid, from_grid = x_rows.to(half), to_grid.to(half), from_grid.to(half)
-        y = _grid_silu_op(x_rows, to_grid, from_grid)
-    else:
-        y = _GridSiLU.apply(x_rows, to_grid, from_grid)
+    # autocast does not see into the operator: cast as it would (it casts float32 only)
+    if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
+        half = torch.get_autocast_dtype(x.device.type)
+        x_rows, to_grid, from_grid = x_rows.to(half), to_grid.to(half), from_grid.to(half)
+    y = _grid_silu_op(x_rows, to_grid, from_grid)
     return y.reshape(num, channels, from_grid.shape[1]).transpose(1, 2)
 
 
